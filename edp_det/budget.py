@@ -1,0 +1,345 @@
+"""The FLOPs budget: what a decomposed model would cost after Pruning & Merging, and which groups to remove to
+reach a requested FLOPs cut.
+
+A :class:`Structure` holds, for every CompressedAwareConv2d, its live masks:
+  * ``in_live``  (c_in,)  input channels still produced (the producer's live rows; all True if tied),
+  * ``col_live`` (r,)     β columns with a non-zero β column *and* a non-zero θ' filter on live inputs,
+  * ``row_live`` (c_out,) channel-prunable blocks: row groups that are non-zero *and* read by some consumer.
+Dead channels propagate both ways to a fixpoint (a channel nobody reads is removable, a channel that is exactly
+zero needs no input weights), so a whole dead residual branch collapses.
+
+Cost of a block after PM (eq. 14, which is the same comparison for params and FLOPs since β is 1×1, stride 1):
+    flops = 2 · positions · min(c_in'·c_out'·k², r'·(c_in'·k² + c_out'))
+
+Group selection for a FLOPs target (the paper's "preset FLOPs ratio" mode): candidates are the live column groups
+of every block and the live row groups of channel-prunable blocks. Groups of different layers are compared by
+    score = (‖g‖₂ / max ‖·‖₂ of the same layer and kind) / (FLOPs that removing g alone would save)
+i.e. relative magnitude per FLOP: a group is removed early when it is weak *relative to its own layer* and
+expensive. The strongest group of each layer and kind is never removed by the budget (a layer is never emptied
+by it; a layer trained to zero is still removed). Groups are removed in ascending score; the smallest prefix of
+that order reaching the target is found by bisection on the analytic cost, with optional rounding of every
+surviving count to a multiple of ``round_to``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .block import CompressedAwareConv2d
+from .decompose import iter_blocks
+from .graph import build_channel_graph, get_submodule, unwrap_model
+
+__all__ = ["Structure", "LayerMasks", "structure_from_model", "scope_prefixes", "BudgetError"]
+
+
+class BudgetError(ValueError):
+    pass
+
+
+def scope_prefixes(model: nn.Module) -> list[str]:
+    """Module-name prefixes whose FLOPs a ``flops_target`` refers to.
+
+    Classifier: the whole model (``""``). Detector: ``backbone.body``; plus ``backbone.fpn`` and ``rpn`` when
+    those were decomposed too (``compress.scope: detector``).
+    """
+    model = unwrap_model(model)
+    if not (hasattr(model, "backbone") and hasattr(model, "rpn")):
+        return [""]
+    names = [n for n, _ in iter_blocks(model)]
+    prefixes = ["backbone.body"]
+    if any(n.startswith("backbone.fpn.") for n in names):
+        prefixes.append("backbone.fpn")
+    if any(n.startswith("rpn.") for n in names):
+        prefixes.append("rpn")
+    return prefixes
+
+
+@dataclass
+class LayerMasks:
+    name: str
+    block: CompressedAwareConv2d
+    norm: nn.Module | None
+    kk: int
+    positions: int
+    prunable: bool
+    producer: int | None            # index into Structure.layers
+    consumers: list[int]
+    in_live: torch.Tensor
+    col_live: torch.Tensor
+    row_live: torch.Tensor
+
+    def row_params(self) -> list[torch.Tensor]:
+        ps = []
+        if self.block.coeff.bias is not None:
+            ps.append(self.block.coeff.bias)
+        if self.norm is not None:
+            ps.extend([self.norm.weight, self.norm.bias])
+        return ps
+
+
+def _block_cost(ci, r, co, kk):
+    """Per-position multiply-adds after PM: min(merged, two convs). Works on ints and tensors."""
+    merged = ci * co * kk
+    split = r * (ci * kk + co)
+    return torch.minimum(merged, split) if isinstance(merged, torch.Tensor) else min(merged, split)
+
+
+class Structure:
+    """Live-mask view of a decomposed model (see module docstring)."""
+
+    def __init__(self, model: nn.Module, layers: list[LayerMasks], other_flops: int | None,
+                 original_flops: int | None):
+        self.model = model
+        self.layers = layers
+        self.other_flops = other_flops          # FLOPs in scope that are not in blocks
+        self.original_flops = original_flops    # FLOPs of the scope before decomposition
+        self.index = {l.name: i for i, l in enumerate(layers)}
+
+    # ------------------------------------------------------------------ masks
+    @torch.no_grad()
+    def refresh(self) -> None:
+        """Recompute live masks from the current weights and propagate dead channels to a fixpoint."""
+        beta_nz, theta_nz, own_live = [], [], []
+        for l in self.layers:
+            b = l.block
+            dev = b.coeff.weight.device
+            bnz = b.beta_2d() != 0                                                     # (c_out, r)
+            tnz = (b.basis.weight.reshape(b.rank, b.in_channels, -1) != 0).any(dim=2)  # (r, c_in)
+            beta_nz.append(bnz)
+            theta_nz.append(tnz)
+            params_nz = torch.zeros(b.out_channels, dtype=torch.bool, device=dev)
+            for p in l.row_params():
+                params_nz |= p != 0
+            own_live.append(params_nz)
+            l.in_live = torch.ones(b.in_channels, dtype=torch.bool, device=dev)
+            l.row_live = torch.ones(b.out_channels, dtype=torch.bool, device=dev)
+            l.col_live = torch.ones(b.rank, dtype=torch.bool, device=dev)
+        for _ in range(4 * len(self.layers) + 4):
+            changed = False
+            for i, l in enumerate(self.layers):
+                if l.producer is not None:
+                    new_in = self.layers[l.producer].row_live
+                    changed |= not torch.equal(new_in, l.in_live)
+                    l.in_live = new_in.clone()
+                col = ((beta_nz[i] & l.row_live[:, None]).any(dim=0) &
+                       (theta_nz[i] & l.in_live[None, :]).any(dim=1))
+                changed |= not torch.equal(col, l.col_live)
+                l.col_live = col
+                if l.prunable:
+                    row = (beta_nz[i] & l.col_live[None, :]).any(dim=1) | own_live[i]
+                    if l.consumers:
+                        used = torch.zeros_like(row)
+                        for ci in l.consumers:
+                            used |= (theta_nz[ci] & self.layers[ci].col_live[:, None]).any(dim=0)
+                        row &= used
+                    changed |= not torch.equal(row, l.row_live)
+                    l.row_live = row
+            if not changed:
+                return
+
+    def counts(self) -> torch.Tensor:
+        """``[L, 3]`` live (c_in, r, c_out) per layer."""
+        return torch.tensor([[int(l.in_live.sum()), int(l.col_live.sum()), int(l.row_live.sum())]
+                             for l in self.layers], dtype=torch.long)
+
+    # ------------------------------------------------------------------ costs
+    def _vectors(self):
+        kk = torch.tensor([l.kk for l in self.layers], dtype=torch.long)
+        pos = torch.tensor([l.positions for l in self.layers], dtype=torch.long)
+        return kk, pos
+
+    def block_flops(self, r: torch.Tensor, co: torch.Tensor, ci: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-layer FLOPs after PM for live counts ``r``, ``c_out`` (``c_in`` derived from producers)."""
+        kk, pos = self._vectors()
+        if ci is None:
+            ci = self._inputs_from(co)
+        return 2 * pos * _block_cost(ci, r, co, kk)
+
+    def _inputs_from(self, co: torch.Tensor) -> torch.Tensor:
+        ci = torch.tensor([l.block.in_channels for l in self.layers], dtype=torch.long)
+        for i, l in enumerate(self.layers):
+            if l.producer is not None:
+                ci[i] = co[l.producer]
+        return ci
+
+    def flops_after(self, counts: torch.Tensor | None = None) -> int:
+        """FLOPs of the scope if PM ran with these live counts (default: current masks)."""
+        c = self.counts() if counts is None else counts
+        return int(self.block_flops(c[:, 1], c[:, 2], c[:, 0]).sum()) + int(self.other_flops or 0)
+
+    def sparsity(self) -> dict:
+        c = self.counts()
+        kk, pos = self._vectors()
+        orig_params = sum(l.block.orig_in_channels * l.block.orig_out_channels * l.kk for l in self.layers)
+        now_params = int(_block_cost(c[:, 0], c[:, 1], c[:, 2], kk).sum())
+        out = {"sparse_params": 1 - now_params / orig_params if orig_params else 0.0,
+               "sparse_flops": None,
+               "live_rank": int(c[:, 1].sum()), "live_channels": int(c[:, 2].sum())}
+        if bool((pos > 0).all()):
+            orig = int(sum(2 * l.positions * l.block.orig_in_channels * l.block.orig_out_channels * l.kk
+                           for l in self.layers))
+            out["sparse_flops"] = 1 - int(self.block_flops(c[:, 1], c[:, 2], c[:, 0]).sum()) / orig if orig else 0.0
+        return out
+
+    # ------------------------------------------------------------------ selection
+    @torch.no_grad()
+    def select_for_target(self, flops_target: float, round_to: int | None = None):
+        """Choose groups to remove so that the scope's FLOPs cut vs the original is ≥ ``flops_target``.
+
+        Returns ``(removals, achieved)`` where removals is a list of ``(layer_index, "col"|"row", channel)``;
+        ``achieved`` is the analytic cut after removing them (before dead-channel propagation, which can only
+        add to it). Raises BudgetError if the target cannot be reached.
+        """
+        if self.original_flops is None:
+            raise BudgetError("spatial sizes unknown: give input_size to compute a FLOPs budget")
+        base = self.counts()
+        cand_layer, cand_kind, cand_idx, cand_score = [], [], [], []
+
+        def add(i: int, kind_id: int, live_idx: torch.Tensor, norms: torch.Tensor, saved: float) -> None:
+            keep = int(torch.argmax(norms))
+            rel = norms / norms.max().clamp_min(1e-300) / max(saved, 1.0)
+            sel = torch.ones(len(live_idx), dtype=torch.bool)
+            sel[keep] = False
+            cand_layer.append(torch.full((int(sel.sum()),), i, dtype=torch.long))
+            cand_kind.append(torch.full((int(sel.sum()),), kind_id, dtype=torch.long))
+            cand_idx.append(live_idx.cpu()[sel])
+            cand_score.append(rel.cpu()[sel])
+
+        for i, l in enumerate(self.layers):
+            beta = l.block.beta_2d()
+            ci, r, co = (int(v) for v in base[i])
+            cols = torch.nonzero(l.col_live).flatten()
+            if cols.numel() > 1:
+                norms = beta[l.row_live][:, cols].double().norm(dim=0)
+                add(i, 0, cols, norms, 2.0 * l.positions * (ci * l.kk + co))
+            if l.prunable:
+                rows = torch.nonzero(l.row_live).flatten()
+                if rows.numel() > 1:
+                    sq = beta[rows][:, l.col_live].double().pow(2).sum(dim=1)
+                    for p in l.row_params():
+                        sq = sq + p[rows].double().pow(2)
+                    saved = 2.0 * l.positions * r
+                    for cidx in l.consumers:
+                        c = self.layers[cidx]
+                        saved += 2.0 * c.positions * c.kk * int(base[cidx, 1])
+                    add(i, 1, rows, sq.sqrt(), saved)
+        if not cand_score:
+            raise BudgetError("no removable groups left")
+        cand_layer, cand_kind = torch.cat(cand_layer), torch.cat(cand_kind)
+        cand_idx, cand_score = torch.cat(cand_idx), torch.cat(cand_score)
+        order = torch.sort(cand_score, stable=True).indices
+        lay, kind, idx = cand_layer[order], cand_kind[order], cand_idx[order]
+        n_layers = len(self.layers)
+        orig = float(self.original_flops)
+
+        def counts_for(k: int) -> torch.Tensor:
+            removed = torch.bincount(lay[:k] * 2 + kind[:k], minlength=2 * n_layers).view(n_layers, 2)
+            c = base.clone()
+            c[:, 1] -= removed[:, 0]
+            c[:, 2] -= removed[:, 1]
+            if round_to:
+                for col, live0 in ((1, base[:, 1]), (2, base[:, 2])):
+                    v = c[:, col]
+                    up = (v + round_to - 1) // round_to * round_to
+                    down = live0 // round_to * round_to
+                    v = torch.where(up <= live0, up, torch.where(down > 0, down, live0))
+                    c[:, col] = v
+            c[:, 0] = self._inputs_from(c[:, 2])
+            return c
+
+        def cut(k: int) -> float:
+            return 1.0 - self.flops_after(counts_for(k)) / orig
+
+        n = len(order)
+        if cut(0) >= flops_target:
+            return [], cut(0)
+        if cut(n) < flops_target:
+            raise BudgetError(f"flops_target={flops_target:.4f} cannot be reached: removing every removable group "
+                              f"gives a cut of {cut(n):.4f}")
+        lo, hi = 0, n   # cut(lo) < target <= cut(hi)
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if cut(mid) >= flops_target:
+                hi = mid
+            else:
+                lo = mid
+        final = counts_for(hi)
+        removals = []
+        for i in range(n_layers):
+            for kind_id, col, label in ((0, 1, "col"), (1, 2, "row")):
+                n_remove = int(base[i, col] - final[i, col])
+                if n_remove <= 0:
+                    continue
+                sel = (lay == i) & (kind == kind_id)
+                for ch in idx[sel][:n_remove].tolist():
+                    removals.append((i, label, ch))
+        return removals, cut(hi)
+
+    @torch.no_grad()
+    def zero_groups(self, removals) -> None:
+        """Set the chosen groups exactly to zero (β column; or β row + bias + norm affine)."""
+        for i, kind, ch in removals:
+            l = self.layers[i]
+            beta = l.block.beta_2d()
+            if kind == "col":
+                beta[:, ch] = 0
+            else:
+                beta[ch, :] = 0
+                for p in l.row_params():
+                    p[ch] = 0
+
+
+def structure_from_model(model: nn.Module, input_size=None, example_inputs=None, need_positions: bool = True,
+                         flops_report=None) -> Structure:
+    """Build the :class:`Structure` of a decomposed model; FLOPs fields need ``input_size``/``example_inputs``."""
+    from .flops import count_flops
+
+    root = unwrap_model(model)
+    blocks = list(iter_blocks(root))
+    if not blocks:
+        raise ValueError("model was never decomposed (no CompressedAwareConv2d): call edp_det.decompose first")
+    scope = "detector" if any(n.startswith(("backbone.fpn.", "rpn.")) for n, _ in blocks) else "backbone"
+    try:
+        graph = build_channel_graph(root, scope=scope)
+        nodes = graph.nodes
+    except TypeError:
+        nodes = {}
+    report = flops_report
+    if report is None and need_positions:
+        report = count_flops(root, input_size=input_size or (3, 224, 224), example_inputs=example_inputs)
+    layers: list[LayerMasks] = []
+    index = {n: i for i, (n, _) in enumerate(blocks)}
+    for name, b in blocks:
+        node = nodes.get(name)
+        norm = get_submodule(root, b.norm_name) if b.norm_name else None
+        pos = 0
+        if report is not None:
+            try:
+                m = report.module(name)
+                pos = m.positions
+            except KeyError:
+                pos = 0
+        prod = None
+        if node is not None and node.producer in index and blocks[index[node.producer]][1].channel_prunable:
+            prod = index[node.producer]
+        cons = [index[c] for c in (node.consumers if node is not None else []) if c in index] \
+            if b.channel_prunable else []
+        kh, kw = b.kernel_size
+        layers.append(LayerMasks(name, b, norm, kh * kw, pos, b.channel_prunable, prod, cons,
+                                 torch.ones(0, dtype=torch.bool), torch.ones(0, dtype=torch.bool),
+                                 torch.ones(0, dtype=torch.bool)))
+    other = original = None
+    if report is not None:
+        prefixes = scope_prefixes(root)
+        in_scope = [m for m in report.modules if any(_under(m.name, p) for p in prefixes)]
+        other = sum(m.flops for m in in_scope if m.kind != "edp_block")
+        original = sum(m.orig_flops if m.orig_flops is not None else m.flops for m in in_scope)
+    s = Structure(root, layers, other, original)
+    s.refresh()
+    return s
+
+
+def _under(name: str, prefix: str) -> bool:
+    return not prefix or name == prefix or name.startswith(prefix + ".")

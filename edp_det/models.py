@@ -1,0 +1,192 @@
+"""Model registry and the detector adapter.
+
+Models are built by registered name (never ``eval``): ``build_model("resnet50", num_classes=10)``,
+``build_model("fasterrcnn", depth=50, num_classes=21, min_size=256, max_size=256)``. The builder name and its
+keyword arguments are stamped on the model as ``model.edp_arch`` so that :func:`edp_det.save_compressed` can
+rebuild the same skeleton later. Nothing is ever downloaded: weights come from local files only
+(:func:`load_backbone_weights`, :func:`load_detector_weights`).
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torchvision
+from torch import nn
+from torchvision.models.detection import FasterRCNN
+from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
+from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["MODEL_REGISTRY", "register_model", "build_model", "describe_model", "load_backbone_weights",
+           "load_detector_weights", "is_detector"]
+
+MODEL_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_model(name: str):
+    def deco(fn):
+        MODEL_REGISTRY[name] = fn
+        return fn
+    return deco
+
+
+def _resnet_builder(depth: int):
+    def build(num_classes: int = 1000, norm: str = "bn") -> nn.Module:
+        norm_layer = {"bn": nn.BatchNorm2d, "frozen": FrozenBatchNorm2d}.get(norm)
+        if norm_layer is None:
+            raise ValueError(f"norm must be 'bn' or 'frozen', got {norm!r}")
+        return getattr(torchvision.models, f"resnet{depth}")(weights=None, num_classes=num_classes,
+                                                             norm_layer=norm_layer)
+    return build
+
+
+for _d in (18, 34, 50, 101, 152):
+    register_model(f"resnet{_d}")(_resnet_builder(_d))
+
+
+@register_model("fasterrcnn")
+def build_fasterrcnn(num_classes: int = 91, depth: int = 50, v2: bool = False, norm: str = "frozen",
+                     trainable_layers: int = 5, min_size: int = 800, max_size: int = 1333,
+                     image_mean: list | None = None, image_std: list | None = None,
+                     rpn_pre_nms_top_n_train: int = 2000, rpn_pre_nms_top_n_test: int = 1000,
+                     rpn_post_nms_top_n_train: int = 2000, rpn_post_nms_top_n_test: int = 1000,
+                     rpn_batch_size_per_image: int = 256, box_batch_size_per_image: int = 512,
+                     box_detections_per_img: int = 100, box_score_thresh: float = 0.05,
+                     box_nms_thresh: float = 0.5, backbone_out_channels: dict | None = None) -> nn.Module:
+    """torchvision Faster R-CNN with a ResNet-FPN backbone (no weights; see the load_* helpers).
+
+    ``v2=True`` gives ``fasterrcnn_resnet50_fpn_v2`` (depth must be 50). ``norm``: ``"frozen"`` (torchvision's
+    FrozenBatchNorm2d, for fine-tuning pretrained weights) or ``"bn"`` (BatchNorm2d, for training from scratch).
+    ``min_size``/``max_size``: the GeneralizedRCNNTransform resize. ``trainable_layers``: 0–5 ResNet stages trained.
+    """
+    norm_layer = {"bn": nn.BatchNorm2d, "frozen": FrozenBatchNorm2d}.get(norm)
+    if norm_layer is None:
+        raise ValueError(f"model.norm must be 'bn' or 'frozen', got {norm!r}")
+    kw = dict(min_size=min_size, max_size=max_size, image_mean=image_mean, image_std=image_std,
+              rpn_pre_nms_top_n_train=rpn_pre_nms_top_n_train, rpn_pre_nms_top_n_test=rpn_pre_nms_top_n_test,
+              rpn_post_nms_top_n_train=rpn_post_nms_top_n_train, rpn_post_nms_top_n_test=rpn_post_nms_top_n_test,
+              rpn_batch_size_per_image=rpn_batch_size_per_image, box_batch_size_per_image=box_batch_size_per_image,
+              box_detections_per_img=box_detections_per_img, box_score_thresh=box_score_thresh,
+              box_nms_thresh=box_nms_thresh)
+    if v2:
+        if depth != 50:
+            raise ValueError(f"model.v2 requires depth 50, got {depth}")
+        from torchvision.models.detection import fasterrcnn_resnet50_fpn_v2
+        kw_v2 = {k: v for k, v in kw.items() if v is not None}
+        model = fasterrcnn_resnet50_fpn_v2(weights=None, weights_backbone=None, num_classes=num_classes,
+                                           trainable_backbone_layers=trainable_layers, **kw_v2)
+        if norm == "bn":
+            logger.warning("fasterrcnn v2 uses BatchNorm2d in its body already; norm=%r ignored", norm)
+        return model
+    if depth not in (18, 34, 50, 101, 152):
+        raise ValueError(f"model.depth must be one of 18, 34, 50, 101, 152, got {depth}")
+    backbone = resnet_fpn_backbone(backbone_name=f"resnet{depth}", weights=None, norm_layer=norm_layer,
+                                   trainable_layers=trainable_layers)
+    return FasterRCNN(backbone, num_classes=num_classes, **kw)
+
+
+def build_model(name: str, **kwargs) -> nn.Module:
+    """Build a registered model by name; stamps ``model.edp_arch = {"name", "kwargs"}``."""
+    if name not in MODEL_REGISTRY:
+        raise ValueError(f"unknown model {name!r}; known: {sorted(MODEL_REGISTRY)}")
+    try:
+        model = MODEL_REGISTRY[name](**kwargs)
+    except TypeError as e:
+        raise ValueError(f"bad arguments for model {name!r}: {e}") from None
+    model.edp_arch = {"name": name, "kwargs": dict(kwargs)}
+    return model
+
+
+def is_detector(model: nn.Module) -> bool:
+    return isinstance(model, FasterRCNN) or all(hasattr(model, a) for a in ("backbone", "rpn", "roi_heads"))
+
+
+def describe_model(model: nn.Module) -> dict:
+    """``{"name", "kwargs"}`` to rebuild the skeleton of ``model`` (stamped by build_model, or inferred for
+    plain torchvision ResNets)."""
+    arch = getattr(model, "edp_arch", None)
+    if arch is not None:
+        return {"name": arch["name"], "kwargs": dict(arch["kwargs"])}
+    if isinstance(model, ResNet):
+        counts = [len(getattr(model, f"layer{i}")) for i in range(1, 5)]
+        block = type(model.layer1[0])
+        table = {(BasicBlock, (2, 2, 2, 2)): 18, (BasicBlock, (3, 4, 6, 3)): 34,
+                 (Bottleneck, (3, 4, 6, 3)): 50, (Bottleneck, (3, 4, 23, 3)): 101,
+                 (Bottleneck, (3, 8, 36, 3)): 152}
+        depth = table.get((block, tuple(counts)))
+        if depth is None:
+            raise ValueError(f"cannot identify ResNet variant ({block.__name__}, {counts}); pass arch= explicitly")
+        norm = "frozen" if isinstance(model.bn1, FrozenBatchNorm2d) else "bn"
+        return {"name": f"resnet{depth}", "kwargs": {"num_classes": model.fc.out_features, "norm": norm}}
+    raise ValueError(f"cannot describe a {type(model).__name__} built outside edp_det.build_model; build it with "
+                     "edp_det.build_model(...) or pass arch={'name': ..., 'kwargs': {...}}")
+
+
+def _read_state_dict(path, what: str) -> dict:
+    from .checkpoint import load_checkpoint
+
+    obj = load_checkpoint(path)
+    if isinstance(obj, dict):
+        for key in ("model", "state_dict", "model_state"):
+            if key in obj and isinstance(obj[key], dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"{path}: {what} must be a state_dict (name -> tensor), found {type(obj).__name__}")
+    return obj
+
+
+def load_backbone_weights(model: nn.Module, path: str | Path) -> list[str]:
+    """Load a torchvision ImageNet ResNet checkpoint (local file) into the detector's ``backbone.body``.
+
+    The classifier ``fc`` is dropped. Returns the body keys that were not in the file. Shape mismatches raise a
+    ValueError naming the key.
+    """
+    sd = _read_state_dict(path, "model.weights_backbone")
+    sd = {k: v for k, v in sd.items() if not k.startswith("fc.")}
+    body = model.backbone.body
+    own = body.state_dict()
+    for k, v in sd.items():
+        if k in own and own[k].shape != v.shape:
+            raise ValueError(f"{path}: model.weights_backbone key {k!r} has shape {tuple(v.shape)}, the body "
+                             f"expects {tuple(own[k].shape)} (different ResNet depth?)")
+    unexpected = [k for k in sd if k not in own]
+    if len(unexpected) == len(sd):
+        raise ValueError(f"{path}: model.weights_backbone holds no ResNet body keys (e.g. {next(iter(sd), None)!r})")
+    missing = [k for k in own if k not in sd]
+    body.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
+    logger.info("loaded backbone weights from %s (%d missing keys)", path, len(missing))
+    return missing
+
+
+def load_detector_weights(model: nn.Module, path: str | Path) -> None:
+    """Load a full Faster R-CNN checkpoint (e.g. torchvision's COCO one, local file). If the class count differs
+    the box predictor is re-initialised (and logged); any other mismatch raises a ValueError naming the key."""
+    sd = _read_state_dict(path, "model.weights")
+    own = model.state_dict()
+    head_keys = [k for k in sd if k.startswith("roi_heads.box_predictor.")]
+    if head_keys and any(k in own and own[k].shape != sd[k].shape for k in head_keys):
+        logger.warning("%s: class count differs (%s vs %s); box predictor re-initialised", path,
+                       tuple(sd["roi_heads.box_predictor.cls_score.weight"].shape),
+                       tuple(own["roi_heads.box_predictor.cls_score.weight"].shape))
+        sd = {k: v for k, v in sd.items() if k not in head_keys}
+    for k, v in sd.items():
+        if k in own and own[k].shape != v.shape:
+            raise ValueError(f"{path}: model.weights key {k!r} has shape {tuple(v.shape)}, model expects "
+                             f"{tuple(own[k].shape)}")
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    unexpected = [k for k in unexpected]
+    if unexpected:
+        raise ValueError(f"{path}: model.weights has keys the model lacks, e.g. {unexpected[:3]}")
+    logger.info("loaded detector weights from %s (%d missing keys)", path, len(missing))
+
+
+def replace_box_predictor(model: nn.Module, num_classes: int) -> None:
+    in_features = model.roi_heads.box_predictor.cls_score.in_features
+    model.roi_heads.box_predictor = FastRCNNPredictor(in_features, num_classes)

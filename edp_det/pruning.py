@@ -1,0 +1,284 @@
+"""Pruning & Merging (PM, §III-C): remove zero groups exactly, then merge θ'∘β into one conv where eq. (14) says
+the merged conv costs no more.
+
+After PM the model holds only ordinary modules: ``nn.Conv2d`` where merged, else an
+``nn.Sequential(basis=Conv2d k×k, coeff=Conv2d 1×1)``; norm layers are sliced to the surviving channels; the
+consumers of a pruned channel lose the matching input channels (for the stem: both ``layer1.0.conv1`` and
+``layer1.0.downsample.0``). Nothing masked, no zeros kept.
+
+Exactness: a removed column has a zero β column (or a θ' filter that is zero on live inputs); a removed row group
+is exactly zero (β row, bias, norm γ and β all zero — the output channel is exactly 0 in train and eval mode) or is
+read by no consumer. So for a model whose removed groups are exactly zero, outputs before and after PM agree up to
+the rounding of the merged product (computed in float64).
+"""
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .budget import BudgetError, Structure, _under, structure_from_model
+from .flops import count_flops
+from .graph import set_submodule, unwrap_model
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["prune_and_merge", "PMReport", "LayerChange", "transfer_optimizer_state"]
+
+
+@dataclass
+class LayerChange:
+    name: str
+    kernel: tuple[int, int]
+    before: tuple[int, int, int]    # (c_in, r, c_out) of the decomposed block
+    after: tuple[int, int, int]     # live (c_in, r, c_out); r is meaningless (= full) when merged
+    merged: bool
+    flops_before: int
+    flops_after: int
+
+
+@dataclass
+class PMReport:
+    """What PM did. FLOPs are per image at ``input_size`` and refer to the compression scope
+    (classifier: whole model; detector: ``backbone.body`` [+ FPN + RPN head with scope=detector])."""
+
+    layers: list[LayerChange] = field(default_factory=list)
+    params_before: int = 0             # whole model, decomposed, before PM
+    params_after: int = 0
+    params_original: int = 0           # whole model as if undecomposed (convs in scope at original shape)
+    flops_original: int = 0            # scope, undecomposed network
+    flops_before: int = 0              # scope, decomposed network before PM
+    flops_after: int = 0               # scope, after PM (recounted on the real pruned model)
+    requested_r_flops: float | None = None
+    achieved_r_flops: float = 0.0      # 1 − flops_after / flops_original
+    r_flops_from_zero_groups: float = 0.0   # cut the trained-to-zero groups alone gave
+    budget_removed_groups: int = 0
+    input_size: tuple[int, ...] = ()
+    param_map: dict = field(default_factory=dict)   # new param name -> (old name, [index per dim or None])
+
+    def to_dict(self) -> dict:
+        return {
+            "layers": [{"name": l.name, "kernel": list(l.kernel), "before": list(l.before), "after": list(l.after),
+                        "merged": l.merged, "flops_before": l.flops_before, "flops_after": l.flops_after}
+                       for l in self.layers],
+            "params_before": self.params_before, "params_after": self.params_after,
+            "params_original": self.params_original,
+            "flops_original": self.flops_original, "flops_before": self.flops_before, "flops_after": self.flops_after,
+            "requested_r_flops": self.requested_r_flops, "achieved_r_flops": self.achieved_r_flops,
+            "r_flops_from_zero_groups": self.r_flops_from_zero_groups,
+            "budget_removed_groups": self.budget_removed_groups, "input_size": list(self.input_size),
+        }
+
+    def format_table(self) -> str:
+        lines = [f"{'layer':<44} {'k':>3} {'c_in':>10} {'rank':>10} {'c_out':>11} {'merged':>6} {'MFLOPs':>16}"]
+        for l in self.layers:
+            lines.append(f"{l.name:<44} {l.kernel[0]:>3} {l.before[0]:>4}->{l.after[0]:<4} "
+                         f"{l.before[1]:>4}->{l.after[1] if not l.merged else '-':<4} "
+                         f"{l.before[2]:>4}->{l.after[2]:<5} {'yes' if l.merged else 'no':>6} "
+                         f"{l.flops_before / 1e6:>7.1f}->{l.flops_after / 1e6:<7.1f}")
+        req = "-" if self.requested_r_flops is None else f"{self.requested_r_flops:.1%}"
+        lines.append(f"params {self.params_original / 1e6:.3f} M (original) -> {self.params_after / 1e6:.3f} M; "
+                     f"FLOPs {self.flops_original / 1e9:.3f} G -> {self.flops_after / 1e9:.3f} G; "
+                     f"R_FLOPs requested {req}, achieved {self.achieved_r_flops:.1%} "
+                     f"(zero groups alone: {self.r_flops_from_zero_groups:.1%})")
+        return "\n".join(lines)
+
+
+def _conv_like(ref: torch.Tensor, c_in: int, c_out: int, kernel, stride, padding, dilation, bias: bool) -> nn.Conv2d:
+    return nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=padding, dilation=dilation, bias=bias).to(
+        device=ref.device, dtype=ref.dtype)
+
+
+def _slice_norm(norm: nn.Module, keep: torch.Tensor) -> nn.Module:
+    n = int(keep.sum())
+    if isinstance(norm, nn.BatchNorm2d):
+        new = nn.BatchNorm2d(n, eps=norm.eps, momentum=norm.momentum, affine=norm.affine,
+                             track_running_stats=norm.track_running_stats)
+        new.to(device=norm.weight.device, dtype=norm.weight.dtype)
+        with torch.no_grad():
+            if norm.affine:
+                new.weight.copy_(norm.weight[keep])
+                new.bias.copy_(norm.bias[keep])
+                new.weight.requires_grad_(norm.weight.requires_grad)
+                new.bias.requires_grad_(norm.bias.requires_grad)
+            if norm.track_running_stats:
+                new.running_mean.copy_(norm.running_mean[keep])
+                new.running_var.copy_(norm.running_var[keep])
+                new.num_batches_tracked.copy_(norm.num_batches_tracked)
+        new.train(norm.training)
+        return new
+    raise TypeError(f"cannot slice normalisation layer of type {type(norm).__name__}")
+
+
+def prune_and_merge(model: nn.Module, flops_target: float | None = None, input_size=(3, 224, 224),
+                    example_inputs=None, round_to: int | None = None, merge: str = "eq14") -> PMReport:
+    """Prune zero groups of every CompressedAwareConv2d and merge where cheaper; in place. Returns a PMReport.
+
+    Args:
+        model: a decomposed model (after training with :class:`EDPRegularizer`); DDP-wrapped is fine, but the
+            DDP wrapper must be rebuilt afterwards (the parameters change), as must the optimizer
+            (see :func:`transfer_optimizer_state`).
+        flops_target: None, or R in (0, 1): the fraction of the scope's FLOPs *of the original, undecomposed
+            network* to remove. If the zero groups already remove ≥ R, nothing more is removed; otherwise the
+            smallest remaining groups are zeroed first (see :mod:`edp_det.budget` for how groups of different
+            layers are compared) so that the cut is ≥ R and within about one percentage point of it.
+        input_size: ``(C, H, W)`` at which FLOPs and the budget are computed (detectors: network input size).
+        round_to: keep every surviving rank and channel count a multiple of this (e.g. 8).
+        merge: ``"eq14"`` (merge where the merged conv has no more params than the two convs) or ``"never"``.
+    """
+    root = unwrap_model(model)
+    if flops_target is not None:
+        if isinstance(flops_target, bool) or not isinstance(flops_target, (int, float)) or \
+                not 0 < float(flops_target) < 1:
+            raise ValueError(f"flops_target must be a number in (0, 1), got {flops_target!r}")
+    if round_to is not None and (not isinstance(round_to, int) or isinstance(round_to, bool) or round_to < 1):
+        raise ValueError(f"round_to must be a positive int, got {round_to!r}")
+    if merge not in ("eq14", "never"):
+        raise ValueError(f"merge must be 'eq14' or 'never', got {merge!r}")
+    report_before = count_flops(root, input_size=input_size, example_inputs=example_inputs)
+    struct = structure_from_model(root, flops_report=report_before)
+    report = PMReport(requested_r_flops=None if flops_target is None else float(flops_target),
+                      input_size=tuple(report_before.input_size))
+    report.params_before = report_before.params
+    report.flops_original = int(struct.original_flops)
+    report.flops_before = int(sum(m.flops for m in report_before.modules if m.kind == "edp_block")
+                              + struct.other_flops)
+    report.r_flops_from_zero_groups = 1 - struct.flops_after() / struct.original_flops
+    if flops_target is not None or round_to:
+        target = float(flops_target) if flops_target is not None else 0.0
+        try:
+            removals, _ = struct.select_for_target(target, round_to=round_to)
+        except BudgetError as e:
+            raise ValueError(str(e)) from None
+        struct.zero_groups(removals)
+        struct.refresh()
+        report.budget_removed_groups = len(removals)
+    orig_params_delta = 0
+    for l in struct.layers:
+        b = l.block
+        orig_params_delta += b.orig_in_channels * b.orig_out_channels * l.kk + (
+            b.coeff.bias.numel() if b.coeff.bias is not None else 0) - sum(p.numel() for p in b.parameters())
+    report.params_original = report.params_before + orig_params_delta
+    _apply(root, struct, report, merge)
+    after = count_flops(root, input_size=input_size, example_inputs=example_inputs)
+    prefixes = scope_prefixes_after(root, struct)
+    report.params_after = after.params
+    report.flops_after = sum(m.flops for m in after.modules if any(_under(m.name, p) for p in prefixes))
+    report.achieved_r_flops = 1 - report.flops_after / report.flops_original
+    for lc in report.layers:
+        try:
+            lc.flops_after = after.module(lc.name).flops
+        except KeyError:  # unmerged: two convs
+            lc.flops_after = sum(after.module(f"{lc.name}.{c}").flops for c in ("basis", "coeff"))
+    logger.info("PM: R_FLOPs achieved %.4f (requested %s), params %d -> %d", report.achieved_r_flops,
+                flops_target, report.params_before, report.params_after)
+    return report
+
+
+def scope_prefixes_after(root: nn.Module, struct: Structure) -> list[str]:
+    if not (hasattr(root, "backbone") and hasattr(root, "rpn")):
+        return [""]
+    prefixes = ["backbone.body"]
+    names = [l.name for l in struct.layers]
+    if any(n.startswith("backbone.fpn.") for n in names):
+        prefixes.append("backbone.fpn")
+    if any(n.startswith("rpn.") for n in names):
+        prefixes.append("rpn")
+    return prefixes
+
+
+def _kept(mask: torch.Tensor) -> torch.Tensor:
+    """Indices of live entries; a fully dead dimension keeps its first entry (all-zero, so still exact), because
+    torch convolutions cannot have zero output channels."""
+    idx = torch.nonzero(mask).flatten()
+    return idx if idx.numel() else torch.zeros(1, dtype=torch.long, device=mask.device)
+
+
+@torch.no_grad()
+def _apply(root: nn.Module, struct: Structure, report: PMReport, merge: str) -> None:
+    rows = [_kept(l.row_live) for l in struct.layers]
+    for i, l in enumerate(struct.layers):
+        b = l.block
+        before = (b.in_channels, b.rank, b.out_channels)
+        in_idx = rows[l.producer] if l.producer is not None else torch.arange(b.in_channels, device=rows[i].device)
+        col_idx, row_idx = _kept(l.col_live), rows[i]
+        ci, r, co = len(in_idx), len(col_idx), len(row_idx)
+        kh, kw = b.kernel_size
+        theta = b.basis.weight.index_select(0, col_idx).index_select(1, in_idx)   # (r, ci, kh, kw)
+        beta = b.coeff.weight.index_select(0, row_idx).index_select(1, col_idx)   # (co, r, 1, 1)
+        bias = b.coeff.bias[row_idx] if b.coeff.bias is not None else None
+        do_merge = merge == "eq14" and ci * co * kh * kw <= r * (ci * kh * kw + co)
+        grad = b.coeff.weight.requires_grad
+        bs = b.basis
+        if do_merge:
+            new = _conv_like(bs.weight, ci, co, (kh, kw), bs.stride, bs.padding, bs.dilation, bias is not None)
+            w = (beta.reshape(co, r).double() @ theta.reshape(r, -1).double()).view(co, ci, kh, kw)
+            new.weight.copy_(w.to(new.weight.dtype))
+            if bias is not None:
+                new.bias.copy_(bias)
+            new.requires_grad_(grad)
+        else:
+            basis = _conv_like(bs.weight, ci, r, (kh, kw), bs.stride, bs.padding, bs.dilation, False)
+            basis.weight.copy_(theta)
+            coeff = _conv_like(bs.weight, r, co, 1, 1, 0, 1, bias is not None)
+            coeff.weight.copy_(beta)
+            if bias is not None:
+                coeff.bias.copy_(bias)
+            basis.requires_grad_(grad)
+            coeff.requires_grad_(grad)
+            new = nn.Sequential(OrderedDict([("basis", basis), ("coeff", coeff)]))
+            report.param_map[f"{l.name}.basis.weight"] = (f"{l.name}.basis.weight", [col_idx, in_idx])
+            report.param_map[f"{l.name}.coeff.weight"] = (f"{l.name}.coeff.weight", [row_idx, col_idx])
+            if bias is not None:
+                report.param_map[f"{l.name}.coeff.bias"] = (f"{l.name}.coeff.bias", [row_idx])
+        set_submodule(root, l.name, new)
+        if l.norm is not None and b.norm_name is not None:
+            keep = torch.zeros(b.out_channels, dtype=torch.bool, device=row_idx.device)
+            keep[row_idx] = True
+            set_submodule(root, b.norm_name, _slice_norm(l.norm, keep))
+            if l.norm.affine:
+                for p in ("weight", "bias"):
+                    report.param_map[f"{b.norm_name}.{p}"] = (f"{b.norm_name}.{p}", [row_idx])
+        flops_before = 2 * l.positions * before[1] * (before[0] * l.kk + before[2])
+        report.layers.append(LayerChange(l.name, (kh, kw), before, (ci, r, co), do_merge, flops_before, 0))
+
+
+def transfer_optimizer_state(old_state: dict, old_names: dict, new_model: nn.Module, new_optimizer, report: PMReport
+                             ) -> int:
+    """Carry per-parameter optimizer state (e.g. SGD momentum) across PM for surviving entries.
+
+    Args:
+        old_state: ``old_optimizer.state`` (param tensor -> state dict), captured before PM.
+        old_names: ``{name: param}`` of the model before PM.
+        new_model / new_optimizer: after PM, the optimizer rebuilt over ``new_model.parameters()``.
+        report: the PMReport (its ``param_map`` says how sliced parameters map to old ones).
+    Merged convolutions start with fresh state. Returns the number of parameters whose state was carried.
+    """
+    carried = 0
+    for name, p in unwrap_model(new_model).named_parameters():
+        if name in report.param_map:
+            old_name, idx = report.param_map[name]
+        elif name in old_names and old_names[name].shape == p.shape:
+            old_name, idx = name, None
+        else:
+            continue
+        old_p = old_names.get(old_name)
+        st = old_state.get(old_p) if old_p is not None else None
+        if not st:
+            continue
+        new_st = {}
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor) and old_p is not None and v.shape == old_p.shape:
+                if idx is not None:
+                    for d, ix in enumerate(idx):
+                        v = v.index_select(d, ix.to(v.device))
+                new_st[k] = v.clone()
+            else:
+                new_st[k] = v.clone() if isinstance(v, torch.Tensor) else v
+        if all(not isinstance(v, torch.Tensor) or v.shape == p.shape or v.dim() == 0 for v in new_st.values()):
+            new_optimizer.state[p] = new_st
+            carried += 1
+    return carried

@@ -1,0 +1,184 @@
+"""Ω(Θ) of eq. (4) and its proximal operator (eq. 11–13), applied after each optimizer step.
+
+Groups of a block with β of shape ``(c_out, r)`` (``coeff.weight`` viewed 2-D):
+  * column group j (rank):     ``β[:, j]``                                   weight λ1 (``lambda_rank``)
+  * row group i (out channel): ``β[i, :]`` ∪ {bias_i} ∪ {γ_i, b_i of the following BatchNorm2d}   weight λ2
+    (``lambda_channel``), only on channel-prunable blocks. The bias and affine parameters belong to the group
+    so that a group shrunk to zero makes the channel output *exactly zero* (not a constant), which PM can then
+    remove exactly even where zero padding is involved.
+
+Ω(Θ) = λ1 Σ_l Σ_j ‖β_l[:, j]‖₂ + λ2 Σ_l Σ_i ‖row group i of l‖₂.
+
+Prox (eq. 12–13): group soft-thresholding ``g ← g · max(0, 1 − α·λ/‖g‖₂)``. Eq. (11) writes the column and the row
+operator as a sum, which taken literally would double β; we apply them one after the other (columns, then rows),
+i.e. the standard approximation of the prox of a sum of two group norms by composition.
+
+Interaction with the optimizer: ``prox_step(lr)`` is called after ``optimizer.step()`` with the learning rate of
+that step. With SGD momentum, momentum buffer entries of groups that the prox sets exactly to zero are zeroed too
+(when the optimizer is passed), so that the stale velocity does not immediately resurrect a pruned group. Under
+AMP, call it only when the GradScaler did not skip the step. Under DDP all ranks hold identical parameters after
+the (synchronised) optimizer step, and the prox is deterministic, so they stay identical.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .decompose import iter_blocks
+from .graph import get_submodule, unwrap_model
+
+__all__ = ["EDPRegularizer", "LayerStats"]
+
+
+@dataclass
+class LayerStats:
+    name: str
+    in_channels: int
+    rank: int            # total columns of β
+    out_channels: int
+    live_rank: int       # non-zero columns
+    live_channels: int   # non-zero row groups (== out_channels for blocks that are not channel-prunable)
+    channel_prunable: bool
+
+
+class _Entry:
+    __slots__ = ("name", "block", "norm", "lam_col", "lam_row", "row_params")
+
+    def __init__(self, name, block, norm, lam_col, lam_row):
+        self.name = name
+        self.block = block
+        self.norm = norm
+        self.lam_col = lam_col
+        self.lam_row = lam_row
+        # every tensor of the row group other than β, each of shape (c_out,)
+        params = []
+        if block.coeff.bias is not None:
+            params.append(block.coeff.bias)
+        if norm is not None:
+            params.extend([norm.weight, norm.bias])
+        self.row_params = params
+
+
+class EDPRegularizer:
+    """L2,1 regulariser on the β of every CompressedAwareConv2d in ``model``.
+
+    Args:
+        model: a decomposed model (DDP-wrapped is fine).
+        lambda_rank: λ1 ≥ 0, on column groups of every block.
+        lambda_channel: λ2 ≥ 0, on row groups of channel-prunable blocks only.
+        optimizer: optional; if given, momentum buffers of groups zeroed by the prox are zeroed as well.
+    """
+
+    def __init__(self, model: nn.Module, lambda_rank: float = 1e-3, lambda_channel: float = 1e-3,
+                 optimizer: torch.optim.Optimizer | None = None):
+        for key, val in (("lambda_rank", lambda_rank), ("lambda_channel", lambda_channel)):
+            if not isinstance(val, (int, float)) or isinstance(val, bool) or not val >= 0 or val != val:
+                raise ValueError(f"{key} must be a finite number ≥ 0, got {val!r}")
+        self.model = unwrap_model(model)
+        self.lambda_rank = float(lambda_rank)
+        self.lambda_channel = float(lambda_channel)
+        self.optimizer = optimizer
+        self.entries: list[_Entry] = []
+        for name, block in iter_blocks(self.model):
+            if not block.coeff.weight.requires_grad:
+                continue  # frozen layers are left alone
+            norm = get_submodule(self.model, block.norm_name) if block.norm_name else None
+            lam_row = self.lambda_channel if block.channel_prunable else 0.0
+            self.entries.append(_Entry(name, block, norm, self.lambda_rank, lam_row))
+        if not self.entries:
+            raise ValueError("model has no trainable CompressedAwareConv2d blocks: call edp_det.decompose(model) first")
+
+    # ------------------------------------------------------------------ Ω
+    def penalty(self) -> torch.Tensor:
+        """Ω(Θ) (eq. 4) as a differentiable scalar tensor (for logging/analysis; the prox does the shrinking)."""
+        total = None
+        for e in self.entries:
+            beta = e.block.beta_2d()
+            term = beta.new_zeros(())
+            if e.lam_col > 0:
+                term = term + e.lam_col * beta.norm(dim=0).sum()
+            if e.lam_row > 0:
+                sq = beta.pow(2).sum(dim=1)
+                for p in e.row_params:
+                    sq = sq + p.pow(2)
+                term = term + e.lam_row * sq.sqrt().sum()
+            total = term if total is None else total + term.to(total.dtype)
+        return total
+
+    # ------------------------------------------------------------------ prox
+    @torch.no_grad()
+    def prox_step(self, lr: float) -> None:
+        """Group soft-thresholding with step ``lr`` (the learning rate of the optimizer step just taken)."""
+        if lr < 0:
+            raise ValueError(f"lr must be ≥ 0, got {lr}")
+        state = self.optimizer.state if self.optimizer is not None else None
+        for e in self.entries:
+            beta = e.block.beta_2d()
+            if e.lam_col > 0:
+                scale = _shrink(beta.norm(dim=0), lr * e.lam_col)
+                beta.mul_(scale)
+                if state is not None:
+                    _zero_momentum(state, e.block.coeff.weight, (scale == 0).view(1, -1, 1, 1))
+            if e.lam_row > 0:
+                sq = beta.pow(2).sum(dim=1)
+                for p in e.row_params:
+                    sq += p.pow(2)
+                scale = _shrink(sq.sqrt(), lr * e.lam_row)
+                beta.mul_(scale.unsqueeze(1))
+                for p in e.row_params:
+                    p.mul_(scale)
+                if state is not None:
+                    dead = scale == 0
+                    _zero_momentum(state, e.block.coeff.weight, dead.view(-1, 1, 1, 1))
+                    for p in e.row_params:
+                        _zero_momentum(state, p, dead)
+
+    # ------------------------------------------------------------------ stats
+    @torch.no_grad()
+    def stats(self) -> list[LayerStats]:
+        """Per block: total and live rank (non-zero β columns) and channels (non-zero row groups)."""
+        out = []
+        for e in self.entries:
+            beta = e.block.beta_2d()
+            live_rank = int((beta != 0).any(dim=0).sum())
+            if e.block.channel_prunable:
+                live = (beta != 0).any(dim=1)
+                for p in e.row_params:
+                    live |= p != 0
+                live_channels = int(live.sum())
+            else:
+                live_channels = beta.shape[0]
+            out.append(LayerStats(e.name, e.block.in_channels, e.block.rank, e.block.out_channels,
+                                  live_rank, live_channels, e.block.channel_prunable))
+        return out
+
+    def sparsity(self, input_size=None, example_inputs=None) -> dict:
+        """Sparse ratios of params and FLOPs over the decomposed layers if PM were applied now.
+
+        Relative to the original (undecomposed) convolutions; FLOPs need the spatial size of each layer, so they
+        are reported when ``input_size`` or ``example_inputs`` is given (see :func:`edp_det.count_flops`).
+        Returns ``{"sparse_params": float, "sparse_flops": float | None, "live_rank": int, "live_channels": int}``.
+        """
+        from .budget import structure_from_model
+
+        struct = structure_from_model(self.model, input_size=input_size, example_inputs=example_inputs,
+                                      need_positions=input_size is not None or example_inputs is not None)
+        return struct.sparsity()
+
+
+def _shrink(norms: torch.Tensor, thresh: float) -> torch.Tensor:
+    """``max(0, 1 − thresh/‖g‖)`` with 0 for zero groups; same dtype/device as ``norms``."""
+    return torch.where(norms > thresh, 1 - thresh / norms.clamp_min(torch.finfo(norms.dtype).tiny),
+                       torch.zeros_like(norms))
+
+
+def _zero_momentum(state, param: torch.Tensor, dead_mask: torch.Tensor) -> None:
+    st = state.get(param)
+    if not st:
+        return
+    for key in ("momentum_buffer", "exp_avg"):
+        buf = st.get(key)
+        if isinstance(buf, torch.Tensor) and buf.shape == param.shape:
+            buf.masked_fill_(dead_mask.expand_as(buf), 0)

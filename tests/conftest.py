@@ -1,0 +1,31 @@
+"""Shared pytest fixtures (CPU only, nothing downloads)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def synthetic_voc(tmp_path_factory) -> Path:
+    """A tiny synthetic VOC dataset (12 trainval / 6 test images, 128 px, seed 0); returns its root
+    (holding Annotations/, JPEGImages/, ImageSets/Main/). Shared by the session: treat it as
+    read-only and copy it (``shutil.copytree``) before modifying anything."""
+    from edp_det.data.synthetic import make_synthetic_voc
+
+    root = tmp_path_factory.mktemp("synthetic_voc")
+    make_synthetic_voc(root, num_train=12, num_test=6, image_size=128, seed=0)
+    return root
+
+
+@pytest.fixture(scope="session")
+def raccoon_root() -> Path:
+    """The real raccoon VOC dataset next to the repo (``../shared/data/raccoon``); skipped if absent.
+    Read it in place, never copy it into the repo."""
+    root = REPO_ROOT.parent / "shared" / "data" / "raccoon"
+    if not (root / "Annotations").is_dir():
+        pytest.skip(f"raccoon dataset not found at {root}")
+    return root

@@ -1,0 +1,285 @@
+import os
+import textwrap
+
+import pytest
+import yaml
+
+from edp_det.config import (
+    config_hash,
+    deep_merge,
+    dump_config,
+    flatten,
+    get_by_dotted,
+    load_config,
+    parse_overrides,
+    set_by_dotted,
+)
+from edp_det.errors import ConfigError
+
+DEFAULTS = {
+    "model": {"name": "resnet18", "depth": 18, "pretrained": False, "kwargs": {}},
+    "train": {"lr": 0.01, "epochs": 12, "milestones": [8, 11], "amp": False, "resume": None},
+    "data": {"root": "data/voc", "classes": ["a", "b"]},
+    "output_dir": "runs/x",
+    "seed": 0,
+}
+
+
+def write(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+@pytest.fixture
+def tree(tmp_path):
+    """root.yaml -> ../base/mid.yaml -> sub/bottom.yaml (relative to each including file)."""
+    write(tmp_path / "base/sub/bottom.yaml", """
+        model: {name: resnet50, depth: 50, kwargs: {norm: bn, width: 64}}
+        train: {lr: 0.1, epochs: 24, milestones: [16, 22]}
+        data: {root: /bottom}
+    """)
+    write(tmp_path / "base/mid.yaml", """
+        _base_: sub/bottom.yaml
+        model: {kwargs: {width: 32}}
+        train: {lr: 0.02}
+    """)
+    root = write(tmp_path / "configs/root.yaml", """
+        _base_: ../base/mid.yaml
+        train: {epochs: 6, milestones: [4]}
+        seed: 3
+    """)
+    return root
+
+
+def test_base_inheritance_two_levels_and_deep_merge(tree):
+    cfg = load_config(tree)
+    assert cfg == {
+        "model": {"name": "resnet50", "depth": 50, "kwargs": {"norm": "bn", "width": 32}},
+        "train": {"lr": 0.02, "epochs": 6, "milestones": [4]},  # lists replace, never concatenate
+        "data": {"root": "/bottom"},
+        "seed": 3,
+    }
+    assert "_base_" not in cfg
+
+
+def test_defaults_are_bottom_layer(tree):
+    cfg = load_config(tree, defaults=DEFAULTS)
+    assert cfg["train"] == {"lr": 0.02, "epochs": 6, "milestones": [4], "amp": False, "resume": None}
+    assert cfg["data"] == {"root": "/bottom", "classes": ["a", "b"]}
+    assert cfg["output_dir"] == "runs/x"
+    assert cfg["model"]["kwargs"] == {"norm": "bn", "width": 32}  # {} default = open mapping
+    assert DEFAULTS["model"]["kwargs"] == {}  # caller's defaults untouched
+
+
+def test_base_list_and_absolute_path(tmp_path):
+    a = write(tmp_path / "a.yaml", "seed: 1\ntrain: {lr: 0.5, epochs: 2}\n")
+    b = write(tmp_path / "x/b.yaml", "seed: 2\n")
+    c = write(tmp_path / "y/c.yaml", f"_base_: [{a}, ../x/b.yaml]\ntrain: {{epochs: 9}}\n")
+    assert load_config(c) == {"seed": 2, "train": {"lr": 0.5, "epochs": 9}}
+
+
+def test_deep_merge_semantics():
+    base = {"a": {"b": 1, "c": {"d": 2}}, "l": [1, 2], "s": "x", "n": {"k": 1}}
+    over = {"a": {"c": {"e": 3}}, "l": [3], "s": {"now": "dict"}, "n": None}
+    out = deep_merge(base, over)
+    assert out == {"a": {"b": 1, "c": {"d": 2, "e": 3}}, "l": [3], "s": {"now": "dict"}, "n": None}
+    assert base["a"]["c"] == {"d": 2}  # inputs not mutated
+    out["l"].append(9)
+    assert over["l"] == [3]
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("1e-3", 0.001),
+        ("-2.5E+4", -25000.0),
+        ("5e4", 50000.0),
+        ("0.1", 0.1),
+        (".5", 0.5),
+        ("7", 7),
+        ("true", True),
+        ("False", False),
+        ("[1, 2]", [1, 2]),
+        ("[1e-3,2]", [0.001, 2]),
+        ("null", None),
+        ("~", None),
+        ("hello", "hello"),
+        ("'1e-3'", "1e-3"),
+        ("a=b", "a=b"),
+        ("{x: 1}", {"x": 1}),
+        ("", ""),
+    ],
+)
+def test_override_value_parsing(text, expected):
+    [(key, value)] = parse_overrides([f"a.b={text}"])
+    assert key == "a.b"
+    assert value == expected and type(value) is type(expected)
+
+
+def test_scientific_notation_in_files(tmp_path):
+    p = write(tmp_path / "c.yaml", "train: {lr: 1e-3, wd: 5E-4, big: 1e6, name: '1e-3', ver: 1.2.3}\n")
+    cfg = load_config(p)
+    assert cfg["train"] == {"lr": 0.001, "wd": 0.0005, "big": 1e6, "name": "1e-3", "ver": "1.2.3"}
+
+
+def test_overrides_applied_last_and_typed(tree):
+    cfg = load_config(
+        tree,
+        overrides=["train.lr=1e-3", "train.amp=true", "train.milestones=[1,2,3]", "train.resume=null",
+                   "model.kwargs.extra=[1]", "output_dir=2024", "train.lr=2", "seed=7", "model.kwargs={width: 8}"],
+        defaults=DEFAULTS,
+    )
+    assert cfg["train"]["lr"] == 2.0 and isinstance(cfg["train"]["lr"], float)  # int accepted where float expected
+    assert cfg["train"]["amp"] is True
+    assert cfg["train"]["milestones"] == [1, 2, 3]
+    assert cfg["train"]["resume"] is None
+    assert cfg["output_dir"] == "2024"  # str key keeps literal text
+    assert cfg["seed"] == 7
+    assert cfg["model"]["kwargs"] == {"norm": "bn", "width": 8, "extra": [1]}  # mapping override merges
+
+
+def test_overrides_without_defaults_create_keys():
+    cfg = load_config(None, overrides=["a.b.c=1", "a.d=x"])
+    assert cfg == {"a": {"b": {"c": 1}, "d": "x"}}
+    with pytest.raises(ConfigError, match="not of the form key=value"):
+        load_config(None, overrides=["oops"])
+    with pytest.raises(ConfigError, match="'a.b' is a int"):
+        load_config(None, overrides=["a.b=1", "a.b.c=2"])
+
+
+def test_unknown_key_in_file_names_file_key_and_suggestion(tmp_path):
+    write(tmp_path / "base.yaml", "train: {lr: 0.1}\n")
+    p = write(tmp_path / "child.yaml", "_base_: base.yaml\ntrain: {lrr: 0.2}\n")
+    with pytest.raises(ConfigError) as ei:
+        load_config(p, defaults=DEFAULTS)
+    msg = str(ei.value)
+    assert str(p) in msg and "'train.lrr'" in msg and "did you mean 'train.lr'" in msg
+
+    # error in a base file names the base file, not the including one
+    bad_base = write(tmp_path / "bad_base.yaml", "modle: {depth: 50}\n")
+    p2 = write(tmp_path / "child2.yaml", "_base_: bad_base.yaml\n")
+    with pytest.raises(ConfigError) as ei:
+        load_config(p2, defaults=DEFAULTS)
+    assert str(bad_base) in str(ei.value) and "'modle'" in str(ei.value) and "'model'" in str(ei.value)
+
+    # a key at the wrong level suggests where it lives
+    p3 = write(tmp_path / "c3.yaml", "epochs: 3\n")
+    with pytest.raises(ConfigError, match=r"did you mean 'train\.epochs'"):
+        load_config(p3, defaults=DEFAULTS)
+
+
+def test_unknown_key_on_command_line(tree):
+    with pytest.raises(ConfigError) as ei:
+        load_config(tree, overrides=["train.epoch=3"], defaults=DEFAULTS)
+    msg = str(ei.value)
+    assert "command line" in msg and "'train.epoch'" in msg and "'train.epochs'" in msg
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("train.epochs=1.5", "train.epochs"),  # float where int expected
+        ("train.lr=fast", "train.lr"),
+        ("train.amp=1", "train.amp"),  # int is not bool
+        ("seed=true", "seed"),  # bool is not int
+        ("train.milestones=3", "train.milestones"),
+        ("model=resnet", "model"),
+        ("train.lr=null", "train.lr"),
+    ],
+)
+def test_type_mismatch_on_command_line(override, key):
+    with pytest.raises(ConfigError) as ei:
+        load_config(None, overrides=[override], defaults=DEFAULTS)
+    msg = str(ei.value)
+    assert f"'{key}'" in msg and "expected" in msg and "command line" in msg
+
+
+def test_type_mismatch_in_file(tmp_path):
+    p = write(tmp_path / "t.yaml", "train:\n  epochs: twelve\n")
+    with pytest.raises(ConfigError) as ei:
+        load_config(p, defaults=DEFAULTS)
+    msg = str(ei.value)
+    assert str(p) in msg and "'train.epochs'" in msg and "'twelve'" in msg and "expected int" in msg
+
+
+def test_cycle_detection(tmp_path):
+    write(tmp_path / "a.yaml", "_base_: sub/b.yaml\nseed: 1\n")
+    write(tmp_path / "sub/b.yaml", "_base_: ../a.yaml\nseed: 2\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(tmp_path / "a.yaml")
+    write(tmp_path / "self.yaml", "_base_: self.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(tmp_path / "self.yaml")
+
+
+def test_diamond_is_not_a_cycle(tmp_path):
+    write(tmp_path / "common.yaml", "seed: 1\ntrain: {lr: 0.5}\n")
+    write(tmp_path / "l.yaml", "_base_: common.yaml\ntrain: {epochs: 1}\n")
+    write(tmp_path / "r.yaml", "_base_: common.yaml\noutput_dir: r\n")
+    top = write(tmp_path / "top.yaml", "_base_: [l.yaml, r.yaml]\n")
+    assert load_config(top) == {"seed": 1, "train": {"lr": 0.5, "epochs": 1}, "output_dir": "r"}
+
+
+def test_malformed_yaml_names_file_and_line(tmp_path):
+    p = write(tmp_path / "bad.yaml", "model:\n  name: resnet\n  depth: [1, 2\ntrain: {}\n")
+    with pytest.raises(ConfigError) as ei:
+        load_config(p)
+    msg = str(ei.value)
+    assert str(p) in msg and "line " in msg
+    line = int(msg.split("line ")[1].split(",")[0])
+    assert line in (3, 4)
+
+    p2 = write(tmp_path / "tabs.yaml", "a: 1\nb: 2\n\tc: 3\n")
+    with pytest.raises(ConfigError, match=r"tabs\.yaml, line 3"):
+        load_config(p2)
+
+
+def test_missing_file_and_bad_top_level(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    p = write(tmp_path / "list.yaml", "- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(p)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(write(tmp_path / "inc.yaml", "_base_: missing.yaml\n"))
+    assert load_config(write(tmp_path / "empty.yaml", "")) == {}
+
+
+def test_dump_load_round_trip(tmp_path, tree):
+    cfg = load_config(tree, overrides=["train.lr=1e-7", "data.root='1e-3'", "output_dir=yes"], defaults=DEFAULTS)
+    cfg["extra_float"] = float("inf")  # dump/load of an open dict with odd values
+    out = tmp_path / "out/config.yaml"
+    dump_config(cfg, out)
+    again = load_config(out)
+    assert again == cfg
+    assert again["data"]["root"] == "1e-3" and again["output_dir"] == "yes"
+    assert config_hash(again) == config_hash(cfg)
+    assert [f for f in os.listdir(out.parent) if f != "config.yaml"] == []  # no temp files left
+    assert yaml.safe_load(out.read_text())["train"]["milestones"] == [4]  # readable by plain PyYAML
+
+
+def test_config_hash_stable_and_sensitive():
+    a = {"x": 1, "y": {"z": [1, 2], "w": 0.5}}
+    b = {"y": {"w": 0.5, "z": [1, 2]}, "x": 1}
+    assert config_hash(a) == config_hash(b)
+    assert len(config_hash(a)) == 10 and config_hash(a) == "%s" % config_hash(a)
+    assert config_hash(a) != config_hash({"x": 1, "y": {"z": [1, 2], "w": 0.25}})
+    assert config_hash({"t": (1, 2)}) == config_hash({"t": [1, 2]})
+
+
+def test_flatten_get_set_by_dotted():
+    cfg = {"a": {"b": 1, "c": {"d": [1]}}, "e": {}, "f": None}
+    assert flatten(cfg) == {"a.b": 1, "a.c.d": [1], "e": {}, "f": None}
+    set_by_dotted(cfg, "a.c.x", 5)
+    set_by_dotted(cfg, "f.g", 6)  # None becomes a mapping
+    set_by_dotted(cfg, "new.deep.key", True)
+    assert cfg["a"]["c"] == {"d": [1], "x": 5} and cfg["f"] == {"g": 6} and cfg["new"] == {"deep": {"key": True}}
+    assert get_by_dotted(cfg, "a.c.x") == 5
+    assert get_by_dotted(cfg, "a.zz", default="dflt") == "dflt"
+    with pytest.raises(KeyError):
+        get_by_dotted(cfg, "a.b.c")
+    with pytest.raises(ConfigError):
+        set_by_dotted(cfg, "a.b.c", 1)
+    with pytest.raises(ConfigError):
+        set_by_dotted(cfg, "a..b", 1)
