@@ -58,12 +58,17 @@ def build_fasterrcnn(num_classes: int = 91, depth: int = 50, v2: bool = False, n
                      rpn_post_nms_top_n_train: int = 2000, rpn_post_nms_top_n_test: int = 1000,
                      rpn_batch_size_per_image: int = 256, box_batch_size_per_image: int = 512,
                      box_detections_per_img: int = 100, box_score_thresh: float = 0.05,
-                     box_nms_thresh: float = 0.5, backbone_out_channels: dict | None = None) -> nn.Module:
+                     box_nms_thresh: float = 0.5, returned_layers: list | None = None,
+                     fpn_out_channels: int = 256, representation_size: int = 1024,
+                     anchor_sizes: list | None = None) -> nn.Module:
     """torchvision Faster R-CNN with a ResNet-FPN backbone (no weights; see the load_* helpers).
 
     ``v2=True`` gives ``fasterrcnn_resnet50_fpn_v2`` (depth must be 50). ``norm``: ``"frozen"`` (torchvision's
     FrozenBatchNorm2d, for fine-tuning pretrained weights) or ``"bn"`` (BatchNorm2d, for training from scratch).
     ``min_size``/``max_size``: the GeneralizedRCNNTransform resize. ``trainable_layers``: 0–5 ResNet stages trained.
+    Lighter detectors for small images / CPUs (v1 only): ``returned_layers`` (ResNet stages feeding the FPN,
+    default [1, 2, 3, 4]), ``fpn_out_channels`` (256), ``representation_size`` of the two-MLP box head (1024) and
+    ``anchor_sizes`` (one size per pyramid level incl. the extra pool level; default 32..512).
     """
     norm_layer = {"bn": nn.BatchNorm2d, "frozen": FrozenBatchNorm2d}.get(norm)
     if norm_layer is None:
@@ -86,9 +91,44 @@ def build_fasterrcnn(num_classes: int = 91, depth: int = 50, v2: bool = False, n
         return model
     if depth not in (18, 34, 50, 101, 152):
         raise ValueError(f"model.depth must be one of 18, 34, 50, 101, 152, got {depth}")
-    backbone = resnet_fpn_backbone(backbone_name=f"resnet{depth}", weights=None, norm_layer=norm_layer,
-                                   trainable_layers=trainable_layers)
-    return FasterRCNN(backbone, num_classes=num_classes, **kw)
+    returned = list(returned_layers) if returned_layers else [1, 2, 3, 4]
+    if not returned or any(r not in (1, 2, 3, 4) for r in returned) or sorted(set(returned)) != returned:
+        raise ValueError(f"model.returned_layers must be an increasing subset of [1, 2, 3, 4], got {returned_layers}")
+    default_head = returned == [1, 2, 3, 4] and fpn_out_channels == 256 and representation_size == 1024 \
+        and anchor_sizes is None
+    if default_head:
+        backbone = resnet_fpn_backbone(backbone_name=f"resnet{depth}", weights=None, norm_layer=norm_layer,
+                                       trainable_layers=trainable_layers)
+        return FasterRCNN(backbone, num_classes=num_classes, **kw)
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.models.detection.backbone_utils import BackboneWithFPN
+    from torchvision.models.detection.faster_rcnn import TwoMLPHead
+    from torchvision.models.detection.rpn import RPNHead
+    from torchvision.ops import MultiScaleRoIAlign
+
+    resnet = getattr(torchvision.models, f"resnet{depth}")(weights=None, norm_layer=norm_layer)
+    trainable = ["layer4", "layer3", "layer2", "layer1", "conv1"][:trainable_layers]
+    if trainable_layers == 5:
+        trainable.append("bn1")
+    for name, p in resnet.named_parameters():
+        if all(not name.startswith(t) for t in trainable):
+            p.requires_grad_(False)
+    stage_out = resnet.inplanes // 8  # channels of layer1 output
+    in_list = [stage_out * 2 ** (r - 1) for r in returned]
+    backbone = BackboneWithFPN(resnet, {f"layer{r}": str(i) for i, r in enumerate(returned)}, in_list,
+                               fpn_out_channels)
+    n_levels = len(returned) + 1  # + LastLevelMaxPool
+    sizes = list(anchor_sizes) if anchor_sizes else [32 * 2 ** i for i in range(n_levels)]
+    if len(sizes) != n_levels:
+        raise ValueError(f"model.anchor_sizes needs {n_levels} sizes (one per FPN level), got {anchor_sizes}")
+    anchors = AnchorGenerator(tuple((int(s_),) for s_ in sizes), ((0.5, 1.0, 2.0),) * n_levels)
+    rpn_head = RPNHead(fpn_out_channels, anchors.num_anchors_per_location()[0])
+    roi_pool = MultiScaleRoIAlign([str(i) for i in range(len(returned))], output_size=7, sampling_ratio=2)
+    box_head = TwoMLPHead(fpn_out_channels * 7 * 7, representation_size)
+    from torchvision.models.detection.faster_rcnn import FastRCNNPredictor as _Pred
+    return FasterRCNN(backbone, num_classes=None, rpn_anchor_generator=anchors, rpn_head=rpn_head,
+                      box_roi_pool=roi_pool, box_head=box_head,
+                      box_predictor=_Pred(representation_size, num_classes), **kw)
 
 
 def build_model(name: str, **kwargs) -> nn.Module:

@@ -1,0 +1,366 @@
+"""Export (compressed) torchvision Faster R-CNN detectors to ONNX and TorchScript.
+
+What is exported (``part``):
+
+* ``"detector"`` — the whole detector with pre- and post-processing: input one image ``[C, H, W]`` (float, 0..1,
+  as for ``model([img])``), outputs ``boxes [N, 4]`` (xyxy, pixels of the input image), ``labels [N]`` (int64),
+  ``scores [N]`` for the ``N`` detections kept (N is data-dependent).
+* ``"backbone"`` — ``model.backbone`` (ResNet body + FPN): input ``[B, C, H, W]`` (already normalised, at the
+  network size), outputs the FPN feature maps ``"0", "1", "2", "3", "pool"`` (strides 4..64; named
+  ``feat0 .. feat3, pool`` in ONNX, a dict in TorchScript).
+
+ONNX: ``torch.onnx.export`` with the TorchScript-based exporter (``dynamo=False``, opset 17 by default), which
+handles torchvision's detection models (RoIAlign, NMS, data-dependent shapes); the torch.export-based exporter
+(``dynamo=True``, needs ``onnxscript``) is tried next if the first one fails. By default the graph is specialised
+to ``input_size``; ``dynamic=True`` makes H and W (and the backbone's batch) dynamic axes.
+
+TorchScript: ``torch.jit.script`` (the detector scripts as torchvision supports it; a scripted torchvision
+detector returns a ``(losses, detections)`` tuple), falling back to ``torch.jit.trace`` for the backbone.
+
+If the whole detector cannot be exported, :func:`export_model` exports the backbone + FPN instead (unless
+``fallback=False``) and says so in the returned :class:`ExportResult` (``part`` vs ``requested_part`` and
+``fallback_reason``).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ExportError", "ExportResult", "export_model", "export_onnx", "export_torchscript", "verify_onnx", "verify_torchscript",
+           "example_inputs", "run_pytorch", "FORMATS", "PARTS", "DEFAULT_OPSET"]
+
+FORMATS = ("onnx", "torchscript")
+PARTS = ("detector", "backbone")
+DEFAULT_OPSET = 17
+DETECTOR_OUTPUTS = ("boxes", "labels", "scores")
+BACKBONE_OUTPUTS = ("feat0", "feat1", "feat2", "feat3", "pool")   # FPN levels "0".."3", "pool"
+
+
+class ExportError(RuntimeError):
+    """No exporter could export the model (the message lists every attempt)."""
+
+
+@dataclass
+class ExportResult:
+    """What was written. ``part`` is what the file holds; it differs from ``requested_part`` after a fallback."""
+
+    path: str
+    format: str
+    part: str
+    requested_part: str
+    method: str                       # e.g. "torch.onnx.export(dynamo=False, opset=17)", "torch.jit.script"
+    input_size: tuple[int, int, int]
+    input_names: list[str] = field(default_factory=list)
+    output_names: list[str] = field(default_factory=list)
+    dynamic: bool = False
+    fallback_reason: str | None = None
+    errors: list[str] = field(default_factory=list)   # one line per failed attempt
+
+    @property
+    def fell_back(self) -> bool:
+        return self.part != self.requested_part
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["input_size"] = list(self.input_size)
+        return d
+
+    def summary(self) -> str:
+        what = {"detector": "full detector (pre-processing, backbone+FPN, RPN, ROI heads, post-processing)",
+                "backbone": "backbone + FPN only (model.backbone)"}[self.part]
+        lines = [f"exported {what} as {self.format} to {self.path}",
+                 f"  method: {self.method}; input {', '.join(self.input_names) or '-'} "
+                 f"{'(dynamic H, W)' if self.dynamic else 'at ' + 'x'.join(map(str, self.input_size))}; "
+                 f"outputs {', '.join(self.output_names) or '-'}"]
+        if self.fell_back:
+            lines.append(f"  NOTE: the {self.requested_part} could not be exported ({self.fallback_reason}); "
+                         f"exported the {self.part} instead — see docs/EXPORT.md")
+        return "\n".join(lines)
+
+
+def _first_line(e: BaseException) -> str:
+    msg = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {msg[0] if msg else ''}".strip()
+
+
+def _check_args(model, fmt, part, input_size):
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+    if part not in PARTS:
+        raise ValueError(f"part must be one of {PARTS}, got {part!r}")
+    if not all(hasattr(model, a) for a in ("backbone", "rpn", "roi_heads", "transform")):
+        raise ValueError(f"expected a torchvision Faster R-CNN (backbone, rpn, roi_heads, transform), got a "
+                         f"{type(model).__name__}")
+    try:
+        t = tuple(int(v) for v in input_size)
+    except (TypeError, ValueError):
+        t = ()
+    if len(t) != 3 or any(v <= 0 for v in t):
+        raise ValueError(f"input_size must be (C, H, W) positive ints, got {input_size!r}")
+    return t
+
+
+def _dtype_device(model: nn.Module):
+    p = next((p for p in model.parameters() if p.is_floating_point()), None)
+    return (p.dtype, p.device) if p is not None else (torch.float32, torch.device("cpu"))
+
+
+def example_inputs(model: nn.Module, input_size, part: str = "detector", seed: int = 0) -> torch.Tensor:
+    """A deterministic random input for ``part``: an image ``[C, H, W]`` in [0, 1] (detector) or a batch
+    ``[1, C, H, W]`` (backbone), in the model's dtype and on its device."""
+    dtype, device = _dtype_device(model)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(tuple(input_size), generator=g).to(device=device, dtype=dtype)
+    return x if part == "detector" else x.unsqueeze(0)
+
+
+class _DetectorOutputs(nn.Module):
+    """Wraps a detector so that one image in gives ``(boxes, labels, scores)`` out (a flat tuple, for tracing)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: torch.Tensor):
+        det = self.model([image])[0]
+        return det["boxes"], det["labels"], det["scores"]
+
+
+class _BackboneOutputs(nn.Module):
+    """``model.backbone`` with its OrderedDict of FPN levels as a flat tuple."""
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, images: torch.Tensor):
+        return tuple(self.backbone(images).values())
+
+
+@torch.no_grad()
+def run_pytorch(model: nn.Module, x: torch.Tensor, part: str = "detector") -> list[torch.Tensor]:
+    """The PyTorch reference outputs in the exported order (``boxes, labels, scores`` or the FPN levels)."""
+    if part == "detector":
+        det = model([x])[0]
+        return [det[k] for k in DETECTOR_OUTPUTS]
+    return list(model.backbone(x).values())
+
+
+class _Mode:
+    """eval() for the duration of an export; restores train mode afterwards."""
+
+    def __init__(self, model):
+        self.model, self.training = model, model.training
+
+    def __enter__(self):
+        self.model.eval()
+
+    def __exit__(self, *exc):
+        self.model.train(self.training)
+
+
+def _tmp_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp")
+
+
+def _replace(tmp: Path, path: Path) -> None:
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------------- ONNX
+def _onnx_attempt(model, part, x, path, opset, dynamic, dynamo: bool):
+    if part == "detector":
+        module = _DetectorOutputs(model)
+        input_names, output_names = ["image"], list(DETECTOR_OUTPUTS)
+        axes = {"image": {1: "height", 2: "width"}} if dynamic else None
+    else:
+        module = _BackboneOutputs(model.backbone)
+        input_names, output_names = ["images"], list(BACKBONE_OUTPUTS)
+        axes = ({"images": {0: "batch", 2: "height", 3: "width"},
+                 **{o: {0: "batch", 2: f"h_{o}", 3: f"w_{o}"} for o in output_names}} if dynamic else None)
+    kwargs = dict(input_names=input_names, output_names=output_names, opset_version=opset,
+                  do_constant_folding=True)
+    if dynamo:
+        if dynamic:
+            kwargs["dynamic_axes"] = axes
+        prog = torch.onnx.export(module, (x,), None, dynamo=True, **kwargs)
+        prog.save(str(path))
+    else:
+        torch.onnx.export(module, (x,), str(path), dynamo=False, dynamic_axes=axes, **kwargs)
+    return input_names, output_names
+
+
+def export_onnx(model: nn.Module, path, input_size=(3, 800, 800), part: str = "detector", *,
+                opset: int = DEFAULT_OPSET, dynamic: bool = False, fallback: bool = True,
+                check: bool = True) -> ExportResult:
+    """Export ``model`` (or its backbone + FPN) to an ONNX file; see the module docstring.
+
+    Args:
+        model: a torchvision Faster R-CNN (e.g. from :func:`edp_det.load_compressed`), on any device.
+        path: output ``.onnx`` file (parent folders are created).
+        input_size: ``(C, H, W)`` of the example image (use the network size, e.g. ``(3, min_size, min_size)``).
+        part: ``"detector"`` or ``"backbone"``.
+        opset: ONNX opset (>= 11 for detection models).
+        dynamic: make H, W (and the backbone's batch) dynamic axes.
+        fallback: if the detector cannot be exported, export the backbone + FPN instead.
+        check: run ``onnx.checker.check_model`` on the result.
+    Raises:
+        ValueError on bad arguments; ExportError (a RuntimeError) if nothing could be exported.
+    """
+    input_size = _check_args(model, "onnx", part, input_size)
+    if isinstance(opset, bool) or not isinstance(opset, int) or opset < 11:
+        raise ValueError(f"opset must be an int >= 11, got {opset!r}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    parts = [part] + (["backbone"] if part == "detector" and fallback else [])
+    errors: list[str] = []
+    with _Mode(model):
+        for p in parts:
+            x = example_inputs(model, input_size, p)
+            for dynamo in (False, True):
+                method = f"torch.onnx.export(dynamo={dynamo}, opset={opset})"
+                tmp = _tmp_path(path)
+                try:
+                    with warnings.catch_warnings(), torch.no_grad():
+                        warnings.simplefilter("ignore")   # the exporters emit many tracer/deprecation warnings
+                        input_names, output_names = _onnx_attempt(model, p, x, tmp, opset, dynamic, dynamo)
+                    if check:
+                        import onnx
+
+                        onnx.checker.check_model(str(tmp))
+                except Exception as e:  # noqa: BLE001 - exporter failures come in many types
+                    tmp.unlink(missing_ok=True)
+                    errors.append(f"{p} via {method}: {_first_line(e)}")
+                    logger.info("ONNX export of the %s via %s failed: %s", p, method, _first_line(e))
+                    continue
+                _replace(tmp, path)
+                res = ExportResult(str(path), "onnx", p, part, method, input_size, input_names, output_names,
+                                   dynamic, None, errors)
+                if p != part:
+                    res.fallback_reason = errors[0] if errors else "unknown"
+                    logger.warning("the %s could not be exported to ONNX (%s); exported the backbone + FPN",
+                                   part, res.fallback_reason)
+                return res
+    raise ExportError("ONNX export failed: " + "; ".join(errors))
+
+
+# ---------------------------------------------------------------------------------------------- TorchScript
+def export_torchscript(model: nn.Module, path, input_size=(3, 800, 800), part: str = "detector", *,
+                       fallback: bool = True) -> ExportResult:
+    """Save ``model`` (or its backbone + FPN) as TorchScript (``torch.jit.save``); see the module docstring.
+
+    The detector is scripted (``torch.jit.script``; the scripted module returns ``(losses, detections)``). The
+    backbone is scripted, or traced at ``input_size`` if scripting fails. Load with ``torch.jit.load``.
+    """
+    input_size = _check_args(model, "torchscript", part, input_size)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    parts = [part] + (["backbone"] if part == "detector" and fallback else [])
+    errors: list[str] = []
+    with _Mode(model):
+        for p in parts:
+            module = model if p == "detector" else model.backbone
+            attempts = [("torch.jit.script", None)]
+            if p == "backbone":
+                attempts.append(("torch.jit.trace", example_inputs(model, input_size, p)))
+            for method, x in attempts:
+                tmp = _tmp_path(path)
+                try:
+                    with warnings.catch_warnings(), torch.no_grad():
+                        warnings.simplefilter("ignore")   # torch.jit is deprecated (FutureWarning) in torch 2.x
+                        sm = torch.jit.script(module) if x is None else torch.jit.trace(module, x, strict=False)
+                        torch.jit.save(sm, str(tmp))
+                except Exception as e:  # noqa: BLE001
+                    tmp.unlink(missing_ok=True)
+                    errors.append(f"{p} via {method}: {_first_line(e)}")
+                    logger.info("TorchScript export of the %s via %s failed: %s", p, method, _first_line(e))
+                    continue
+                _replace(tmp, path)
+                res = ExportResult(str(path), "torchscript", p, part, method, input_size,
+                                   ["images: list of [C, H, W]"] if p == "detector" else ["images"],
+                                   ["(losses, detections)"] if p == "detector" else ["0", "1", "2", "3", "pool"],
+                                   method == "torch.jit.script", None, errors)
+                if p != part:
+                    res.fallback_reason = errors[0] if errors else "unknown"
+                    logger.warning("the %s could not be exported to TorchScript (%s); exported the backbone + FPN",
+                                   part, res.fallback_reason)
+                return res
+    raise ExportError("TorchScript export failed: " + "; ".join(errors))
+
+
+def export_model(model: nn.Module, path, format: str = "onnx", input_size=(3, 800, 800), part: str = "detector",
+                 **kwargs) -> ExportResult:
+    """Dispatch to :func:`export_onnx` or :func:`export_torchscript`."""
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+    fn = export_onnx if format == "onnx" else export_torchscript
+    return fn(model, path, input_size, part, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------- checks
+def _max_diff(ours: list[torch.Tensor], ref: list[torch.Tensor], names, rtol, atol) -> dict:
+    if len(ours) != len(ref):
+        return {"ok": False, "reason": f"{len(ours)} outputs, expected {len(ref)}", "max_abs_diff": None}
+    worst, ok, reason = 0.0, True, None
+    for name, a, b in zip(names, ours, ref):
+        a, b = a.detach().cpu(), b.detach().cpu()
+        if tuple(a.shape) != tuple(b.shape):
+            return {"ok": False, "reason": f"output {name!r}: shape {tuple(a.shape)} vs {tuple(b.shape)}",
+                    "max_abs_diff": None}
+        if a.numel() == 0:
+            continue
+        a64, b64 = a.double(), b.double()
+        worst = max(worst, float((a64 - b64).abs().max()))
+        if not torch.allclose(a64, b64, rtol=rtol, atol=atol):
+            ok, reason = False, reason or f"output {name!r} differs beyond rtol={rtol}, atol={atol}"
+    return {"ok": ok, "reason": reason, "max_abs_diff": worst}
+
+
+def verify_onnx(result: ExportResult, model: nn.Module, x: torch.Tensor | None = None, rtol: float = 1e-3,
+                atol: float = 1e-4) -> dict:
+    """Run the exported file with ONNX Runtime (CPU) and compare with PyTorch on ``x`` (default: the export's
+    example input). Returns ``{"ok", "reason", "max_abs_diff", "num_outputs"}``. Needs ``onnxruntime``."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise RuntimeError("verify_onnx needs onnxruntime (pip install onnxruntime)") from None
+    with _Mode(model):
+        if x is None:
+            x = example_inputs(model, result.input_size, result.part)
+        ref = run_pytorch(model, x, result.part)
+    sess = ort.InferenceSession(result.path, providers=["CPUExecutionProvider"])
+    outs = sess.run(None, {sess.get_inputs()[0].name: x.detach().cpu().numpy()})
+    res = _max_diff([torch.from_numpy(o) for o in outs], ref, result.output_names, rtol, atol)
+    res["num_outputs"] = len(outs)
+    return res
+
+
+def verify_torchscript(result: ExportResult, model: nn.Module, x: torch.Tensor | None = None, rtol: float = 1e-3,
+                       atol: float = 1e-4) -> dict:
+    """Load the saved TorchScript module and compare it with PyTorch on ``x``."""
+    with _Mode(model):
+        if x is None:
+            x = example_inputs(model, result.input_size, result.part)
+        ref = run_pytorch(model, x, result.part)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        sm = torch.jit.load(result.path, map_location=x.device)
+        sm.eval()
+        if result.part == "detector":
+            out = sm([x])
+            det = out[1][0] if isinstance(out, tuple) else out[0]   # scripted detectors: (losses, detections)
+            ours = [det[k] for k in DETECTOR_OUTPUTS]
+        else:
+            ours = list(sm(x).values())
+    names = list(DETECTOR_OUTPUTS) if result.part == "detector" else list(BACKBONE_OUTPUTS)
+    res = _max_diff(ours, ref, names, rtol, atol)
+    res["num_outputs"] = len(ours)
+    return res

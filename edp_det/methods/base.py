@@ -1,0 +1,64 @@
+"""The small interface every compression method implements; the training engine calls it at fixed points.
+
+Life cycle inside :class:`edp_det.engine.Trainer` (Algorithm 1 generalised)::
+
+    model = method.prepare(model)                 # before training (e.g. decompose)
+    method.attach(model, optimizer)               # whenever the optimizer is (re)built
+    for epoch ...:
+        for step ...:
+            loss = task_loss + method.extra_loss(model)     # differentiable penalties, if any
+            optimizer.step(); method.after_step(model, lr, epoch)   # proximal steps, masks ...
+        if epoch + 1 == method.prune_epoch: report = method.prune(model, input_size)   # structure changes
+    method.epoch_stats(model, input_size)         # sparsity curves for the report
+
+``prune`` returns a dict (written to ``pm_report.json``) and may carry a ``param_map`` (see
+:func:`edp_det.pruning.transfer_optimizer_state`) so that optimizer state survives the structural change.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+
+class CompressionMethod:
+    """The uncompressed baseline: trains the same detector with the same schedule and changes nothing."""
+
+    name = "baseline"
+
+    def __init__(self, compress_cfg: dict | None = None, total_epochs: int = 1):
+        self.cfg = dict(compress_cfg or {})
+        self.total_epochs = int(total_epochs)
+
+    # --- schedule
+    @property
+    def prune_epoch(self) -> int | None:
+        """Number of finished epochs after which :meth:`prune` runs (None: never)."""
+        return None
+
+    def regularizing(self, epoch: int) -> bool:
+        return False
+
+    # --- hooks
+    def prepare(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def attach(self, model: nn.Module, optimizer) -> None:
+        pass
+
+    def extra_loss(self, model: nn.Module, epoch: int):
+        return None
+
+    def after_step(self, model: nn.Module, lr: float, epoch: int) -> None:
+        pass
+
+    def prune(self, model: nn.Module, input_size) -> dict:
+        return {}
+
+    def epoch_stats(self, model: nn.Module, input_size) -> dict:
+        return {}
+
+    # --- resume
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass

@@ -1,0 +1,127 @@
+"""Benchmark a compressed detector, side by side with its baseline: latency / FPS (backbone body and full detector
+with pre/post-processing), params, FLOPs, peak inference memory, and the measured speedup next to the
+FLOPs-ideal speedup.
+
+    python tools/benchmark.py --model runs/x/model_final.pt --baseline runs/base/model_final.pt
+    python tools/benchmark.py --model runs/x/model_final.pt --input-size 512 512 --device cuda --output-json b.json
+
+Models are measured alternately (round-robin) so machine noise hits each equally. ``--input-size`` is the size of
+the image *as the network sees it* (default: the model's ``min_size`` square, which the detector's transform leaves
+unresized). Bad input (missing file, not an edp-det model file) prints one error line and exits with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+from pathlib import Path
+
+try:
+    import edp_det  # noqa: F401
+except ImportError:  # running from a checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+logger = logging.getLogger("benchmark")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", required=True, help="compressed model file (edp_det.save_compressed format)")
+    p.add_argument("--baseline", default=None,
+                   help="baseline model file (e.g. the uncompressed detector, saved with save_compressed); the "
+                        "speedups are relative to it")
+    p.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"), default=None,
+                   help="network input size (default: min_size x min_size of the model's transform)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
+    p.add_argument("--iters", type=int, default=10, help="timed calls per model per round")
+    p.add_argument("--rounds", type=int, default=5, help="round-robin rounds")
+    p.add_argument("--warmup", type=int, default=5, help="untimed calls per model before the first round")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU); default: torch's")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    p.add_argument("--output-json", default=None, help="also write the full result as JSON here")
+    return p
+
+
+def _json_safe(obj):
+    if isinstance(obj, float) and (math.isnan(obj) or math.isinf(obj)):
+        return None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def _run(args: argparse.Namespace) -> dict:
+    import torch
+
+    from edp_det import load_compressed
+    from edp_det.benchmark import compare_side_by_side, default_input_size, format_comparison
+    from edp_det.errors import ConfigError
+
+    for flag, v, lo in (("--iters", args.iters, 1), ("--rounds", args.rounds, 1), ("--warmup", args.warmup, 0)):
+        if v < lo:
+            raise ConfigError(f"{flag}: must be >= {lo}, got {v}")
+    if args.input_size is not None and min(args.input_size) < 1:
+        raise ConfigError(f"--input-size: must be positive, got {args.input_size}")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise ConfigError(f"--device: not a torch device: {args.device!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {args.device}: CUDA is not available on this machine")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ConfigError(f"--threads: must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    paths = {}
+    if args.baseline is not None:
+        paths["baseline"] = args.baseline
+    paths["model"] = args.model
+    for name, path in paths.items():
+        if not os.path.isfile(path):
+            raise ConfigError(f"--{name}: file not found: {path}")
+    models = {name: load_compressed(path) for name, path in paths.items()}
+    for name, m in models.items():
+        if not all(hasattr(m, a) for a in ("backbone", "rpn", "roi_heads", "transform")):
+            raise ConfigError(f"{paths[name]}: --{name} is a {models[name].edp_arch['name']!r} model, not a "
+                              "detector")
+    if args.input_size is not None:
+        input_size = (3, *args.input_size)
+    else:
+        input_size = default_input_size(models["model"])
+    result = compare_side_by_side(models, input_size=input_size, device=device, rounds=args.rounds,
+                                  iters_per_round=args.iters, warmup=args.warmup,
+                                  peak_memory=not args.no_memory,
+                                  model_paths=paths if device.type == "cpu" else None)
+    result["files"] = {name: str(path) for name, path in paths.items()}
+    print(format_comparison(result))
+    for name, path in paths.items():
+        print(f"  {name}: {path}")
+    if args.output_json:
+        out = Path(args.output_json)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(_json_safe(result), indent=2) + "\n")
+        print(f"wrote {out}")
+    return result
+
+
+def main(args: argparse.Namespace) -> dict:
+    """Run the benchmark; returns the result dict. Bad input -> one line on stderr and SystemExit(2)."""
+    from edp_det.errors import EDPError
+
+    try:
+        return _run(args)
+    except (EDPError, ValueError, OSError) as e:
+        msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        print(f"benchmark: error: {msg}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    main(get_args_parser().parse_args())

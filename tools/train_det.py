@@ -1,0 +1,33 @@
+"""Compress (or train a baseline) torchvision Faster R-CNN on VOC-format data with EDP (Algorithm 1).
+
+    python tools/train_det.py --config configs/raccoon_frcnn_r50_edp.yaml [--data-root DIR] [--output-dir DIR]
+                              [--resume [CKPT]] [key=value ...]
+
+Multi-GPU / multi-node: ``torchrun --nproc_per_node=N tools/train_det.py ...`` (nccl on GPU, gloo on CPU).
+Writes config.yaml, metrics_log.jsonl, checkpoints, pm_report.json + layers.txt (at PM), model_final.pt,
+metrics.json into the output directory.
+"""
+import argparse
+import os
+
+
+from edp_det.cli import add_run_args, cli_main, resolve_run_config
+
+
+def get_args_parser():
+    return add_run_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
+
+
+def main(args):
+    from edp_det.detection import DetectionTask
+    from edp_det.distributed import get_rank
+    from edp_det.engine import Trainer
+    from edp_det.logging_utils import setup_logging
+
+    cfg, out = resolve_run_config(args, "detection")
+    setup_logging(out, rank=int(os.environ.get("RANK", get_rank())), level=args.log_level)
+    return Trainer(cfg, DetectionTask(cfg), out, resume=args.resume).run()
+
+
+if __name__ == "__main__":
+    cli_main(main, get_args_parser().parse_args(), "train_det")
