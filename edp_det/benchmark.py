@@ -22,8 +22,8 @@ it is attributable to one model even when several models share a process or a GP
   reset (``peak_memory_total_mb`` is the raw ``max_memory_allocated``, which includes every model on the device);
 * CPU: measured in a fresh subprocess (:func:`peak_memory_cpu`) that loads a saved model file, runs one warm-up
   inference (lazy library initialisation is not the model's), resets the process's peak RSS (Linux
-  ``/proc/self/clear_refs``), runs one inference and reports peak RSS minus the RSS before it (``ru_maxrss`` is
-  used where the reset is unavailable). glibc is told to return large blocks to the OS at once
+  ``/proc/self/clear_refs``), runs one inference and reports the peak RSS (``VmHWM``) minus the RSS before it
+  (``ru_maxrss`` is used where ``/proc`` is unavailable; it then also covers loading and the warm-up). glibc is told to return large blocks to the OS at once
   (``MALLOC_MMAP_THRESHOLD_``) so that the warm-up's freed activations do not hide in the baseline.
 
 ``model_memory_mb`` is the size of the model's parameters and buffers.
@@ -180,6 +180,20 @@ def _maxrss_bytes() -> int:
     return int(r) if sys.platform == "darwin" else int(r) * 1024   # bytes on macOS, KiB on Linux
 
 
+def _hwm_bytes() -> int | None:
+    """Peak RSS of this process image (Linux ``VmHWM``). Unlike ``ru_maxrss`` it is not inherited from the parent
+    across fork + exec (``ru_maxrss`` of a fresh subprocess starts at the parent's RSS) and ``clear_refs`` resets
+    it."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def _reset_peak_rss() -> bool:
     try:
         with open("/proc/self/clear_refs", "w") as f:
@@ -208,17 +222,17 @@ def _peak_memory_child(model_path: str, input_size: list, out_path: str, threads
             model([img])
     gc.collect()
     base = _current_rss_bytes()
-    reset = base is not None and _reset_peak_rss()
-    if base is None:
-        base = _maxrss_bytes()
+    reset = base is not None and _hwm_bytes() is not None and _reset_peak_rss()
+    if not reset:   # no /proc: peak since start (includes loading and the warm-up)
+        base = _current_rss_bytes() or _maxrss_bytes()
     with torch.no_grad():
         model([img])
-    peak = _maxrss_bytes()
+    peak = _hwm_bytes() if reset else _maxrss_bytes()
     res = {"peak_memory_mb": max(0, peak - base) / _MIB, "baseline_rss_mb": base / _MIB,
            "peak_rss_mb": peak / _MIB, "model_memory_mb": _model_bytes(model) / _MIB,
            "load_rss_mb": (rss_loaded - rss_start) / _MIB if rss_start is not None and rss_loaded is not None
            else None,
-           "method": "cpu-subprocess:" + ("clear_refs+ru_maxrss" if reset else "ru_maxrss (peak not resettable)"),
+           "method": "cpu-subprocess:" + ("clear_refs+VmHWM" if reset else "ru_maxrss (peak not resettable)"),
            "threads": torch.get_num_threads()}
     Path(out_path).write_text(json.dumps(res))
 

@@ -180,7 +180,11 @@ class CompressedAwareConv2d(nn.Module):
             return True
         if self.forward_mode == "two_conv":
             return False
-        # "auto": multiply-adds per call; the product W = β·θ' is paid once per call (and again in backward).
+        # "auto": multiply-adds per call, forward plus the backward passes autograd will run. Each convolution costs
+        # one pass forward, one for its weight gradient (if its weights learn) and one for its input gradient (if
+        # that is needed); the product W = β·θ' costs one pass forward and one per learning factor backward.
+        # With everything trainable both sides scale by 3 and this is the forward comparison; it differs for the
+        # stem (input needs no gradient), frozen blocks and no_grad evaluation.
         kh, kw = self.kernel_size
         kk = kh * kw
         n, _, h, w = x.shape
@@ -191,8 +195,14 @@ class CompressedAwareConv2d(nn.Module):
         wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
         positions = n * max(ho, 0) * max(wo, 0)
         c_in, r, c_out = self.in_channels, self.rank, self.out_channels
-        two_conv = positions * r * (c_in * kk + c_out)
-        effective = positions * c_out * c_in * kk + c_out * r * c_in * kk
+        grad = torch.is_grad_enabled()
+        g_theta = grad and self.basis.weight.requires_grad
+        g_beta = grad and self.coeff.weight.requires_grad
+        g_x = grad and x.requires_grad
+        two_conv = (positions * r * c_in * kk * (1 + g_theta + g_x)
+                    + positions * r * c_out * (1 + g_beta + (g_theta or g_x)))
+        effective = (positions * c_out * c_in * kk * (1 + (g_theta or g_beta) + g_x)
+                     + c_out * r * c_in * kk * (1 + g_beta + g_theta))
         return effective < two_conv
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -185,21 +185,36 @@ class Structure:
 
     # ------------------------------------------------------------------ selection
     @torch.no_grad()
-    def select_for_target(self, flops_target: float, round_to: int | None = None):
+    def select_for_target(self, flops_target: float, round_to: int | None = None, kinds=("col", "row"),
+                          group_scores: dict | None = None):
         """Choose groups to remove so that the scope's FLOPs cut vs the original is ≥ ``flops_target``.
+
+        ``kinds``: which groups are candidates (``"col"``: rank, ``"row"``: output channels).
+        ``group_scores``: optional ``{(layer_name, "col"|"row"): tensor}`` of importance scores indexed by
+        column/channel, replacing the default score for that layer and kind (the comparison methods' own
+        criteria: L1 of filters, |γ|, singular-value energy); lower is removed first, scores are compared
+        across layers as given, and the highest-scored group of each layer and kind is kept.
 
         Returns ``(removals, achieved)`` where removals is a list of ``(layer_index, "col"|"row", channel)``;
         ``achieved`` is the analytic cut after removing them (before dead-channel propagation, which can only
         add to it). Raises BudgetError if the target cannot be reached.
         """
+        if not set(kinds) <= {"col", "row"}:
+            raise ValueError(f"kinds must be a subset of ('col', 'row'), got {kinds!r}")
+        group_scores = group_scores or {}
         if self.original_flops is None:
             raise BudgetError("spatial sizes unknown: give input_size to compute a FLOPs budget")
         base = self.counts()
         cand_layer, cand_kind, cand_idx, cand_score = [], [], [], []
 
         def add(i: int, kind_id: int, live_idx: torch.Tensor, norms: torch.Tensor, saved: float) -> None:
+            custom = group_scores.get((self.layers[i].name, ("col", "row")[kind_id]))
+            if custom is not None:
+                norms = custom.detach().to(device=live_idx.device, dtype=torch.float64)[live_idx]
+                rel = norms
+            else:
+                rel = norms / norms.max().clamp_min(1e-300) / max(saved, 1.0)
             keep = int(torch.argmax(norms))
-            rel = norms / norms.max().clamp_min(1e-300) / max(saved, 1.0)
             sel = torch.ones(len(live_idx), dtype=torch.bool)
             sel[keep] = False
             cand_layer.append(torch.full((int(sel.sum()),), i, dtype=torch.long))
@@ -211,10 +226,10 @@ class Structure:
             beta = l.block.beta_2d()
             ci, r, co = (int(v) for v in base[i])
             cols = torch.nonzero(l.col_live).flatten()
-            if cols.numel() > 1:
+            if "col" in kinds and cols.numel() > 1:
                 norms = beta[l.row_live][:, cols].double().norm(dim=0)
                 add(i, 0, cols, norms, 2.0 * l.positions * (ci * l.kk + co))
-            if l.prunable:
+            if "row" in kinds and l.prunable:
                 rows = torch.nonzero(l.row_live).flatten()
                 if rows.numel() > 1:
                     sq = beta[rows][:, l.col_live].double().pow(2).sum(dim=1)

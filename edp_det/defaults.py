@@ -100,13 +100,14 @@ CLASSIFICATION = {
         "root": None,
         "train_split": "train",
         "val_split": "val",
-        "image_size": 224,
-        "on_error": "raise",
+        "image_size": 224,     # train: RandomResizedCrop(size); val: Resize(size / 0.875) + CenterCrop(size)
+        "on_error": "raise",   # raise | skip
+        "check_images": True,  # open + verify every image up front (slow on ImageNet: set false there)
     },
     "model": {
         "name": "resnet50",
         "norm": "bn",
-        "weights": None,       # local checkpoint
+        "weights": None,       # local ResNet state_dict (e.g. torchvision); fc re-initialised if the class count differs
     },
     "eval": {
         "batch_size": 64,

@@ -97,8 +97,9 @@ class DetectionTask:
         if m["weights_backbone"]:
             load_backbone_weights(model, m["weights_backbone"])
         if m["backbone_checkpoint"]:
-            from .transfer import load_classifier_backbone
-            load_classifier_backbone(model, m["backbone_checkpoint"])
+            from .transfer import check_transfer_config, load_classifier_backbone
+            info = load_classifier_backbone(model, m["backbone_checkpoint"])
+            check_transfer_config(self.cfg, info, m["backbone_checkpoint"])
         model.classes = list(self.classes)
         return model
 

@@ -14,6 +14,7 @@ from any checkpoint (before or after PM) continues exactly as the uninterrupted 
 """
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -191,11 +192,18 @@ class Trainer:
                            **{k: float(v) for k, v in parts.items()}}
                     log.log(rec)
                     bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{lr:.2e}")
+            if dist.distributed:
+                # BatchNorm running statistics drift apart after the last step (DDP broadcasts rank 0's buffers
+                # only at the start of a forward): take rank 0's, which the checkpoint holds, so that PM,
+                # evaluation and the final model are the same on every rank
+                for buf in unwrap_model(model).buffers():
+                    torch.distributed.broadcast(buf, src=0)
             epoch_rec = {"epoch": epoch + 1, "phase": "end_epoch", "loss_mean": loss_sum / max(n_done, 1),
                          "epoch_time_s": time.time() - t_epoch, "regularized": method.regularizing(epoch)}
             epoch_rec.update(method.epoch_stats(model, input_size))
             if method.prune_epoch is not None and epoch + 1 == method.prune_epoch:
-                model, optimizer, ddp_model = self._prune(model, optimizer, method, input_size, dist)
+                model, optimizer, ddp_model = self._prune(model, optimizer, method, input_size, dist,
+                                                          epoch=epoch, device=device)
                 epoch_rec["pruned"] = True
             if tcfg["eval_interval"] and (epoch + 1) % tcfg["eval_interval"] == 0 and epoch + 1 < tcfg["epochs"]:
                 epoch_rec.update({f"eval_{k}": v for k, v in task.evaluate(model, device).items()
@@ -231,10 +239,14 @@ class Trainer:
         barrier()
         return metrics
 
-    def _prune(self, model, optimizer, method, input_size, dist):
+    def _prune(self, model, optimizer, method, input_size, dist, epoch=0, device=None):
         root = unwrap_model(model)
         old_names = dict(root.named_parameters())
         old_state = optimizer.state
+        n_calib = int(getattr(method, "calibration_batches", 0) or 0)
+        if n_calib > 0:   # methods fitting layer responses (ADMM-LRS) see a few training batches first
+            batches = itertools.islice(self.task.train_loader(epoch, dist), n_calib)
+            method.calibrate(root, batches, device if device is not None else next(root.parameters()).device)
         report = method.prune(root, input_size)
         new_opt = build_optimizer(root, self.tcfg)
         param_map = report.pop("param_map", None)

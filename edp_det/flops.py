@@ -2,7 +2,9 @@
 
 Convention (the paper's): only convolution and linear layers count, multiplications and additions both counted,
 i.e. 2 FLOPs per multiply-add (bias additions and norm/activation layers are not counted). A CompressedAwareConv2d
-counts as its two convolutions θ' and β (its structural cost, whatever forward mode it runs in).
+counts as its two convolutions θ' and β (its structural cost, whatever forward mode it runs in). A module with a
+``macs_per_position()`` method (:mod:`edp_det.layers`: masked and low-rank + sparse convolutions) is counted as one
+unit, ``2 · macs_per_position() · output positions`` (only its non-zero sparse weights count).
 
 Counting runs one forward pass with hooks on a zero input of ``input_size = (C, H, W)`` (batch 1) in the model's
 dtype and on its device. For a torchvision detector, ``input_size`` is the size of the image *as the network sees
@@ -138,10 +140,12 @@ def count_flops(model: nn.Module, input_size=(3, 224, 224), example_inputs=None)
     for name, m in model.named_modules():
         if isinstance(m, CompressedAwareConv2d):
             skip.update(f"{name}.{c}" for c in ("basis", "coeff"))
+        elif _compound(m):   # counted as one unit: its children are not counted on their own
+            skip.update(f"{name}.{c}" for c, _ in m.named_modules() if c)
     for name, m in model.named_modules():
         if name in skip:
             continue
-        if isinstance(m, (nn.Conv2d, nn.Linear, CompressedAwareConv2d)):
+        if isinstance(m, (nn.Conv2d, nn.Linear, CompressedAwareConv2d)) or _compound(m):
             hooks.append(m.register_forward_hook(_make_hook(name, records)))
     was_training = model.training
     model.eval()
@@ -182,6 +186,11 @@ def count_flops(model: nn.Module, input_size=(3, 224, 224), example_inputs=None)
     return report
 
 
+def _compound(module: nn.Module) -> bool:
+    """Modules that say how many multiply-adds they do per output position (``macs_per_position()``)."""
+    return callable(getattr(module, "macs_per_position", None))
+
+
 def _make_hook(name: str, records: list):
     def hook(module, inputs, output):
         out = output if isinstance(output, torch.Tensor) else output[0]
@@ -194,6 +203,13 @@ def _make_hook(name: str, records: list):
             orig = 2 * n * pos * module.orig_out_channels * module.orig_in_channels * kh * kw
             records.append(ModuleFlops(name, "edp_block", c_in, c_out, (kh, kw), n * pos,
                                        _params(module), flops, rank=r, orig_flops=orig))
+        elif _compound(module):   # e.g. edp_det.layers: masked / low-rank + sparse convs (nonzero weights only)
+            pos = out[0, 0].numel() if out.dim() == 4 else 0
+            kernel = tuple(getattr(module, "kernel_size", (1, 1)))
+            records.append(ModuleFlops(name, getattr(module, "flops_kind", "custom"), module.in_channels,
+                                       module.out_channels, kernel,
+                                       n * pos, _params(module), 2 * n * pos * int(module.macs_per_position()),
+                                       rank=getattr(module, "rank", None)))
         elif isinstance(module, nn.Conv2d):
             kh, kw = module.kernel_size
             pos = out[0, 0].numel()

@@ -9,6 +9,10 @@ File content (a dict of plain types and tensors; loads with ``torch.load(weights
                "backbone.body.layer1.0.conv2": {"type": "lowrank", ...}, ...},
      "state_dict": {...}, "meta": {...}}
 
+Spec types: ``conv2d``, ``lowrank`` (Sequential(basis, coeff)), ``edp_block``, ``batchnorm2d``, ``frozenbn``,
+``linear``, ``identity`` and, for the comparison methods (:mod:`edp_det.layers`), ``masked_conv2d`` (its bool
+``mask`` travels in the state dict), ``lowrank_sparse`` (basis + coeff + masked sparse conv) and ``fixedstat_bn``.
+
 ``load_compressed`` builds the skeleton from the registry, replaces every module named in the spec by a fresh
 module of the recorded shape, and loads the state dict strictly, so the result is bit-identical to what was saved.
 """
@@ -23,6 +27,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from .block import CompressedAwareConv2d
 from .graph import set_submodule, unwrap_model
+from .layers import FixedStatBatchNorm2d, LowRankSparseConv2d, MaskedConv2d
 from .models import build_model, describe_model
 
 __all__ = ["save_compressed", "load_compressed", "architecture_spec", "apply_spec", "FORMAT"]
@@ -61,8 +66,16 @@ def architecture_spec(model: nn.Module) -> dict:
         elif _is_lowrank(m):
             spec[name] = {"type": "lowrank", "basis": _conv_spec(m.basis), "coeff": _conv_spec(m.coeff)}
             skip_prefixes.append(name + ".")
+        elif isinstance(m, LowRankSparseConv2d):
+            spec[name] = {"type": "lowrank_sparse", "basis": _conv_spec(m.basis), "coeff": _conv_spec(m.coeff),
+                          "sparse": _conv_spec(m.sparse)}
+            skip_prefixes.append(name + ".")
+        elif isinstance(m, MaskedConv2d):   # before nn.Conv2d (a subclass); the mask is a state_dict buffer
+            spec[name] = {"type": "masked_conv2d", **_conv_spec(m)}
         elif isinstance(m, nn.Conv2d):
             spec[name] = {"type": "conv2d", **_conv_spec(m)}
+        elif isinstance(m, FixedStatBatchNorm2d):   # before nn.BatchNorm2d (a subclass)
+            spec[name] = {"type": "fixedstat_bn", "num_features": m.num_features, "eps": m.eps}
         elif isinstance(m, nn.BatchNorm2d):
             spec[name] = {"type": "batchnorm2d", "num_features": m.num_features, "eps": m.eps,
                           "momentum": m.momentum, "affine": m.affine, "track": m.track_running_stats}
@@ -86,6 +99,15 @@ def _build(d: dict) -> nn.Module:
         return _make_conv(d)
     if t == "lowrank":
         return nn.Sequential(OrderedDict([("basis", _make_conv(d["basis"])), ("coeff", _make_conv(d["coeff"]))]))
+    if t == "masked_conv2d":
+        return MaskedConv2d(d["in"], d["out"], tuple(d["kernel"]), stride=tuple(d["stride"]),
+                            padding=tuple(d["padding"]), dilation=tuple(d["dilation"]), bias=d["bias"])
+    if t == "lowrank_sparse":
+        b, c = d["basis"], d["coeff"]
+        return LowRankSparseConv2d(b["in"], c["out"], b["out"], tuple(b["kernel"]), tuple(b["stride"]),
+                                   tuple(b["padding"]), tuple(b["dilation"]), bias=c["bias"])
+    if t == "fixedstat_bn":
+        return FixedStatBatchNorm2d(d["num_features"], eps=d["eps"])
     if t == "edp_block":
         b = CompressedAwareConv2d(d["in"], d["out"], d["rank"], tuple(d["kernel"]), tuple(d["stride"]),
                                   tuple(d["padding"]), tuple(d["dilation"]), bias=d["bias"],

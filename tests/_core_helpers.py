@@ -68,10 +68,13 @@ def _pristine(key):
 
 
 def cached(name: str, dtype=torch.float64, decompose_kw: dict | None = None, **kw):
-    """(original, decomposed) deep copies of a randomised model, decomposed with ``decompose_kw``."""
+    """``(original, decomposed)`` for a randomised model decomposed with ``decompose_kw``.
+
+    ``decomposed`` is a private deep copy; ``original`` (the same weights before ``decompose``) is SHARED between
+    tests: use it read-only (eval-mode forwards, ``count_flops``)."""
     key = (name, dtype, tuple(sorted(kw.items())), tuple(sorted((decompose_kw or {}).items())))
     original, model = _pristine(key)
-    return copy.deepcopy(original), copy.deepcopy(model)
+    return original, copy.deepcopy(model)
 
 
 def norm_of(model: nn.Module, block) -> nn.Module | None:

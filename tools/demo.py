@@ -16,7 +16,7 @@ def get_args_parser():
     p.add_argument("--output-dir", default="runs/demo")
     p.add_argument("--num-train", type=int, default=300)
     p.add_argument("--num-test", type=int, default=100)
-    p.add_argument("--image-size", type=int, default=160)
+    p.add_argument("--image-size", type=int, default=192)
     p.add_argument("--device", default="cpu")
     p.add_argument("overrides", nargs="*", help="config overrides for both runs, key=value")
     return p

@@ -2,7 +2,12 @@
 from __future__ import annotations
 
 from .base import CompressionMethod
+from .admm_lrs import ADMMLRSMethod
 from .edp import EDPChannelMethod, EDPMethod, EDPRankMethod, EDPSeparateMethod
+from .l1_filter import L1FilterMethod
+from .lrs import LRSMethod
+from .slimming import SlimmingMethod
+from .svd import SVDMethod
 
 METHODS: dict[str, type[CompressionMethod]] = {
     "baseline": CompressionMethod,
@@ -10,6 +15,12 @@ METHODS: dict[str, type[CompressionMethod]] = {
     "edp_rank": EDPRankMethod,
     "edp_channel": EDPChannelMethod,
     "edp_separate": EDPSeparateMethod,
+    # comparison methods (same harness: train → prune at compress.epoch_es to compress.flops_target → fine-tune)
+    "l1_filter": L1FilterMethod,
+    "slimming": SlimmingMethod,
+    "svd": SVDMethod,
+    "lrs": LRSMethod,
+    "admm_lrs": ADMMLRSMethod,
 }
 
 

@@ -8,7 +8,9 @@ Life cycle inside :class:`edp_det.engine.Trainer` (Algorithm 1 generalised)::
         for step ...:
             loss = task_loss + method.extra_loss(model)     # differentiable penalties, if any
             optimizer.step(); method.after_step(model, lr, epoch)   # proximal steps, masks ...
-        if epoch + 1 == method.prune_epoch: report = method.prune(model, input_size)   # structure changes
+        if epoch + 1 == method.prune_epoch:
+            method.calibrate(model, batches, device)      # only if method.calibration_batches > 0
+            report = method.prune(model, input_size)      # structure changes
     method.epoch_stats(model, input_size)         # sparsity curves for the report
 
 ``prune`` returns a dict (written to ``pm_report.json``) and may carry a ``param_map`` (see
@@ -23,6 +25,8 @@ class CompressionMethod:
     """The uncompressed baseline: trains the same detector with the same schedule and changes nothing."""
 
     name = "baseline"
+    #: training batches the engine hands to :meth:`calibrate` right before :meth:`prune` (0: none)
+    calibration_batches = 0
 
     def __init__(self, compress_cfg: dict | None = None, total_epochs: int = 1):
         self.cfg = dict(compress_cfg or {})
@@ -49,6 +53,10 @@ class CompressionMethod:
 
     def after_step(self, model: nn.Module, lr: float, epoch: int) -> None:
         pass
+
+    def calibrate(self, model: nn.Module, batches, device) -> None:
+        """Look at ``calibration_batches`` training batches (an iterable of the task's raw batches, e.g.
+        ``(images, targets)`` for detection) before :meth:`prune`; e.g. to record layer inputs."""
 
     def prune(self, model: nn.Module, input_size) -> dict:
         return {}

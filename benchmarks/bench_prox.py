@@ -1,0 +1,81 @@
+"""Cost of the EDP prox step (group soft-thresholding of every β, eq. 11–13) as a share of one training iteration
+(forward + backward + SGD step) of a decomposed ResNet-50, measured side by side (alternating) in one run.
+
+    .venv/bin/python benchmarks/bench_prox.py                # 8x128 and 2x224
+    .venv/bin/python benchmarks/bench_prox.py --quick        # < 1 min smoke run (2x64)
+
+Goal: prox / training iteration <= 2 %.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import machine_info, table, time_variants  # noqa: E402
+from edp_det import EDPRegularizer, decompose  # noqa: E402
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--settings", nargs="+", default=["8x128", "2x224"], help="BATCHxPIXELS settings")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--iters", type=int, default=2, help="timed training steps per round")
+    p.add_argument("--prox-iters", type=int, default=20, help="timed prox steps per round")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--mode", default="auto", help="forward mode of the decomposed model")
+    p.add_argument("--quick", action="store_true", help="smoke run: 2x64, 2 rounds")
+    return p
+
+
+def main(args):
+    if args.quick:
+        args.settings, args.rounds, args.iters, args.prox_iters = ["2x64"], 2, 1, 10
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    from torchvision.models import resnet50
+
+    model = decompose(resnet50(num_classes=1000), forward_mode=args.mode)
+    model.train()
+    lr = 1e-3
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
+    # λ large enough that a few groups are actually zeroed, so the momentum-zeroing path runs too
+    reg = EDPRegularizer(model, lambda_rank=1e-2, lambda_channel=1e-2, optimizer=opt)
+    print(f"# bench_prox  {machine_info()}")
+    print(f"# {len(reg.entries)} regularised blocks; share = median over rounds of (prox / training step, same round)")
+    rows = []
+    for setting in args.settings:
+        bs, px = (int(v) for v in setting.lower().split("x"))
+        x = torch.randn(bs, 3, px, px)
+        y = torch.randint(0, 1000, (bs,))
+
+        def train_step():
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+
+        def prox():
+            for _ in range(args.prox_iters):   # many per call: one prox is far below timer noise of a step
+                reg.prox_step(lr)
+
+        times = time_variants({"step": train_step, "prox": prox}, rounds=args.rounds, iters=args.iters, warmup=1)
+        share = [p / args.prox_iters / s for p, s in zip(times["prox"], times["step"])]
+        rows.append([f"{bs} x {px}px", f"{1e3 * statistics.median(times['step']):.0f}",
+                     f"{1e3 * statistics.median(times['prox']) / args.prox_iters:.2f}",
+                     f"{100 * statistics.median(share):.2f} %", f"{100 * min(share):.2f}-{100 * max(share):.2f} %"])
+    print(table(["setting", "train step ms", "prox ms", "prox share", "round range"], rows))
+    print("goal: prox share <= 2 %")
+
+
+if __name__ == "__main__":
+    t0 = time.perf_counter()
+    main(get_args_parser().parse_args())
+    print(f"# total {time.perf_counter() - t0:.0f} s")

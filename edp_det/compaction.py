@@ -1,0 +1,216 @@
+"""Compaction during the regularised phase: physically remove β groups that are *already exactly zero*, without
+merging, so that training continues on smaller CompressedAwareConv2d blocks (training gets cheaper as the prox
+drives ranks and channels down).
+
+``compact_zero_groups(model)`` applies the pruning half of PM (§III-C) and nothing else:
+  * a β column that is zero on the live rows (or whose θ' filter is zero on the live inputs) is removed together
+    with the matching θ' filter: the block's rank ``r`` shrinks;
+  * a row group of a channel-prunable block that is exactly zero (β row, bias, γ and b of the following
+    BatchNorm2d) or that no consumer reads is removed: the block's ``c_out``, the norm layer (affine parameters
+    *and* running statistics) and the consumers' θ' input channels shrink.
+Dead channels propagate to a fixpoint exactly as in :mod:`edp_det.budget`. Blocks stay CompressedAwareConv2d
+(same ``orig_in_channels`` / ``orig_out_channels``, ``channel_prunable``, ``norm_name``, ``forward_mode``), so
+:class:`~edp_det.EDPRegularizer`, FLOPs accounting against the original network and a later
+:func:`~edp_det.prune_and_merge` all keep working.
+
+Exactness: the model computes the same function before and after (train and eval mode, bit-for-bit up to the
+summation order of the smaller convolutions): every removed entry contributed exactly zero. The one difference to
+training on without compaction is that removed groups cannot *revive*; with proximal SGD an exactly-zero group
+revives only when its loss gradient norm exceeds λ, so compaction makes the already-taken pruning decisions final,
+as PM would at the end of training.
+
+After compaction (the parameters of changed blocks are new tensors):
+  * the optimizer: pass it as ``optimizer=`` and it is updated in place (the old parameters are replaced by the
+    new ones in its ``param_groups`` and per-parameter state such as SGD momentum or Adam moments is sliced to the
+    surviving entries), so LR schedulers holding the optimizer keep working. Without ``optimizer=``, rebuild it
+    over ``model.parameters()`` and, to keep momentum, call
+    ``edp_det.pruning.transfer_optimizer_state(old_opt.state, old_named_params, model, new_opt, report)``
+    (``report.param_map`` has the same meaning as PM's);
+  * the regulariser: pass it as ``regularizer=`` and its per-block entries are rebuilt, or construct a new
+    ``EDPRegularizer(model, λ1, λ2, optimizer)``;
+  * a DDP wrapper must be rebuilt (its buckets refer to the old parameters); run compaction at the same step on
+    every rank (the masks are deterministic functions of the synchronised parameters);
+  * gradients of changed parameters are gone (call it between steps, after ``optimizer.step()`` and the prox).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .block import CompressedAwareConv2d
+from .budget import structure_from_model
+from .graph import set_submodule, unwrap_model
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["compact_zero_groups", "CompactionReport", "CompactedLayer"]
+
+
+@dataclass
+class CompactedLayer:
+    name: str
+    before: tuple[int, int, int]   # (c_in, r, c_out)
+    after: tuple[int, int, int]
+
+
+@dataclass
+class CompactionReport:
+    """What :func:`compact_zero_groups` changed. ``param_map``: new parameter name -> (old name, [index tensor per
+    dim or None]) for every parameter that was sliced (the format of :attr:`edp_det.PMReport.param_map`)."""
+
+    layers: list[CompactedLayer] = field(default_factory=list)
+    params_before: int = 0
+    params_after: int = 0
+    removed_columns: int = 0
+    removed_channels: int = 0
+    param_map: dict = field(default_factory=dict)
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.layers)
+
+    def summary(self) -> str:
+        return (f"compacted {len(self.layers)} blocks: -{self.removed_columns} rank columns, "
+                f"-{self.removed_channels} channels, params {self.params_before} -> {self.params_after}")
+
+
+def _kept(mask: torch.Tensor) -> torch.Tensor:
+    """Indices of live entries; an all-dead dimension keeps its first entry (convs need ≥ 1 channel; the kept
+    entry is exactly zero or unread, so this stays exact)."""
+    idx = torch.nonzero(mask).flatten()
+    return idx if idx.numel() else torch.zeros(1, dtype=torch.long, device=mask.device)
+
+
+def _slice_bn(norm: nn.BatchNorm2d, keep: torch.Tensor) -> nn.BatchNorm2d:
+    new = nn.BatchNorm2d(len(keep), eps=norm.eps, momentum=norm.momentum, affine=norm.affine,
+                         track_running_stats=norm.track_running_stats)
+    ref = norm.weight if norm.affine else norm.running_mean
+    new.to(device=ref.device, dtype=ref.dtype)
+    with torch.no_grad():
+        if norm.affine:
+            new.weight.copy_(norm.weight[keep])
+            new.bias.copy_(norm.bias[keep])
+            new.weight.requires_grad_(norm.weight.requires_grad)
+            new.bias.requires_grad_(norm.bias.requires_grad)
+        if norm.track_running_stats:
+            new.running_mean.copy_(norm.running_mean[keep])
+            new.running_var.copy_(norm.running_var[keep])
+            new.num_batches_tracked.copy_(norm.num_batches_tracked)
+    new.train(norm.training)
+    return new
+
+
+@torch.no_grad()
+def compact_zero_groups(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, regularizer=None
+                        ) -> CompactionReport:
+    """Remove exactly-zero (or unread) groups of every CompressedAwareConv2d of ``model``, in place, keeping the
+    blocks decomposed. See the module docstring for exactness and for what the caller must rebuild.
+
+    Args:
+        model: a decomposed model (DDP-wrapped is fine; rebuild the wrapper afterwards).
+        optimizer: optional; updated in place to the new parameters (state sliced to the survivors).
+        regularizer: optional :class:`~edp_det.EDPRegularizer`; its entries are rebuilt for the new blocks.
+    Returns:
+        CompactionReport (``report.changed`` is False, and nothing was touched, when no group was removable).
+    """
+    root = unwrap_model(model)
+    struct = structure_from_model(root, need_positions=False)
+    report = CompactionReport(params_before=sum(p.numel() for p in root.parameters()))
+    for l in struct.layers:
+        # hooks registered on a block would be lost silently with the replaced module: refuse up front
+        if l.block._forward_hooks or l.block._forward_pre_hooks or l.block._backward_hooks:
+            raise ValueError(f"{l.name!r} has hooks registered; remove them before compact_zero_groups")
+    rows = [_kept(l.row_live) for l in struct.layers]
+    full_rows = [len(rows[i]) == l.block.out_channels for i, l in enumerate(struct.layers)]
+    old_names = {id(p): n for n, p in root.named_parameters()}
+    remap: dict[int, tuple[torch.Tensor, list]] = {}   # id(old param) -> (new param, index per dim)
+    for i, l in enumerate(struct.layers):
+        b = l.block
+        dev = b.coeff.weight.device
+        if l.producer is not None and not full_rows[l.producer]:
+            in_idx = rows[l.producer]
+        else:
+            in_idx = None
+        col_idx = _kept(l.col_live)
+        row_idx = rows[i] if not full_rows[i] else None
+        ci = b.in_channels if in_idx is None else len(in_idx)
+        r = len(col_idx)
+        co = b.out_channels if row_idx is None else len(row_idx)
+        if (ci, r, co) == (b.in_channels, b.rank, b.out_channels):
+            continue
+        all_in = torch.arange(b.in_channels, device=dev) if in_idx is None else in_idx
+        all_out = torch.arange(b.out_channels, device=dev) if row_idx is None else row_idx
+        new = CompressedAwareConv2d(ci, co, r, b.kernel_size, b.basis.stride, b.basis.padding, b.basis.dilation,
+                                    bias=b.coeff.bias is not None, orig_in_channels=b.orig_in_channels,
+                                    orig_out_channels=b.orig_out_channels, channel_prunable=b.channel_prunable,
+                                    forward_mode=b.forward_mode)
+        new.norm_name = b.norm_name
+        new.to(device=dev, dtype=b.coeff.weight.dtype)
+        new.train(b.training)
+        new.basis.weight.copy_(b.basis.weight.index_select(0, col_idx).index_select(1, all_in))
+        new.coeff.weight.copy_(b.coeff.weight.index_select(0, all_out).index_select(1, col_idx))
+        new.basis.weight.requires_grad_(b.basis.weight.requires_grad)
+        new.coeff.weight.requires_grad_(b.coeff.weight.requires_grad)
+        remap[id(b.basis.weight)] = (new.basis.weight, [col_idx, all_in])
+        remap[id(b.coeff.weight)] = (new.coeff.weight, [all_out, col_idx])
+        if b.coeff.bias is not None:
+            new.coeff.bias.copy_(b.coeff.bias[all_out])
+            new.coeff.bias.requires_grad_(b.coeff.bias.requires_grad)
+            remap[id(b.coeff.bias)] = (new.coeff.bias, [all_out])
+        set_submodule(root, l.name, new)
+        if row_idx is not None and l.norm is not None and b.norm_name is not None:
+            if not isinstance(l.norm, nn.BatchNorm2d):
+                raise TypeError(f"cannot slice normalisation layer {b.norm_name!r} of type {type(l.norm).__name__}")
+            new_norm = _slice_bn(l.norm, row_idx)
+            if l.norm.affine:
+                remap[id(l.norm.weight)] = (new_norm.weight, [row_idx])
+                remap[id(l.norm.bias)] = (new_norm.bias, [row_idx])
+            set_submodule(root, b.norm_name, new_norm)
+        report.layers.append(CompactedLayer(l.name, (b.in_channels, b.rank, b.out_channels), (ci, r, co)))
+        report.removed_columns += b.rank - r
+        report.removed_channels += b.out_channels - co
+    if not report.layers:
+        report.params_after = report.params_before
+        return report
+    new_names = {id(p): n for n, p in root.named_parameters()}
+    for old_id, (new_p, idx) in remap.items():
+        report.param_map[new_names[id(new_p)]] = (old_names[old_id], idx)
+    if optimizer is not None:
+        _remap_optimizer(optimizer, remap)
+    if regularizer is not None:
+        from .regularizer import EDPRegularizer
+
+        fresh = EDPRegularizer(root, regularizer.lambda_rank, regularizer.lambda_channel,
+                               optimizer=regularizer.optimizer)
+        regularizer.model = fresh.model
+        regularizer.entries = fresh.entries
+    report.params_after = sum(p.numel() for p in root.parameters())
+    logger.info("%s", report.summary())
+    return report
+
+
+def _remap_optimizer(optimizer: torch.optim.Optimizer, remap: dict) -> None:
+    """Swap old parameters for new ones in ``optimizer`` and slice their per-parameter state."""
+    for group in optimizer.param_groups:
+        params = group["params"]
+        for k, p in enumerate(params):
+            hit = remap.get(id(p))
+            if hit is None:
+                continue
+            new_p, idx = hit
+            params[k] = new_p
+            st = optimizer.state.pop(p, None)
+            if not st:
+                continue
+            new_st = {}
+            for key, v in st.items():
+                if isinstance(v, torch.Tensor) and v.shape == p.shape and v.dim() > 0:
+                    for d, ix in enumerate(idx):
+                        v = v.index_select(d, ix.to(v.device))
+                    new_st[key] = v.clone()
+                else:
+                    new_st[key] = v.clone() if isinstance(v, torch.Tensor) else v
+            optimizer.state[new_p] = new_st

@@ -1,0 +1,130 @@
+"""edp_det.benchmark and tools/benchmark.py: fields and FLOPs bookkeeping (no timing thresholds), the CLI."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import edp_det
+from edp_det.benchmark import (benchmark_detector, compare_side_by_side, default_input_size, format_comparison,
+                               measure_latency)
+
+REPO = Path(__file__).resolve().parents[1]
+SIZE = (3, 96, 96)
+ARCH = dict(num_classes=3, depth=18, norm="bn", min_size=96, max_size=96, rpn_pre_nms_top_n_test=100,
+            rpn_post_nms_top_n_test=50)
+
+
+def _model_files(tmp_path_factory) -> tuple[Path, Path]:
+    """(baseline, compressed) model files, built once per session (shared with test_export.py through the session's
+    base temp folder). The compressed one: decompose + PM to a 40 % backbone FLOPs cut; ``init="identity"`` because
+    SVD-initialising ResNet-18's wide layers costs tens of seconds on 2 CPU cores."""
+    root = tmp_path_factory.getbasetemp() / "edp_compressed_models"
+    root.mkdir(parents=True, exist_ok=True)
+    base, comp = root / "baseline.pt", root / "compressed.pt"
+    if not base.is_file():
+        torch.manual_seed(0)
+        edp_det.save_compressed(edp_det.build_model("fasterrcnn", **ARCH), base)
+    if not comp.is_file():
+        torch.manual_seed(0)
+        m = edp_det.build_model("fasterrcnn", **ARCH)
+        edp_det.decompose(m, init="identity")
+        edp_det.prune_and_merge(m, flops_target=0.4, input_size=SIZE)
+        edp_det.save_compressed(m, comp)
+    return base, comp
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    return _model_files(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def models(files):
+    return {"baseline": edp_det.load_compressed(files[0]), "edp": edp_det.load_compressed(files[1])}
+
+
+def test_measure_latency_counts_calls():
+    calls = []
+    r = measure_latency(lambda: calls.append(1), warmup=2, iters=3, device="cpu")
+    assert len(calls) == 5
+    assert set(r) >= {"median_ms", "mean_ms", "p90_ms", "fps"} and len(r["samples_ms"]) == 3
+    assert 0 <= r["median_ms"] <= r["p90_ms"] and r["fps"] > 0
+    with pytest.raises(ValueError):
+        measure_latency(lambda: None, iters=0)
+
+
+def test_benchmark_detector_fields(models, files):
+    m = models["edp"]
+    m.train()
+    r = benchmark_detector(m, SIZE, device="cpu", warmup=0, iters=2, model_path=files[1])
+    assert m.training, "train/eval mode must be restored"
+    flops = edp_det.count_flops(m, input_size=SIZE)
+    assert r["fps"] > 0 and r["backbone_fps"] > 0
+    assert r["latency_ms"] > 0 and r["backbone_latency_ms"] > 0
+    assert r["params"] == flops.params == sum(p.numel() for p in m.parameters())
+    assert r["flops_backbone"] == flops.parts["backbone.body"]["flops"]
+    assert r["flops_detector"] == sum(d["flops"] for d in flops.parts.values())
+    assert r["flops_backbone"] < r["flops_detector"]
+    assert r["device"] == "cpu" and r["input_size"] == list(SIZE) and r["network_size"] == [96, 96]
+    assert r["peak_memory_mb"] is not None and r["peak_memory_mb"] >= 0
+    assert r["memory"]["method"].startswith("cpu-subprocess")
+    assert r["model_memory_mb"] > 0
+    assert default_input_size(m) == SIZE
+
+
+def test_benchmark_detector_rejects_classifier():
+    with pytest.raises(ValueError, match="Faster R-CNN"):
+        benchmark_detector(torch.nn.Conv2d(3, 3, 1), SIZE, peak_memory=False)
+
+
+def test_compare_side_by_side(models):
+    r = compare_side_by_side(models, SIZE, device="cpu", rounds=2, iters_per_round=1, warmup=0)
+    assert r["baseline"] == "baseline" and list(r["models"]) == ["baseline", "edp"]
+    for name, m in r["models"].items():
+        assert m["fps"] > 0 and m["backbone_fps"] > 0 and len(m["latency_round_medians_ms"]) == 2
+    sp = r["speedup"]
+    assert sp["baseline"]["backbone_ideal"] == pytest.approx(1.0)
+    assert sp["edp"]["backbone_ideal"] > 1.5   # 40 % of the backbone FLOPs removed -> ideal 1/(1-0.4)
+    assert sp["edp"]["detector_ideal"] > 1.0
+    base, edp = r["models"]["baseline"], r["models"]["edp"]
+    assert sp["edp"]["backbone_ideal"] == pytest.approx(base["flops_backbone"] / edp["flops_backbone"])
+    assert sp["edp"]["detector_measured"] == pytest.approx(base["latency_ms"] / edp["latency_ms"])
+    assert sp["edp"]["backbone_ratio"] == pytest.approx(sp["edp"]["backbone_measured"] / sp["edp"]["backbone_ideal"])
+    table = format_comparison(r)
+    assert "baseline" in table and "edp" in table and "ideal" in table
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def _load_tool():
+    spec = importlib.util.spec_from_file_location("benchmark_tool", REPO / "tools" / "benchmark.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_benchmark_cli_runs(files, tmp_path, capsys):
+    tool = _load_tool()
+    out = tmp_path / "bench.json"
+    tool.main(tool.get_args_parser().parse_args(
+        ["--model", str(files[1]), "--iters", "1", "--rounds", "1", "--warmup", "0", "--no-memory",
+         "--output-json", str(out)]))
+    text = capsys.readouterr().out
+    assert "detector" in text and "GFLOPs" in text
+    data = json.loads(out.read_text())
+    assert data["models"]["model"]["fps"] > 0 and data["input_size"] == [3, 96, 96]
+
+
+def test_benchmark_cli_bad_input_exit_2(tmp_path, capsys):
+    """Missing file and a torch file that is not an edp-det model: one line on stderr, exit status 2 (in-process:
+    ``__main__`` only calls ``main``; a subprocess would spend seconds importing torchvision)."""
+    tool = _load_tool()
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weight": torch.zeros(2)}, foreign)
+    for path, msg in ((tmp_path / "missing.pt", "file not found"), (foreign, "not an edp-det compressed model")):
+        with pytest.raises(SystemExit) as e:
+            tool.main(tool.get_args_parser().parse_args(["--model", str(path), "--baseline", str(path)]))
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and msg in err and path.name in err

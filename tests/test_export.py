@@ -1,0 +1,158 @@
+"""ONNX / TorchScript export of a compressed Faster R-CNN: parity with PyTorch, the fallback contract, the CLI."""
+import importlib.util
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import edp_det
+from edp_det.export import (BACKBONE_OUTPUTS, example_inputs, export_model, export_onnx, export_torchscript,
+                            run_pytorch, verify_torchscript)
+
+REPO = Path(__file__).resolve().parents[1]
+SIZE = (3, 96, 96)
+ARCH = dict(num_classes=3, depth=18, norm="bn", min_size=96, max_size=96, rpn_pre_nms_top_n_test=100,
+            rpn_post_nms_top_n_test=50)
+RTOL, ATOL = 1e-3, 1e-4
+
+ort = pytest.importorskip("onnxruntime")
+
+
+def _compressed_file(tmp_path_factory) -> Path:
+    """A decomposed + pruned (40 % backbone FLOPs cut) detector, saved once per session (shared with
+    test_benchmark.py through the session's base temp folder). ``init="identity"``: SVD-initialising ResNet-18's
+    wide layers costs tens of seconds on 2 CPU cores; PM produces the same kind of structure either way."""
+    root = tmp_path_factory.getbasetemp() / "edp_compressed_models"
+    path = root / "compressed.pt"
+    if not path.is_file():
+        root.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(0)
+        m = edp_det.build_model("fasterrcnn", **ARCH)
+        edp_det.decompose(m, init="identity")
+        edp_det.prune_and_merge(m, flops_target=0.4, input_size=SIZE)
+        edp_det.save_compressed(m, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def compressed_path(tmp_path_factory):
+    return _compressed_file(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def model(compressed_path):
+    return edp_det.load_compressed(compressed_path)
+
+
+def _images():
+    return [example_inputs(torch.nn.Linear(1, 1), SIZE, "detector", seed=s) for s in (0, 7)]
+
+
+def _assert_close(ours, ref, names):
+    assert len(ours) == len(ref)
+    for name, a, b in zip(names, ours, ref):
+        b = b.detach().cpu().numpy()
+        assert a.shape == b.shape, name
+        np.testing.assert_allclose(a, b, rtol=RTOL, atol=ATOL, err_msg=name)
+
+
+def test_onnx_full_detector_parity(model, tmp_path):
+    assert model.backbone.body.layer1[0].conv1.out_channels < 64, "the fixture should be a pruned model"
+    res = export_onnx(model, tmp_path / "det.onnx", SIZE)
+    assert res.part == "detector" and not res.fell_back, res.errors
+    assert res.output_names == ["boxes", "labels", "scores"]
+    sess = ort.InferenceSession(res.path, providers=["CPUExecutionProvider"])
+    n_dets = 0
+    for img in _images():
+        outs = sess.run(None, {"image": img.numpy()})
+        ref = run_pytorch(model, img, "detector")
+        _assert_close(outs, ref, res.output_names)
+        n_dets += len(outs[0])
+    assert n_dets > 0, "parity on zero detections proves nothing"
+
+
+def test_onnx_fallback_to_backbone_dynamic_parity(model, tmp_path, monkeypatch):
+    """If the whole detector cannot be exported, the backbone + FPN is, and the result says so."""
+    import edp_det.export as ex
+
+    def broken(self, image):
+        raise RuntimeError("simulated unsupported operator")
+
+    monkeypatch.setattr(ex._DetectorOutputs, "forward", broken)
+    res = export_onnx(model, tmp_path / "bb.onnx", SIZE, part="detector", dynamic=True)
+    assert res.requested_part == "detector" and res.part == "backbone" and res.fell_back
+    assert "simulated unsupported operator" in res.fallback_reason and "NOTE" in res.summary()
+    assert res.output_names == list(BACKBONE_OUTPUTS)
+    with pytest.raises(ex.ExportError, match="simulated"):
+        export_onnx(model, tmp_path / "none.onnx", SIZE, part="detector", fallback=False)
+    assert not (tmp_path / "none.onnx").exists() and not list(tmp_path.glob(".*.tmp"))
+    sess = ort.InferenceSession(res.path, providers=["CPUExecutionProvider"])
+    x = torch.rand(2, 3, 64, 128, generator=torch.Generator().manual_seed(1))   # other batch and size
+    outs = sess.run(None, {"images": x.numpy()})
+    _assert_close(outs, run_pytorch(model, x, "backbone"), res.output_names)
+
+
+def test_torchscript_detector_parity(model, tmp_path):
+    res = export_torchscript(model, tmp_path / "det.ts.pt", SIZE)
+    assert res.part == "detector" and res.method == "torch.jit.script"
+    img = _images()[1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # torch.jit deprecation, "RCNN always returns a (Losses, Detections) tuple"
+        loaded = torch.jit.load(res.path)
+        with torch.no_grad(), torch.jit.optimized_execution(False):   # skip the profiling runs: same outputs
+            _, dets = loaded([img])
+    ref = run_pytorch(model, img, "detector")
+    assert len(ref[0]) > 0
+    _assert_close([dets[0][k].numpy() for k in ("boxes", "labels", "scores")], ref, ["boxes", "labels", "scores"])
+
+
+def test_torchscript_backbone_parity(model, tmp_path):
+    res = export_model(model, tmp_path / "bb.ts.pt", "torchscript", SIZE, "backbone")
+    assert res.part == "backbone"
+    check = verify_torchscript(res, model)
+    assert check["ok"] and check["num_outputs"] == 5
+
+
+def test_bad_arguments(model, tmp_path):
+    with pytest.raises(ValueError, match="part"):
+        export_onnx(model, tmp_path / "x.onnx", SIZE, part="head")
+    with pytest.raises(ValueError, match="input_size"):
+        export_onnx(model, tmp_path / "x.onnx", (96, 96))
+    with pytest.raises(ValueError, match="format"):
+        export_model(model, tmp_path / "x", "tflite", SIZE)
+    with pytest.raises(ValueError, match="Faster R-CNN"):
+        export_onnx(torch.nn.Conv2d(3, 3, 1), tmp_path / "x.onnx", SIZE)
+    assert not (tmp_path / "x.onnx").exists()
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def _load_tool():
+    spec = importlib.util.spec_from_file_location("export_tool", REPO / "tools" / "export.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_export_cli(compressed_path, tmp_path, capsys):
+    tool = _load_tool()
+    out = tmp_path / "cli_bb.onnx"
+    res = tool.main(tool.get_args_parser().parse_args(
+        ["--model", str(compressed_path), "--format", "onnx", "--part", "backbone", "--output", str(out),
+         "--verify"]))
+    text = capsys.readouterr().out
+    assert out.is_file() and res.part == "backbone"
+    assert "backbone + FPN" in text and "verify: OK" in text
+
+
+def test_export_cli_bad_input_exit_2(tmp_path, capsys):
+    tool = _load_tool()
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weight": torch.zeros(2)}, foreign)
+    for path in (tmp_path / "missing.pt", foreign):
+        with pytest.raises(SystemExit) as e:
+            tool.main(tool.get_args_parser().parse_args(["--model", str(path), "--format", "onnx"]))
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and str(path.name) in err

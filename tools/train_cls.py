@@ -1,0 +1,37 @@
+"""Compress (or train a baseline) torchvision ResNet classifier on ImageFolder data with EDP (Algorithm 1).
+
+    python tools/train_cls.py --config configs/imagenet_r50_edp.yaml [--data-root DIR] [--output-dir DIR]
+                              [--resume [CKPT]] [key=value ...]
+
+Data: ``DIR/train/<class>/*`` and ``DIR/val/<class>/*`` (ImageNet val sorted into class folders).
+Multi-GPU / multi-node: ``torchrun --nproc_per_node=N tools/train_cls.py ...`` (nccl on GPU, gloo on CPU);
+``train.batch_size`` is per process. Writes config.yaml, metrics_log.jsonl, checkpoints, pm_report.json +
+layers.txt (at PM), model_final.pt, metrics.json (top1, top5, params, flops, r_params, r_flops) into the output
+directory. ``model_final.pt`` (or any checkpoint) can seed a detector: ``model.backbone_checkpoint=PATH`` in
+tools/train_det.py.
+"""
+import argparse
+import os
+
+
+from edp_det.cli import add_run_args, cli_main, resolve_run_config
+
+
+def get_args_parser():
+    return add_run_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]),
+                        data_help="ImageFolder root holding train/ and val/ (overrides data.root)")
+
+
+def main(args):
+    from edp_det.classification import ClassificationTask
+    from edp_det.distributed import get_rank
+    from edp_det.engine import Trainer
+    from edp_det.logging_utils import setup_logging
+
+    cfg, out = resolve_run_config(args, "classification")
+    setup_logging(out, rank=int(os.environ.get("RANK", get_rank())), level=args.log_level)
+    return Trainer(cfg, ClassificationTask(cfg), out, resume=args.resume).run()
+
+
+if __name__ == "__main__":
+    cli_main(main, get_args_parser().parse_args(), "train_cls")
