@@ -169,14 +169,21 @@ def _prox_group(entries: list, lr: float, state) -> None:
     blocks are computed in one go on concatenated norms, and the row parameters are scaled with one foreach call.
     """
     betas = [e.block.beta_2d() for e in entries]
-    sqs = [b * b for b in betas]
     n = len(entries)
+    sqs: list = [None] * n        # kept only where the row pass needs them (frees memory early otherwise)
+    col_sums: list = [None] * n
+    for i, (e, b) in enumerate(zip(entries, betas)):
+        sq = b * b
+        if e.lam_col > 0:
+            col_sums[i] = sq.sum(dim=0)
+        if e.lam_row > 0:
+            sqs[i] = sq
     col_scale: list = [None] * n
     row_scale: list = [None] * n
     cols = [i for i, e in enumerate(entries) if e.lam_col > 0]
     if cols:
         sizes = [betas[i].shape[1] for i in cols]
-        norms = torch.cat([sqs[i].sum(dim=0) for i in cols]).sqrt_()
+        norms = torch.cat([col_sums[i] for i in cols]).sqrt_()
         col_all = _shrink(norms, _thresholds(lr, [entries[i].lam_col for i in cols], sizes, norms))
         for i, sc in zip(cols, col_all.split(sizes)):
             col_scale[i] = sc

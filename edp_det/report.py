@@ -4,10 +4,21 @@ from __future__ import annotations
 __all__ = ["comparison_rows", "format_comparison_table"]
 
 
+_SPEEDUP_KEYS = {"speedup": "detector_measured", "ideal_speedup": "detector_ideal",
+                 "backbone_speedup": "backbone_measured", "backbone_ideal_speedup": "backbone_ideal"}
+
+
 def _speed(bench: dict | None, name: str) -> dict:
+    """Per-model figures of a compare_side_by_side result, with its ``speedup[name]`` entries under the row keys
+    (``speedup``/``ideal_speedup``: detector, ``backbone_speedup``/``backbone_ideal_speedup``)."""
     if not bench:
         return {}
-    return (bench.get("models") or {}).get(name, {})
+    out = dict((bench.get("models") or {}).get(name, {}))
+    sp = (bench.get("speedup") or {}).get(name) or {}
+    for row_key, bench_key in _SPEEDUP_KEYS.items():
+        if row_key not in out and bench_key in sp:
+            out[row_key] = sp[bench_key]
+    return out
 
 
 def comparison_rows(metrics: dict[str, dict], bench: dict | None = None, baseline: str = "baseline") -> list[dict]:
@@ -24,6 +35,7 @@ def comparison_rows(metrics: dict[str, dict], bench: dict | None = None, baselin
                "r_flops_requested": (m.get("config", {}) or {}).get("compress", {}).get("flops_target")
                if m.get("method") not in (None, "baseline") else None,
                "r_flops_backbone": m.get("r_flops_backbone"), "r_flops_detector": m.get("r_flops_detector"),
+               "r_flops_backbone_dense": m.get("r_flops_backbone_dense"),
                "params": m.get("params"), "flops_backbone": m.get("flops_backbone"),
                "flops_detector": m.get("flops_detector"),
                "fps": s.get("fps", m.get("fps")), "backbone_fps": s.get("backbone_fps", m.get("backbone_fps")),
@@ -42,8 +54,13 @@ def _f(v, fmt):
 
 
 def format_comparison_table(rows: list[dict], markdown: bool = False) -> str:
+    """Table XII layout. A column ``R_FLOPs bb dense`` (the cut as executed densely, for methods whose counted
+    FLOPs assume sparse kernels: ``lrs``, ``admm_lrs``) is added when any row has that figure."""
+    dense_col = any(r.get("r_flops_backbone_dense") is not None for r in rows)
     head = ["run", "R_FLOPs bb (req/got)", "R_FLOPs det", "params (M)", "GFLOPs bb", "GFLOPs det", "FPS det",
             "FPS bb", "speedup bb (meas/ideal)", "speedup det (meas/ideal)", "peak MB", "mAP_voc07", "drop"]
+    if dense_col:
+        head.insert(2, "R_FLOPs bb dense")
     body = []
     for r in rows:
         req = "-" if r.get("r_flops_requested") is None else f"{r['r_flops_requested']:.0%}"
@@ -55,6 +72,8 @@ def format_comparison_table(rows: list[dict], markdown: bool = False) -> str:
                      f"{_f(r.get('backbone_speedup'), '.2f')}/{_f(r.get('backbone_ideal_speedup'), '.2f')}",
                      f"{_f(r.get('speedup'), '.2f')}/{_f(r.get('ideal_speedup'), '.2f')}",
                      _f(r.get("peak_memory_mb"), ".0f"), _f(r.get("mAP_voc07"), ".3f"), _f(r.get("mAP_drop"), "+.3f")])
+        if dense_col:
+            body[-1].insert(2, _f(r.get("r_flops_backbone_dense"), ".1%"))
     if markdown:
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         lines += ["| " + " | ".join(b) + " |" for b in body]

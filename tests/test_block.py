@@ -160,8 +160,9 @@ def _used_two_conv(block, x) -> bool:
 
 def test_auto_mode_picks_the_cheaper_computation():
     conv = _conv(4, 8, 3, 1, 1, 1, False)
-    # full rank r = 8: per position two convs cost 8·(36+8) = 352 MACs, the effective conv 8·36 = 288 (+ the
-    # W = β·θ' product 8·8·36 = 2304 once per call)
+    # full rank r = 8: per output position the two convs cost r·(c_in·k² + c_out) = 352 MACs, the effective conv
+    # c_out·c_in·k² = 288, plus the W = β·θ' product (2304 MACs) once per call; chosen with wide margins so that
+    # counting the backward passes too (trainable weights) gives the same decisions
     block = CompressedAwareConv2d.from_conv(conv)
     block.forward_mode = "auto"
     big = torch.randn(1, 4, 32, 32, dtype=torch.float64)      # 1024 positions: effective is cheaper

@@ -23,12 +23,10 @@ HW = (37, 45)   # odd sizes: padding borders and stride-2 rounding are exercised
 
 def _producer(name: str, prunable: set) -> str | None:
     """Independent re-statement of the ResNet channel graph: whose pruned output channels feed ``name``."""
-    prefix, _, rest = name.rpartition("layer")
-    if not rest:
+    m = re.fullmatch(r"(.*)layer(\d)\.(\d+)\.(conv\d|downsample\.0)", name)
+    if m is None:
         return None
-    m = re.fullmatch(r"(\d)\.(\d+)\.(conv\d|downsample\.0)", rest)
-    li, bi, conv = int(m[1]), int(m[2]), m[3]
-    stem = name[: len(name) - len(rest) - len("layer")] + "conv1"
+    stem, li, bi, conv = m[1] + "conv1", int(m[2]), int(m[3]), m[4]
     if conv in ("conv1", "downsample.0"):
         return stem if (li, bi) == (1, 0) and stem in prunable else None
     prev = {"conv2": "conv1", "conv3": "conv2"}[conv]
@@ -45,7 +43,7 @@ def _expected(model, left: dict) -> dict:
         co = co if b.channel_prunable else b.out_channels
         out[n] = [b.in_channels, r, co, b.kernel_size[0] * b.kernel_size[1]]
     for n in blocks:
-        p = _producer(n, prunable) if n.startswith(("layer", "backbone.body.layer")) else None
+        p = _producer(n, prunable)
         if p is not None:
             out[n][0] = out[p][2]
     return {n: tuple(v) for n, v in out.items()}

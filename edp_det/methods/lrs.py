@@ -110,11 +110,11 @@ def allocate_lowrank_sparse(layers: list[dict], flops_target: float, orig_flops:
         else:
             lo = mid
     _, is_split = costs(hi)
-    plans = []
-    for i in range(n_layers):
-        sel_c = (lay[:hi] == i) & (kind[:hi] == 0)
-        sel_e = (lay[:hi] == i) & (kind[:hi] == 1)
-        plans.append({"cols": idx[:hi][sel_c], "entries": idx[:hi][sel_e], "dense": not bool(is_split[i])})
+    prefix = key[:hi]
+    grouped = idx[:hi][torch.sort(prefix, stable=True).indices]      # removals grouped by (layer, kind)
+    parts = torch.split(grouped, torch.bincount(prefix, minlength=2 * n_layers).tolist())
+    plans = [{"cols": parts[2 * i], "entries": parts[2 * i + 1], "dense": not bool(is_split[i])}
+             for i in range(n_layers)]
     return plans, cut(hi)
 
 

@@ -102,4 +102,4 @@ class SlimmingMethod(PrunePointMethod):
         report = channel_prune_to_target(root, scores, self.flops_target, input_size, round_to=self.round_to)
         self.pruned = True
         self.gammas = []
-        return pm_report_dict(report, self.name, criterion="|gamma| (global threshold)", slimming_lambda=self.lam)
+        return pm_report_dict(report, self.name, criterion="abs(gamma), global threshold", slimming_lambda=self.lam)

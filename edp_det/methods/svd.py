@@ -25,4 +25,4 @@ class SVDMethod(PrunePointMethod):
                                          scope=self.cfg.get("scope", "backbone"), round_to=self.round_to)
         self.pruned = True
         # the factors are new parameters (the trained model was not decomposed): they start with fresh momentum
-        return pm_report_dict(report, self.name, criterion="singular-value energy (global threshold)")
+        return pm_report_dict(report, self.name, criterion="singular-value energy, global threshold")
