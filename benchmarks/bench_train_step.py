@@ -16,6 +16,7 @@ the backward passes autograd runs), i.e. what the cost model of ``forward_mode="
     .venv/bin/python benchmarks/bench_train_step.py --settings 2x224
     .venv/bin/python benchmarks/bench_train_step.py --quick         # < 1 min smoke run (2x64)
     .venv/bin/python benchmarks/bench_train_step.py --settings 4x160 --rounds 5
+    .venv/bin/python benchmarks/bench_train_step.py --flops-only --settings 2x224 32x224 2x800
 """
 from __future__ import annotations
 
@@ -49,6 +50,8 @@ def get_args_parser():
     p.add_argument("--threads", type=int, default=1,
                    help="intra-op threads (default 1: on 2 shared cores OpenMP spinning makes 2 threads erratic)")
     p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument("--flops-only", action="store_true",
+                   help="only the analytic flops ratios (no timing): cheap, for large settings such as 2x800")
     p.add_argument("--no-zeros", action="store_true", help="skip the uncompacted mid-training variants")
     p.add_argument("--quick", action="store_true",
                    help="smoke run (< 1 min): 2x64, 1 round, 1 iter, auto and mid 0.5 compacted only")
@@ -159,6 +162,11 @@ def main(args):
         x = torch.randn(bs, 3, px, px)
         y = torch.randint(0, args.num_classes, (bs,))
         macs = {n: train_macs(m, x) for n, (m, _) in variants.items()}
+        if args.flops_only:
+            rows = [[n, f"{macs[n] / macs['orig']:.3f}"] for n in variants]
+            print(f"\n## batch {bs} x {px}px  (analytic, no timing)")
+            print(table(["variant", "flops ratio"], rows))
+            continue
         steps = {n: make_step(m, x, y, edp) for n, (m, edp) in variants.items()}
         times = time_variants(steps, rounds=args.rounds, iters=args.iters, warmup=1)
         rat, spr = ratios(times, "orig"), spread(times, "orig")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -109,7 +110,20 @@ def _tool():
     return mod
 
 
-def test_compare_tool_end_to_end(synthetic_voc, tmp_path, capsys):
+@pytest.fixture()
+def restore_logging():
+    """The tool installs root-logger handlers (stderr + <out>/log.txt); put the previous ones back afterwards."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for h in list(root.handlers):
+        if h not in handlers:
+            root.removeHandler(h)
+            h.close()
+    root.setLevel(level)
+
+
+def test_compare_tool_end_to_end(synthetic_voc, tmp_path, capsys, restore_logging):
     tool = _tool()
     out = tmp_path / "cmp"
     argv = ["--config", str(REPO_ROOT / "configs" / "tiny_synthetic.yaml"), "--methods", "baseline,slimming",

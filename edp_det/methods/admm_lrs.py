@@ -223,7 +223,7 @@ class ADMMLRSMethod(MaskedFineTuneMixin, PrunePointMethod):
         recs = {m.name: m for m in rep.modules}
         names = [n.name for n in graph if n.name in self._x]
         other = sum(m.flops for m in rep.modules if any(_under(m.name, p) for p in prefixes) and m.name not in names)
-        infos, svals = [], []
+        infos = []
         orig = other
         for name in names:
             conv = get_submodule(root, name)

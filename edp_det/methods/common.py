@@ -169,8 +169,8 @@ def channel_prune_to_target(model: nn.Module, scores: dict[str, torch.Tensor], f
             s = torch.full((layer.block.out_channels,), big, dtype=torch.float64) if s is None else s.double()
             group_scores[(layer.name, "row")] = s
     try:
-        removals, achieved = struct.select_for_target(flops_target, round_to=round_to, kinds=("row",),
-                                                      group_scores=group_scores)
+        removals, _ = struct.select_for_target(flops_target, round_to=round_to, kinds=("row",),
+                                               group_scores=group_scores)
     except BudgetError as e:
         raise ValueError(f"channel pruning: {e}") from None
     if absorb_constants:
