@@ -67,7 +67,7 @@ def get_args_parser():
 
 def main(args):
     if args.quick:
-        args.settings, args.rounds, args.iters, args.prox_iters = ["2x64"], 2, 1, 5
+        args.settings, args.rounds, args.iters, args.prox_iters = ["2x64"], 2, 1, 3
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     from torchvision.models import resnet50
