@@ -43,6 +43,7 @@ from torch import nn
 from .block import CompressedAwareConv2d
 from .budget import structure_from_model
 from .graph import set_submodule, unwrap_model
+from .pruning import _kept, _slice_norm
 
 logger = logging.getLogger(__name__)
 
@@ -75,32 +76,6 @@ class CompactionReport:
     def summary(self) -> str:
         return (f"compacted {len(self.layers)} blocks: -{self.removed_columns} rank columns, "
                 f"-{self.removed_channels} channels, params {self.params_before} -> {self.params_after}")
-
-
-def _kept(mask: torch.Tensor) -> torch.Tensor:
-    """Indices of live entries; an all-dead dimension keeps its first entry (convs need ≥ 1 channel; the kept
-    entry is exactly zero or unread, so this stays exact)."""
-    idx = torch.nonzero(mask).flatten()
-    return idx if idx.numel() else torch.zeros(1, dtype=torch.long, device=mask.device)
-
-
-def _slice_bn(norm: nn.BatchNorm2d, keep: torch.Tensor) -> nn.BatchNorm2d:
-    new = nn.BatchNorm2d(len(keep), eps=norm.eps, momentum=norm.momentum, affine=norm.affine,
-                         track_running_stats=norm.track_running_stats)
-    ref = norm.weight if norm.affine else norm.running_mean
-    new.to(device=ref.device, dtype=ref.dtype)
-    with torch.no_grad():
-        if norm.affine:
-            new.weight.copy_(norm.weight[keep])
-            new.bias.copy_(norm.bias[keep])
-            new.weight.requires_grad_(norm.weight.requires_grad)
-            new.bias.requires_grad_(norm.bias.requires_grad)
-        if norm.track_running_stats:
-            new.running_mean.copy_(norm.running_mean[keep])
-            new.running_var.copy_(norm.running_var[keep])
-            new.num_batches_tracked.copy_(norm.num_batches_tracked)
-    new.train(norm.training)
-    return new
 
 
 @torch.no_grad()
@@ -164,7 +139,7 @@ def compact_zero_groups(model: nn.Module, optimizer: torch.optim.Optimizer | Non
         if row_idx is not None and l.norm is not None and b.norm_name is not None:
             if not isinstance(l.norm, nn.BatchNorm2d):
                 raise TypeError(f"cannot slice normalisation layer {b.norm_name!r} of type {type(l.norm).__name__}")
-            new_norm = _slice_bn(l.norm, row_idx)
+            new_norm = _slice_norm(l.norm, row_idx)
             if l.norm.affine:
                 remap[id(l.norm.weight)] = (new_norm.weight, [row_idx])
                 remap[id(l.norm.bias)] = (new_norm.bias, [row_idx])

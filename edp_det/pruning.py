@@ -93,11 +93,13 @@ def _conv_like(ref: torch.Tensor, c_in: int, c_out: int, kernel, stride, padding
 
 
 def _slice_norm(norm: nn.Module, keep: torch.Tensor) -> nn.Module:
-    n = int(keep.sum())
+    """A BatchNorm2d holding only the channels in ``keep`` (a bool mask or an index tensor)."""
+    n = int(keep.sum()) if keep.dtype == torch.bool else len(keep)
     if isinstance(norm, nn.BatchNorm2d):
         new = nn.BatchNorm2d(n, eps=norm.eps, momentum=norm.momentum, affine=norm.affine,
                              track_running_stats=norm.track_running_stats)
-        new.to(device=norm.weight.device, dtype=norm.weight.dtype)
+        ref = norm.weight if norm.affine else norm.running_mean
+        new.to(device=ref.device, dtype=ref.dtype)
         with torch.no_grad():
             if norm.affine:
                 new.weight.copy_(norm.weight[keep])
