@@ -13,9 +13,13 @@ Cost of a block after PM (eq. 14, which is the same comparison for params and FL
 
 Group selection for a FLOPs target (the paper's "preset FLOPs ratio" mode): candidates are the live column groups
 of every block and the live row groups of channel-prunable blocks. Groups of different layers are compared by
-    score = (‖g‖₂ / max ‖·‖₂ of the same layer and kind) / (FLOPs that removing g alone would save)
-i.e. relative magnitude per FLOP: a group is removed early when it is weak *relative to its own layer* and
-expensive. The strongest group of each layer and kind is never removed by the budget (a layer is never emptied
+    score = ‖g‖₂ / max ‖·‖₂ of the same layer and kind
+i.e. magnitude relative to the group's own layer, so that every layer is cut in proportion to its weakness (close to
+the paper's per-layer proportion, Table IX); FLOPs enter through the stopping rule (bisection on the real cost).
+``FLOPS_EXPONENT`` > 0 divides the score by (FLOPs the group saves) ** exponent; we measured that 1 (and even 0.5)
+empties the high-resolution layers to 1-channel bottlenecks before touching the others (their groups save the most
+FLOPs): that destroyed a detector's accuracy after PM and ran slowly (docs/BENCHMARKS.md), hence the default 0.
+The strongest group of each layer and kind is never removed by the budget (a layer is never emptied
 by it; a layer trained to zero is still removed). Groups are removed in ascending score; the smallest prefix of
 that order reaching the target is found by bisection on the analytic cost, with optional rounding of every
 surviving count to a multiple of ``round_to``.
@@ -32,6 +36,10 @@ from .decompose import iter_blocks
 from .graph import build_channel_graph, get_submodule, unwrap_model
 
 __all__ = ["Structure", "LayerMasks", "structure_from_model", "scope_prefixes", "BudgetError"]
+
+
+# weight of the FLOPs a group saves in its removal score (see module docstring)
+FLOPS_EXPONENT = 0.0
 
 
 class BudgetError(ValueError):
@@ -213,7 +221,7 @@ class Structure:
                 norms = custom.detach().to(device=live_idx.device, dtype=torch.float64)[live_idx]
                 rel = norms
             else:
-                rel = norms / norms.max().clamp_min(1e-300) / max(saved, 1.0)
+                rel = norms / norms.max().clamp_min(1e-300) / max(saved, 1.0) ** FLOPS_EXPONENT
             keep = int(torch.argmax(norms))
             sel = torch.ones(len(live_idx), dtype=torch.bool)
             sel[keep] = False

@@ -31,7 +31,6 @@ import copy
 import logging
 import statistics
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
