@@ -155,7 +155,7 @@ def run_pytorch(model: nn.Module, x: torch.Tensor, part: str = "detector") -> li
 
 
 class _Mode:
-    """eval() for the duration of an export; restores train mode afterwards."""
+    """Put the model in evaluation mode for the duration of an export; restores train mode afterwards."""
 
     def __init__(self, model):
         self.model, self.training = model, model.training
