@@ -10,7 +10,6 @@ venv: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(VPY) || $(PY) -m venv $(VENV)
-	$(VPY) -m pip install -q --upgrade pip
 	# torch/torchvision pinned: these releases are on the build machines' disk
 	$(VPY) -m pip install -q torch==2.14.1 torchvision==0.29.1
 	$(VPY) -m pip install -q -e '.[dev]'
