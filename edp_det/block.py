@@ -59,7 +59,27 @@ def _balanced_svd_factors(w2d: torch.Tensor, r: int) -> tuple[torch.Tensor, torc
     return beta, theta
 
 
-class CompressedAwareConv2d(nn.Module):
+class LowRankShapes:
+    """Shape properties of a module holding ``basis`` (c_in → r, k×k) and ``coeff`` (r → c_out, 1×1) convs."""
+
+    @property
+    def in_channels(self) -> int:
+        return self.basis.in_channels
+
+    @property
+    def out_channels(self) -> int:
+        return self.coeff.out_channels
+
+    @property
+    def rank(self) -> int:
+        return self.basis.out_channels
+
+    @property
+    def kernel_size(self) -> tuple[int, int]:
+        return self.basis.kernel_size
+
+
+class CompressedAwareConv2d(LowRankShapes, nn.Module):
     """``coeff(basis(x))`` with ``basis``: Conv2d(c_in → r, k×k) and ``coeff``: Conv2d(r → c_out, 1×1).
 
     Shapes: input ``[N, c_in, H, W]`` → output ``[N, c_out, H', W']`` with ``H', W'`` as the original conv.
@@ -140,23 +160,7 @@ class CompressedAwareConv2d(nn.Module):
             block.coeff.bias.requires_grad_(conv.bias.requires_grad)
         return block
 
-    # ------------------------------------------------------------------ shapes
-    @property
-    def in_channels(self) -> int:
-        return self.basis.in_channels
-
-    @property
-    def out_channels(self) -> int:
-        return self.coeff.out_channels
-
-    @property
-    def rank(self) -> int:
-        return self.basis.out_channels
-
-    @property
-    def kernel_size(self) -> tuple[int, int]:
-        return self.basis.kernel_size
-
+    # ------------------------------------------------------------------ shapes (from LowRankShapes)
     def beta_2d(self) -> torch.Tensor:
         """β as a ``(c_out, r)`` view of ``coeff.weight``."""
         return self.coeff.weight.view(self.out_channels, self.rank)

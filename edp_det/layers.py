@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from .block import LowRankShapes
+
 __all__ = ["MaskedConv2d", "LowRankSparseConv2d", "FixedStatBatchNorm2d"]
 
 
@@ -67,7 +69,7 @@ class MaskedConv2d(nn.Conv2d):
         return self.nnz()
 
 
-class LowRankSparseConv2d(nn.Module):
+class LowRankSparseConv2d(LowRankShapes, nn.Module):
     """``y = conv(x, β·θ' + S ⊙ mask) + bias``.
 
     Children: ``basis`` (Conv2d c_in → r, k×k, the original stride/padding/dilation, no bias), ``coeff``
@@ -111,23 +113,7 @@ class LowRankSparseConv2d(nn.Module):
         new.requires_grad_(conv.weight.requires_grad)
         return new
 
-    # ------------------------------------------------------------------ shapes
-    @property
-    def in_channels(self) -> int:
-        return self.basis.in_channels
-
-    @property
-    def out_channels(self) -> int:
-        return self.coeff.out_channels
-
-    @property
-    def rank(self) -> int:
-        return self.basis.out_channels
-
-    @property
-    def kernel_size(self) -> tuple[int, int]:
-        return self.basis.kernel_size
-
+    # ------------------------------------------------------------------ shapes (from LowRankShapes)
     def lowrank_weight(self) -> torch.Tensor:
         kh, kw = self.kernel_size
         w = self.coeff.weight.reshape(self.out_channels, self.rank) @ self.basis.weight.reshape(self.rank, -1)
