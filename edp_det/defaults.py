@@ -41,6 +41,7 @@ COMMON = {
         "init": "svd",         # svd | identity
         "channel_prune": "auto",
         "forward_mode": "auto",
+        "bn_recalib_batches": 16,  # after PM: re-estimate BatchNorm statistics on this many training batches
         "method_args": {},     # extra per-method options (comparison methods)
     },
     "benchmark": {

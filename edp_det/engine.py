@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .calibration import batchnorm_layers, recalibrate_batchnorm
 from .checkpoint import CheckpointManager, atomic_write_text, load_checkpoint, resolve_resume
 from .config import dump_config
 from .distributed import barrier, init_distributed, seed_everything
@@ -248,6 +249,13 @@ class Trainer:
             batches = itertools.islice(self.task.train_loader(epoch, dist), n_calib)
             method.calibrate(root, batches, device if device is not None else next(root.parameters()).device)
         report = method.prune(root, input_size)
+        n_bn = int(self.cfg["compress"].get("bn_recalib_batches") or 0)
+        if n_bn > 0 and batchnorm_layers(root):
+            # the pre-PM running statistics no longer match the pruned convolutions (see edp_det.calibration)
+            batches = itertools.islice(self.task.train_loader(epoch, dist), n_bn)
+            used = recalibrate_batchnorm(root, batches, device if device is not None else
+                                         next(root.parameters()).device, distributed=dist.distributed)
+            report["bn_recalibrated_batches"] = used
         new_opt = build_optimizer(root, self.tcfg)
         param_map = report.pop("param_map", None)
         if param_map is not None:

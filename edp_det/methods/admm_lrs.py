@@ -40,6 +40,7 @@ from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from ..block import _balanced_svd_factors
+from ..calibration import forward_batch
 from ..budget import _under
 from ..graph import build_channel_graph, get_submodule, unwrap_model
 from .common import PrunePointMethod
@@ -202,7 +203,7 @@ class ADMMLRSMethod(MaskedFineTuneMixin, PrunePointMethod):
         root.eval()
         try:
             for batch in batches:
-                _forward_for_calibration(root, batch, device)
+                forward_batch(root, batch, device, body_only=True)
         finally:
             for h in hooks:
                 h.remove()
@@ -287,18 +288,3 @@ class ADMMLRSMethod(MaskedFineTuneMixin, PrunePointMethod):
         self.pruned = True
         return lowrank_sparse_report(root, input_size, self.name, target, layers, admm_iters=self.iters,
                                      admm_rho=self.rho, admm_sparse_share=self.share, admm_samples=self.samples)
-
-
-def _forward_for_calibration(model: nn.Module, batch, device) -> None:
-    """Run one raw training batch through the network (detector: transform + backbone body only)."""
-    images = batch[0] if isinstance(batch, (list, tuple)) else batch
-    if isinstance(images, (list, tuple)):
-        images = [im.to(device) for im in images]
-        if hasattr(model, "transform") and hasattr(model, "backbone"):
-            image_list, _ = model.transform(images)
-            body = getattr(model.backbone, "body", model.backbone)
-            body(image_list.tensors)
-        else:
-            model(images)
-    else:
-        model(images.to(device))
