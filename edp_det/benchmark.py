@@ -312,13 +312,15 @@ def _peak_memory(model: nn.Module, model_path, img: torch.Tensor, input_size) ->
 class _Prepared:
     """A detector in eval mode on ``device`` with its inputs, FLOPs and the callables that are timed."""
 
-    def __init__(self, model: nn.Module, input_size, device: torch.device, name: str = "model"):
+    def __init__(self, model: nn.Module, input_size, device: torch.device, name: str = "model",
+                 optimize: bool = False):
         _check_detector(model, name)
         self.model = model
         self.was_training = model.training
         model.eval()
         model.to(device)
         self.img, self.batch = _make_inputs(model, input_size, device)
+        self.inference_report = None
         self.network_size = _network_size(model, self.img)
         if self.network_size != tuple(input_size[1:]):
             logger.warning("%s: the detector transform turns a %dx%d image into a %dx%d network input "
@@ -326,6 +328,17 @@ class _Prepared:
                            "network size as input_size.", name, input_size[1], input_size[2], *self.network_size,
                            model.transform.min_size, model.transform.max_size, input_size[1], input_size[2])
         self.params, self.flops_backbone, self.flops_detector = _flops(model, input_size)
+        if optimize:   # the timed copy; the caller's model stays as it was
+            import copy
+
+            from .inference import optimize_for_inference
+
+            self.model = copy.deepcopy(model)
+            self.model.eval()
+            _, rep = optimize_for_inference(self.model.backbone.body, self.batch, inplace=True, return_report=True)
+            self.inference_report = {"folded": len(rep.folded), "memory_format": rep.memory_format,
+                                     "merged": len(rep.merged), "kept_split": len(rep.kept_split),
+                                     "max_rel_err": rep.max_rel_err, "text": rep.format().splitlines()[0]}
 
     @torch.no_grad()
     def detector(self):
@@ -379,13 +392,17 @@ def benchmark_detector(model: nn.Module, input_size=(3, 800, 800), device="cpu",
 
 def compare_side_by_side(models: dict[str, nn.Module], input_size=(3, 800, 800), device="cpu", rounds: int = 5,
                          iters_per_round: int = 10, warmup: int = 5, peak_memory: bool = False,
-                         model_paths: dict | None = None) -> dict:
+                         model_paths: dict | None = None, optimize: bool = False) -> dict:
     """Benchmark several detectors alternately; the first entry of ``models`` is the baseline.
 
     Every round times each model in turn (``iters_per_round`` calls of the full detector, model after model),
     then each model's backbone body the same way, so slow phases of a noisy machine hit all models alike. Medians
     are over all ``rounds * iters_per_round`` calls. ``peak_memory``: also measure peak inference memory (CPU: one
     subprocess per model; ``model_paths[name]`` is used if given, else a temporary copy is saved).
+    ``optimize``: time the *inference form* of every model instead — a copy whose backbone body went through
+    :func:`edp_det.inference.optimize_for_inference` (norm layers folded, low-rank pairs merged where measured to be
+    faster, memory format measured; outputs equal to float rounding). Params/FLOPs, the ideal speedups and the
+    peak memory stay those of the models as given (the compressed architecture, not the folding).
 
     Returns::
 
@@ -412,7 +429,7 @@ def compare_side_by_side(models: dict[str, nn.Module], input_size=(3, 800, 800),
     input_size = _check_input_size(input_size)
     dev = _device(device)
     model_paths = dict(model_paths or {})
-    preps = {name: _Prepared(m, input_size, dev, name) for name, m in models.items()}
+    preps = {name: _Prepared(m, input_size, dev, name, optimize=optimize) for name, m in models.items()}
     names = list(preps)
     det_samples: dict[str, list[list[float]]] = {n: [] for n in names}
     bb_samples: dict[str, list[list[float]]] = {n: [] for n in names}
@@ -449,6 +466,8 @@ def compare_side_by_side(models: dict[str, nn.Module], input_size=(3, 800, 800),
             "peak_memory_mb": mems[n].get("peak_memory_mb"), "model_memory_mb": _model_bytes(p.model) / _MIB,
             "memory_method": mems[n].get("method"),
         }
+        if p.inference_report is not None:
+            out_models[n]["inference_form"] = p.inference_report
     base = out_models[names[0]]
 
     def ratio(a, b):

@@ -41,12 +41,18 @@ def comparison_rows(metrics: dict[str, dict], bench: dict | None = None, baselin
                "fps": s.get("fps", m.get("fps")), "backbone_fps": s.get("backbone_fps", m.get("backbone_fps")),
                "speedup": s.get("speedup"), "ideal_speedup": s.get("ideal_speedup"),
                "backbone_speedup": s.get("backbone_speedup"), "backbone_ideal_speedup": s.get("backbone_ideal_speedup"),
-               "peak_memory_mb": s.get("peak_memory_mb", m.get("peak_memory_mb")),
+               "peak_memory_mb": _first(s.get("peak_memory_mb"), m.get("peak_memory_mb")),
+               "model_memory_mb": _first(s.get("model_memory_mb"), m.get("model_memory_mb")),
                "mAP_voc07": m.get("mAP_voc07")}
         if base.get("mAP_voc07") is not None and m.get("mAP_voc07") is not None:
             row["mAP_drop"] = base["mAP_voc07"] - m["mAP_voc07"]
         rows.append(row)
     return rows
+
+
+def _first(*values):
+    """The first value that is not None (a side-by-side figure wins over the run's own)."""
+    return next((v for v in values if v is not None), None)
 
 
 def _f(v, fmt):
@@ -58,7 +64,7 @@ def format_comparison_table(rows: list[dict], markdown: bool = False) -> str:
     FLOPs assume sparse kernels: ``lrs``, ``admm_lrs``) is added when any row has that figure."""
     dense_col = any(r.get("r_flops_backbone_dense") is not None for r in rows)
     head = ["run", "R_FLOPs bb (req/got)", "R_FLOPs det", "params (M)", "GFLOPs bb", "GFLOPs det", "FPS det",
-            "FPS bb", "speedup bb (meas/ideal)", "speedup det (meas/ideal)", "peak MB", "mAP_voc07", "drop"]
+            "FPS bb", "speedup bb (meas/ideal)", "speedup det (meas/ideal)", "weights MB", "peak MB", "mAP_voc07", "drop"]
     if dense_col:
         head.insert(2, "R_FLOPs bb dense")
     body = []
@@ -71,7 +77,8 @@ def format_comparison_table(rows: list[dict], markdown: bool = False) -> str:
                      _f(r.get("fps"), ".1f"), _f(r.get("backbone_fps"), ".1f"),
                      f"{_f(r.get('backbone_speedup'), '.2f')}/{_f(r.get('backbone_ideal_speedup'), '.2f')}",
                      f"{_f(r.get('speedup'), '.2f')}/{_f(r.get('ideal_speedup'), '.2f')}",
-                     _f(r.get("peak_memory_mb"), ".0f"), _f(r.get("mAP_voc07"), ".3f"), _f(r.get("mAP_drop"), "+.3f")])
+                     _f(r.get("model_memory_mb"), ".1f"), _f(r.get("peak_memory_mb"), ".0f"),
+                     _f(r.get("mAP_voc07"), ".3f"), _f(r.get("mAP_drop"), "+.3f")])
         if dense_col:
             body[-1].insert(2, _f(r.get("r_flops_backbone_dense"), ".1%"))
     if markdown:

@@ -96,6 +96,21 @@ def test_compare_side_by_side(models):
     assert "baseline" in table and "edp" in table and "ideal" in table
 
 
+def test_compare_side_by_side_inference_form(models):
+    """optimize=True times folded copies; the given models keep their norm layers; FLOPs/ideal stay the PM ones."""
+    n_norm = {k: sum(isinstance(m, torch.nn.BatchNorm2d) for m in v.modules()) for k, v in models.items()}
+    plain = compare_side_by_side(models, SIZE, device="cpu", rounds=1, iters_per_round=1, warmup=0)
+    r = compare_side_by_side(models, SIZE, device="cpu", rounds=1, iters_per_round=1, warmup=0, optimize=True)
+    for k, v in models.items():
+        assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in v.modules()) == n_norm[k] > 0
+        form = r["models"][k]["inference_form"]
+        assert 0 < form["folded"] <= n_norm[k]   # the body's norm layers folded into its convs
+        assert form["max_rel_err"] < 1e-3
+        assert r["models"][k]["flops_backbone"] == plain["models"][k]["flops_backbone"]
+    assert r["speedup"]["edp"]["backbone_ideal"] == pytest.approx(plain["speedup"]["edp"]["backbone_ideal"])
+    assert "inference_form" not in plain["models"]["edp"]
+
+
 # ------------------------------------------------------------------------------------------------ CLI
 def _load_tool():
     spec = importlib.util.spec_from_file_location("benchmark_tool", REPO / "tools" / "benchmark.py")
@@ -108,12 +123,13 @@ def test_benchmark_cli_runs(files, tmp_path, capsys):
     tool = _load_tool()
     out = tmp_path / "bench.json"
     tool.main(tool.get_args_parser().parse_args(
-        ["--model", str(files[1]), "--iters", "1", "--rounds", "1", "--warmup", "0", "--no-memory",
+        ["--model", str(files[1]), "--iters", "1", "--rounds", "1", "--warmup", "0", "--no-memory", "--optimize",
          "--output-json", str(out)]))
     text = capsys.readouterr().out
     assert "detector" in text and "GFLOPs" in text
     data = json.loads(out.read_text())
     assert data["models"]["model"]["fps"] > 0 and data["input_size"] == [3, 96, 96]
+    assert data["models"]["model"]["inference_form"]["folded"] > 0
 
 
 def test_benchmark_cli_bad_input_exit_2(tmp_path, capsys):

@@ -42,6 +42,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=5, help="untimed calls per model before the first round")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU); default: torch's")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    p.add_argument("--optimize", action="store_true",
+                   help="time the inference form of both models (edp_det.inference.optimize_for_inference on the "
+                        "backbone body: norm layers folded, low-rank pairs merged where measured faster)")
     p.add_argument("--output-json", default=None, help="also write the full result as JSON here")
     return p
 
@@ -97,7 +100,7 @@ def _run(args: argparse.Namespace) -> dict:
     result = compare_side_by_side(models, input_size=input_size, device=device, rounds=args.rounds,
                                   iters_per_round=args.iters, warmup=args.warmup,
                                   peak_memory=not args.no_memory,
-                                  model_paths=paths if device.type == "cpu" else None)
+                                  model_paths=paths if device.type == "cpu" else None, optimize=args.optimize)
     result["files"] = {name: str(path) for name, path in paths.items()}
     print(format_comparison(result))
     for name, path in paths.items():
