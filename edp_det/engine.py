@@ -124,6 +124,7 @@ class Trainer:
         method = build_method(cfg["method"], cfg["compress"], tcfg["epochs"])
         model = method.prepare(model)
         input_size = task.input_size()
+        method.input_size = input_size
         ckpt_mgr = CheckpointManager(self.out, keep_last=tcfg["checkpoint_keep"]) if main else None
         start_epoch, step = 0, 0
         resume_path = resolve_resume(self.resume, self.out) if self.resume else None

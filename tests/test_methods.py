@@ -236,6 +236,39 @@ def test_edp_variants_through_the_interface(name):
     assert 0.4 <= cut <= 0.41 and report["achieved_r_flops"] == pytest.approx(cut)
 
 
+@pytest.mark.parametrize("stop", [True, False])
+def test_edp_stops_regularising_once_zero_groups_reach_the_target(stop):
+    """Proximal steps with a strong λ zero groups step by step; with stop_reg_at_target the prox stops at the first
+    check where the exactly-zero groups alone remove the target, and later steps leave β untouched."""
+    model = tiny(torch.float32)
+    target = 0.3
+    method = build_method("edp", {"epoch_es": 1, "flops_target": target, "lambda_rank": 1.0, "lambda_channel": 1.0,
+                                  "stop_reg_at_target": stop}, total_epochs=2)
+    model = method.prepare(model)
+    method.input_size = SIZE
+    method.attach(model, torch.optim.SGD(model.parameters(), lr=0.01))
+    k = method.TARGET_CHECK_STEPS
+    for _ in range(60 * k):
+        method.after_step(model, lr=0.01, epoch=0)
+        if method.reg_stopped_step is not None:
+            break
+    sparse = method.reg.sparsity(input_size=SIZE)["sparse_flops"]
+    if not stop:
+        assert method.reg_stopped_step is None and sparse > target
+        return
+    assert method.reg_stopped_step is not None and method.reg_stopped_step % k == 0
+    assert sparse >= target
+    betas = [e.block.beta_2d().clone() for e in method.reg.entries]
+    for _ in range(k):
+        method.after_step(model, lr=0.01, epoch=0)
+    assert all(torch.equal(b, e.block.beta_2d()) for b, e in zip(betas, method.reg.entries))
+    assert method.epoch_stats(model, SIZE)["reg_stopped_step"] == method.reg_stopped_step
+    # resume keeps the decision
+    again = build_method("edp", {"epoch_es": 1, "flops_target": target}, total_epochs=2)
+    again.load_state_dict(method.state_dict())
+    assert again.reg_stopped_step == method.reg_stopped_step and again.steps == method.steps
+
+
 def test_edp_separate_switches_to_channels():
     model = tiny(torch.float32)
     method = build_method("edp_separate", {"epoch_es": 4, "flops_target": 0.4, "lambda_rank": 0.1,

@@ -31,6 +31,8 @@ class CompressionMethod:
     def __init__(self, compress_cfg: dict | None = None, total_epochs: int = 1):
         self.cfg = dict(compress_cfg or {})
         self.total_epochs = int(total_epochs)
+        #: (C, H, W) the FLOPs are counted at; the engine sets it from the task
+        self.input_size: tuple | None = None
 
     # --- schedule
     @property

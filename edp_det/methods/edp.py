@@ -8,6 +8,8 @@
 """
 from __future__ import annotations
 
+import logging
+
 from torch import nn
 
 from ..decompose import decompose, is_decomposed
@@ -15,11 +17,21 @@ from ..pruning import prune_and_merge
 from ..regularizer import EDPRegularizer
 from .base import CompressionMethod
 
+logger = logging.getLogger(__name__)
+
 
 class EDPMethod(CompressionMethod):
+    """Algorithm 1. With ``compress.stop_reg_at_target`` (default on) and a ``flops_target``, the proximal steps stop
+    for the rest of the regularised phase as soon as the exactly-zero groups alone remove the target (checked every
+    :attr:`TARGET_CHECK_STEPS` optimizer steps, on the analytic cost of the live structure): the paper tunes λ so
+    that this does not happen before ``epoch_es``, but with a λ too strong for the schedule the regulariser can
+    otherwise zero almost the whole backbone (measured on raccoon with AdamW, λ = 10 and 160 regularised steps:
+    99 % of the backbone FLOPs, where 40 % was asked for). PM then applies the usual FLOPs-target selection."""
+
     name = "edp"
     use_rank = True
     use_channel = True
+    TARGET_CHECK_STEPS = 10
 
     def __init__(self, compress_cfg=None, total_epochs: int = 1):
         super().__init__(compress_cfg, total_epochs)
@@ -31,6 +43,12 @@ class EDPMethod(CompressionMethod):
             raise ValueError(f"compress.epoch_es={self.epoch_es} must be in [1, train.epochs={total_epochs}]")
         self.reg: EDPRegularizer | None = None
         self.pruned = False
+        # target-aware regularisation: once the exactly-zero groups alone remove flops_target, the prox stops
+        # (checked every TARGET_CHECK_STEPS steps); a strong λ can otherwise zero far more than was asked for
+        self.stop_at_target = bool(c.get("stop_reg_at_target", True))
+        self.steps = 0
+        self.reg_stopped_step: int | None = None
+        self._flops_report = None
 
     @property
     def prune_epoch(self):
@@ -51,17 +69,35 @@ class EDPMethod(CompressionMethod):
             self.reg = None
             return
         self.reg = EDPRegularizer(model, self.lambda_rank, self.lambda_channel, optimizer=optimizer)
+        self._flops_report = None
 
     def _lambdas(self, epoch: int) -> tuple[float, float]:
         return self.lambda_rank, self.lambda_channel
 
     def after_step(self, model, lr: float, epoch: int) -> None:
-        if self.reg is not None and self.regularizing(epoch):
+        if self.reg is not None and self.regularizing(epoch) and self.reg_stopped_step is None:
             lr_, lc = self._lambdas(epoch)
             for e in self.reg.entries:
                 e.lam_col = lr_
                 e.lam_row = lc if e.block.channel_prunable else 0.0
             self.reg.prox_step(lr)
+            self.steps += 1
+            if self.steps % self.TARGET_CHECK_STEPS == 0 and self._target_reached():
+                self.reg_stopped_step = self.steps
+                logger.info("EDP: the zero groups alone reach the FLOPs target %.3f after %d regularised steps; "
+                            "proximal steps stopped until PM", float(self.cfg["flops_target"]), self.steps)
+
+    def _target_reached(self) -> bool:
+        target = self.cfg.get("flops_target")
+        if not self.stop_at_target or target is None or self.input_size is None:
+            return False
+        from ..budget import structure_from_model
+        from ..flops import count_flops
+
+        if self._flops_report is None:   # layer positions do not change while the blocks stay decomposed
+            self._flops_report = count_flops(self.reg.model, input_size=self.input_size)
+        sparse = structure_from_model(self.reg.model, flops_report=self._flops_report).sparsity().get("sparse_flops")
+        return sparse is not None and sparse >= float(target)
 
     def prune(self, model, input_size) -> dict:
         target = self.cfg.get("flops_target")
@@ -78,13 +114,19 @@ class EDPMethod(CompressionMethod):
         if self.pruned or not is_decomposed(model):
             return {}
         reg = self.reg or EDPRegularizer(model, 0.0, 0.0)
-        return reg.sparsity(input_size=input_size)
+        out = reg.sparsity(input_size=input_size)
+        if self.reg_stopped_step is not None:
+            out["reg_stopped_step"] = self.reg_stopped_step
+        return out
 
     def state_dict(self) -> dict:
-        return {"pruned": self.pruned}
+        return {"pruned": self.pruned, "steps": self.steps, "reg_stopped_step": self.reg_stopped_step}
 
     def load_state_dict(self, state: dict) -> None:
         self.pruned = bool(state.get("pruned", False))
+        self.steps = int(state.get("steps", 0))
+        stopped = state.get("reg_stopped_step")
+        self.reg_stopped_step = None if stopped is None else int(stopped)
 
 
 class EDPRankMethod(EDPMethod):
