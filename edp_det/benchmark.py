@@ -30,6 +30,7 @@ it is attributable to one model even when several models share a process or a GP
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -329,8 +330,6 @@ class _Prepared:
                            model.transform.min_size, model.transform.max_size, input_size[1], input_size[2])
         self.params, self.flops_backbone, self.flops_detector = _flops(model, input_size)
         if optimize:   # the timed copy; the caller's model stays as it was
-            import copy
-
             from .inference import optimize_for_inference
 
             self.model = copy.deepcopy(model)

@@ -235,6 +235,14 @@ def _plt():
     return plt
 
 
+def _save(plt, fig, path) -> Path:
+    """Lay out, write ``path`` as a 120-dpi PNG, free the figure."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
 def plot_map_vs_flops(runs: dict[str, RunRecord], path) -> Path | None:
     """mAP (VOC07) vs achieved backbone FLOPs cut, one curve per method; the baseline at 0 and as a line."""
     curves: dict[str, list[tuple[float, float]]] = {}
@@ -264,10 +272,7 @@ def plot_map_vs_flops(runs: dict[str, RunRecord], path) -> Path | None:
     ax.set_title("Accuracy vs compression (cf. Fig. 4)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return _save(plt, fig, path)
 
 
 def _short(name: str) -> str:
@@ -320,10 +325,7 @@ def plot_layerwise(runs: dict[str, RunRecord], path, target: float, methods=FIG5
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return _save(plt, fig, path)
 
 
 def plot_sparsity_curves(runs: dict[str, RunRecord], path) -> Path | None:
@@ -356,10 +358,7 @@ def plot_sparsity_curves(runs: dict[str, RunRecord], path) -> Path | None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle("Sparsity during regularised training (cf. Fig. 3)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return _save(plt, fig, path)
 
 
 # ------------------------------------------------------------------------------------------------ report

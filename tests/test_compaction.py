@@ -14,13 +14,10 @@ from edp_det.block import CompressedAwareConv2d
 from edp_det.compaction import compact_zero_groups
 from edp_det.pruning import transfer_optimizer_state
 
+from _core_helpers import one_thread  # noqa: F401
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(arch=resnet18, seed=0):

@@ -14,29 +14,14 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 from edp_det import EDPRegularizer, decompose, prune_and_merge
 from edp_det.inference import fold_batchnorms, optimize_for_inference
 
+from _core_helpers import one_thread, randomize_norms  # noqa: F401
+
 FAST = dict(rounds=1, iters=1)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _randomize_norms(model, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, (nn.BatchNorm2d, FrozenBatchNorm2d)):
-                n = m.running_mean.numel()
-                dt = m.running_mean.dtype
-                m.running_mean.copy_((torch.randn(n, generator=g) * 0.2).to(dt))
-                m.running_var.copy_((torch.rand(n, generator=g) + 0.5).to(dt))
-                m.weight.copy_((torch.rand(n, generator=g) + 0.5).to(dt))
-                m.bias.copy_((torch.randn(n, generator=g) * 0.2).to(dt))
-    return model
 
 
 _PM_CACHE: dict = {}
@@ -46,7 +31,7 @@ def _pm_resnet18(dtype):
     """A pruned-and-merged ResNet-18 (some pairs merged, some kept) with non-trivial BatchNorms, eval mode."""
     if not _PM_CACHE:
         torch.manual_seed(0)
-        m = _randomize_norms(resnet18(num_classes=7)).double()
+        m = randomize_norms(resnet18(num_classes=7), 1).double()
         decompose(m)
         EDPRegularizer(m, lambda_rank=0.05, lambda_channel=0.05).prox_step(1.0)
         prune_and_merge(m, flops_target=0.5, input_size=(3, 32, 32))
@@ -100,7 +85,7 @@ def test_forced_merge_decisions_and_memory_formats_are_exact(merge_margin, chann
 
 def test_frozen_batchnorm_is_folded():
     torch.manual_seed(0)
-    m = _randomize_norms(resnet18(num_classes=7, norm_layer=FrozenBatchNorm2d)).double().eval()
+    m = randomize_norms(resnet18(num_classes=7, norm_layer=FrozenBatchNorm2d), 1).double().eval()
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     fast = optimize_for_inference(m, x, measure_merge=False, channels_last=False)
     assert not any(isinstance(q, FrozenBatchNorm2d) for q in fast.modules())
@@ -110,7 +95,7 @@ def test_frozen_batchnorm_is_folded():
 
 def test_decomposed_block_folds_into_coeff():
     torch.manual_seed(0)
-    m = decompose(_randomize_norms(resnet18(num_classes=7)).double()).eval()
+    m = decompose(randomize_norms(resnet18(num_classes=7), 1).double()).eval()
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     fast = optimize_for_inference(m, x, channels_last=False, **FAST)
     assert not any(isinstance(q, nn.BatchNorm2d) for q in fast.modules())
@@ -132,7 +117,7 @@ class _SharedOutput(nn.Module):
 
 
 def test_conv_output_read_outside_its_norm_is_detected():
-    m = _randomize_norms(_SharedOutput()).double().eval()
+    m = randomize_norms(_SharedOutput(), 1).double().eval()
     with pytest.raises(ValueError, match="folding"):
         optimize_for_inference(m, torch.randn(1, 3, 8, 8, dtype=torch.float64), **FAST)
 

@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 class EDPMethod(CompressionMethod):
     """Algorithm 1. With ``compress.stop_reg_at_target`` (default on) and a ``flops_target``, the proximal steps stop
     for the rest of the regularised phase as soon as the exactly-zero groups alone remove the target (checked every
-    :attr:`TARGET_CHECK_STEPS` optimizer steps, on the analytic cost of the live structure): the paper tunes λ so
+    :attr:`TARGET_CHECK_STEPS` optimizer steps, on the analytic cost of the live structure, built once per attach): the paper tunes λ so
     that this does not happen before ``epoch_es``, but with a λ too strong for the schedule the regulariser can
     otherwise zero almost the whole backbone (measured on raccoon with AdamW, λ = 10 and 160 regularised steps:
     99 % of the backbone FLOPs, where 40 % was asked for). PM then applies the usual FLOPs-target selection."""
@@ -48,7 +48,7 @@ class EDPMethod(CompressionMethod):
         self.stop_at_target = bool(c.get("stop_reg_at_target", True))
         self.steps = 0
         self.reg_stopped_step: int | None = None
-        self._flops_report = None
+        self._structure = None
 
     @property
     def prune_epoch(self):
@@ -69,7 +69,7 @@ class EDPMethod(CompressionMethod):
             self.reg = None
             return
         self.reg = EDPRegularizer(model, self.lambda_rank, self.lambda_channel, optimizer=optimizer)
-        self._flops_report = None
+        self._structure = None
 
     def _lambdas(self, epoch: int) -> tuple[float, float]:
         return self.lambda_rank, self.lambda_channel
@@ -91,12 +91,13 @@ class EDPMethod(CompressionMethod):
         target = self.cfg.get("flops_target")
         if not self.stop_at_target or target is None or self.input_size is None:
             return False
-        from ..budget import structure_from_model
-        from ..flops import count_flops
+        if self._structure is None:   # layers and their positions do not change while the blocks stay decomposed
+            from ..budget import structure_from_model
 
-        if self._flops_report is None:   # layer positions do not change while the blocks stay decomposed
-            self._flops_report = count_flops(self.reg.model, input_size=self.input_size)
-        sparse = structure_from_model(self.reg.model, flops_report=self._flops_report).sparsity().get("sparse_flops")
+            self._structure = structure_from_model(self.reg.model, input_size=self.input_size)
+        else:
+            self._structure.refresh()   # live masks from the current weights only
+        sparse = self._structure.sparsity().get("sparse_flops")
         return sparse is not None and sparse >= float(target)
 
     def prune(self, model, input_size) -> dict:
