@@ -32,9 +32,14 @@ def machine_info() -> str:
 
 
 def time_variants(variants: dict[str, Callable[[], object]], *, rounds: int = 5, iters: int = 3,
-                  warmup: int = 1) -> dict[str, list[float]]:
+                  warmup: int = 1, round_warmup: int = 0) -> dict[str, list[float]]:
     """Run every callable ``warmup`` times, then ``rounds`` rounds of ``iters`` timed calls each, rotating the
-    order every round. Returns name -> list of per-round median seconds (one entry per round)."""
+    order every round. Returns name -> list of per-round median seconds (one entry per round).
+
+    ``round_warmup``: untimed calls of a variant right before its timed calls in every round. With many small
+    models alternating (batch-1 inference), the first call after a switch finds caches and the allocator's free
+    lists holding the previous model's data; one warm-up call per round times the steady state a served model
+    sees instead."""
     names = list(variants)
     for n in names:
         for _ in range(warmup):
@@ -43,6 +48,8 @@ def time_variants(variants: dict[str, Callable[[], object]], *, rounds: int = 5,
     for r in range(rounds):
         order = names[r % len(names):] + names[:r % len(names)]
         for n in order:
+            for _ in range(round_warmup):
+                variants[n]()
             ts = []
             for _ in range(iters):
                 t0 = time.perf_counter()

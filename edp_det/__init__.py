@@ -5,12 +5,13 @@ Layered API:
   * plan/report: :class:`EDPRegularizer` (``penalty``, ``prox_step``, ``stats``), :class:`PMReport`,
     :class:`FlopsReport`,
   * one call: :func:`decompose`, :func:`prune_and_merge`, :func:`count_flops`, :func:`save_compressed` /
-    :func:`load_compressed`.
+    :func:`load_compressed`; :func:`measure_time_per_flop` for the latency-aware budget.
 Importing this package has no side effects.
 """
 from .block import CompressedAwareConv2d
 from .decompose import decompose, is_decomposed, iter_blocks
 from .flops import FlopsReport, count_flops
+from .latency import measure_time_per_flop
 from .models import build_model
 from .pruning import PMReport, prune_and_merge
 from .regularizer import EDPRegularizer
@@ -20,4 +21,4 @@ __version__ = "0.1.0"
 
 __all__ = ["CompressedAwareConv2d", "decompose", "is_decomposed", "iter_blocks", "EDPRegularizer",
            "prune_and_merge", "PMReport", "count_flops", "FlopsReport", "save_compressed", "load_compressed",
-           "build_model", "__version__"]
+           "build_model", "measure_time_per_flop", "__version__"]

@@ -19,6 +19,12 @@ the paper's per-layer proportion, Table IX); FLOPs enter through the stopping ru
 ``FLOPS_EXPONENT`` > 0 divides the score by (FLOPs the group saves) ** exponent; we measured that 1 (and even 0.5)
 empties the high-resolution layers to 1-channel bottlenecks before touching the others (their groups save the most
 FLOPs): that destroyed a detector's accuracy after PM and ran slowly (docs/BENCHMARKS.md), hence the default 0.
+Two options change which groups are candidates and how they rank (both opt-in, measured in docs/BENCHMARKS.md §3):
+  * ``rank_layers="tied"``: rank (β column) groups are candidates only in layers whose outputs feed a residual add;
+    channel-prunable layers lose output channels only and stay one dense conv after PM (a thin low-rank pair runs
+    slower per FLOP than a dense conv on CPUs);
+  * ``layer_weights``: ``{layer: relative time per FLOP}`` (:func:`edp_det.latency.measure_time_per_flop`); the
+    score is divided by the layer's weight, so slow-per-FLOP layers are cut first (latency-aware budget).
 The strongest group of each layer and kind is never removed by the budget (a layer is never emptied
 by it; a layer trained to zero is still removed). Groups are removed in ascending score; the smallest prefix of
 that order reaching the target is found by bisection on the analytic cost, with optional rounding of every
@@ -40,6 +46,11 @@ __all__ = ["Structure", "LayerMasks", "structure_from_model", "scope_prefixes", 
 
 # weight of the FLOPs a group saves in its removal score (see module docstring)
 FLOPS_EXPONENT = 0.0
+
+
+# which layers' rank (β column) groups the budget may remove: "all", or "tied" = only layers whose output channels
+# cannot be pruned (residual-tied); channel-prunable layers are then cut by channels only and stay one dense conv
+RANK_LAYERS = ("all", "tied")
 
 
 class BudgetError(ValueError):
@@ -194,7 +205,8 @@ class Structure:
     # ------------------------------------------------------------------ selection
     @torch.no_grad()
     def select_for_target(self, flops_target: float, round_to: int | None = None, kinds=("col", "row"),
-                          group_scores: dict | None = None):
+                          group_scores: dict | None = None, rank_layers: str = "all",
+                          layer_weights: dict | None = None):
         """Choose groups to remove so that the scope's FLOPs cut vs the original is ≥ ``flops_target``.
 
         ``kinds``: which groups are candidates (``"col"``: rank, ``"row"``: output channels).
@@ -209,6 +221,8 @@ class Structure:
         """
         if not set(kinds) <= {"col", "row"}:
             raise ValueError(f"kinds must be a subset of ('col', 'row'), got {kinds!r}")
+        if rank_layers not in RANK_LAYERS:
+            raise ValueError(f"rank_layers must be one of {RANK_LAYERS}, got {rank_layers!r}")
         group_scores = group_scores or {}
         if self.original_flops is None:
             raise BudgetError("spatial sizes unknown: give input_size to compute a FLOPs budget")
@@ -222,6 +236,8 @@ class Structure:
                 rel = norms
             else:
                 rel = norms / norms.max().clamp_min(1e-300) / max(saved, 1.0) ** FLOPS_EXPONENT
+                if layer_weights:
+                    rel = rel / float(layer_weights.get(self.layers[i].name, 1.0))
             keep = int(torch.argmax(norms))
             sel = torch.ones(len(live_idx), dtype=torch.bool)
             sel[keep] = False
@@ -234,7 +250,8 @@ class Structure:
             beta = l.block.beta_2d()
             ci, r, co = (int(v) for v in base[i])
             cols = torch.nonzero(l.col_live).flatten()
-            if "col" in kinds and cols.numel() > 1:
+            rank_ok = rank_layers == "all" or not l.prunable or "row" not in kinds
+            if "col" in kinds and rank_ok and cols.numel() > 1:
                 norms = beta[l.row_live][:, cols].double().norm(dim=0)
                 add(i, 0, cols, norms, 2.0 * l.positions * (ci * l.kk + co))
             if "row" in kinds and l.prunable:

@@ -38,6 +38,9 @@ COMMON = {
         "epoch_es": 6,         # regularisation early-stopped after this many epochs, then PM
         "flops_target": 0.4,   # R_FLOPs of the scope vs the original network; null = zero groups only
         "round_to": None,
+        "rank_layers": "all",  # all | tied: layers whose rank groups the FLOPs-target selection may remove
+        "latency_aware": False,  # PM budget: cut layers that are slow per FLOP first (measured at PM time)
+        "latency_batch": 1,    # batch size of the latency measurement (serve-time batch)
         "init": "svd",         # svd | identity
         "channel_prune": "auto",
         "forward_mode": "auto",

@@ -20,9 +20,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .budget import BudgetError, Structure, _under, structure_from_model
+from .budget import RANK_LAYERS, BudgetError, Structure, _under, structure_from_model
 from .flops import count_flops
 from .graph import set_submodule, unwrap_model
+from .latency import check_layer_weights
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +57,7 @@ class PMReport:
     achieved_r_flops: float = 0.0      # 1 − flops_after / flops_original
     r_flops_from_zero_groups: float = 0.0   # cut the trained-to-zero groups alone gave
     budget_removed_groups: int = 0
+    budget: str = "norm"               # "norm", or "norm/time" when layer_weights were given
     input_size: tuple[int, ...] = ()
     param_map: dict = field(default_factory=dict)   # new param name -> (old name, [index per dim or None])
 
@@ -69,7 +71,8 @@ class PMReport:
             "flops_original": self.flops_original, "flops_before": self.flops_before, "flops_after": self.flops_after,
             "requested_r_flops": self.requested_r_flops, "achieved_r_flops": self.achieved_r_flops,
             "r_flops_from_zero_groups": self.r_flops_from_zero_groups,
-            "budget_removed_groups": self.budget_removed_groups, "input_size": list(self.input_size),
+            "budget_removed_groups": self.budget_removed_groups, "budget": self.budget,
+            "input_size": list(self.input_size),
         }
 
     def format_table(self) -> str:
@@ -116,7 +119,8 @@ def _slice_norm(norm: nn.Module, keep: torch.Tensor) -> nn.Module:
 
 
 def prune_and_merge(model: nn.Module, flops_target: float | None = None, input_size=(3, 224, 224),
-                    example_inputs=None, round_to: int | None = None, merge: str = "eq14") -> PMReport:
+                    example_inputs=None, round_to: int | None = None, merge: str = "eq14",
+                    rank_layers: str = "all", layer_weights: dict | None = None) -> PMReport:
     """Prune zero groups of every CompressedAwareConv2d and merge where cheaper; in place. Returns a PMReport.
 
     Args:
@@ -130,6 +134,15 @@ def prune_and_merge(model: nn.Module, flops_target: float | None = None, input_s
         input_size: ``(C, H, W)`` at which FLOPs and the budget are computed (detectors: network input size).
         round_to: keep every surviving rank and channel count a multiple of this (e.g. 8).
         merge: ``"eq14"`` (merge where the merged conv has no more params than the two convs) or ``"never"``.
+        rank_layers: which layers' rank groups the FLOPs-target selection may remove: ``"all"`` (default, the
+            paper) or ``"tied"`` — only layers whose outputs are tied to a residual add; channel-prunable layers
+            are then cut by output channels only and stay one dense convolution after PM (eq. 14 merges them),
+            which runs faster per FLOP on CPUs than a thin low-rank pair (docs/BENCHMARKS.md, section 3).
+            Groups that training already zeroed are removed either way.
+        layer_weights: optional ``{block name: relative time per FLOP}`` (from
+            :func:`edp_det.latency.measure_time_per_flop`): the FLOPs-target selection divides every group's score
+            by its layer's weight, so layers that are slow per FLOP on the target hardware are cut first and the
+            FLOPs cut buys more speed (latency-aware budget; layers not named weigh 1).
     """
     root = unwrap_model(model)
     if flops_target is not None:
@@ -140,8 +153,12 @@ def prune_and_merge(model: nn.Module, flops_target: float | None = None, input_s
         raise ValueError(f"round_to must be a positive int, got {round_to!r}")
     if merge not in ("eq14", "never"):
         raise ValueError(f"merge must be 'eq14' or 'never', got {merge!r}")
+    if rank_layers not in RANK_LAYERS:
+        raise ValueError(f"rank_layers must be one of {RANK_LAYERS}, got {rank_layers!r}")
     report_before = count_flops(root, input_size=input_size, example_inputs=example_inputs)
     struct = structure_from_model(root, flops_report=report_before)
+    if layer_weights is not None:
+        layer_weights = check_layer_weights(layer_weights, struct.index)
     report = PMReport(requested_r_flops=None if flops_target is None else float(flops_target),
                       input_size=tuple(report_before.input_size))
     report.params_before = report_before.params
@@ -152,12 +169,14 @@ def prune_and_merge(model: nn.Module, flops_target: float | None = None, input_s
     if flops_target is not None or round_to:
         target = float(flops_target) if flops_target is not None else 0.0
         try:
-            removals, _ = struct.select_for_target(target, round_to=round_to)
+            removals, _ = struct.select_for_target(target, round_to=round_to, rank_layers=rank_layers,
+                                                   layer_weights=layer_weights)
         except BudgetError as e:
             raise ValueError(str(e)) from None
         struct.zero_groups(removals)
         struct.refresh()
         report.budget_removed_groups = len(removals)
+        report.budget = "norm/time" if layer_weights else "norm"
     orig_params_delta = 0
     for l in struct.layers:
         b = l.block

@@ -1,5 +1,8 @@
 """The FLOPs budget cuts layers in proportion: no layer is gutted to a 1-channel / rank-1 bottleneck at a moderate
 target (the failure mode of scoring groups by norm per FLOP saved, which wrecked a detector after PM)."""
+import copy
+
+import pytest
 import torch
 import torchvision
 
@@ -21,3 +24,35 @@ def test_moderate_target_spreads_over_layers():
     # the cut reaches both early (high-resolution) and late layers
     changed = {l.name.split(".")[0] for l in rep.layers if l.after != l.before or l.merged is False}
     assert {"layer1", "layer4"} <= changed
+
+
+def test_rank_layers_tied_keeps_prunable_layers_dense():
+    """``rank_layers="tied"``: the target is met by channels in channel-prunable layers (which PM then merges into
+    one dense conv) and by rank only where outputs are tied to a residual add; exact like any PM."""
+    torch.manual_seed(0)
+    m = torchvision.models.resnet50(num_classes=10).eval()
+    edp_det.decompose(m)
+    prunable = {n for n, b in edp_det.iter_blocks(m) if b.channel_prunable}
+    assert "conv1" in prunable and "layer1.0.conv2" in prunable and "layer1.0.conv3" not in prunable
+    x = torch.randn(2, 3, 64, 64)
+    results = {}
+    for mode in ("all", "tied"):
+        mm = copy.deepcopy(m)
+        rep = edp_det.prune_and_merge(mm, flops_target=0.5, input_size=(3, 64, 64), rank_layers=mode)
+        assert 0.50 <= rep.achieved_r_flops <= 0.51
+        recount = edp_det.count_flops(mm, input_size=(3, 64, 64))
+        assert recount.flops == rep.flops_after and 1 - recount.flops / rep.flops_original >= 0.50
+        with torch.no_grad():
+            assert mm(x).shape == (2, 10)
+        results[mode] = rep
+    tied = {l.name: l for l in results["tied"].layers}
+    for name in prunable:
+        assert tied[name].merged, (name, tied[name])
+        assert tied[name].after[2] <= tied[name].before[2]
+    assert any(tied[n].after[2] < tied[n].before[2] for n in prunable)            # channels were cut
+    assert any(not l.merged and l.after[1] < l.before[1] for n, l in tied.items() if n not in prunable)
+    all_mode = {l.name: l for l in results["all"].layers}
+    assert sum(not all_mode[n].merged for n in prunable) > 0    # the default does split prunable layers
+    with pytest.raises(ValueError, match="rank_layers"):
+        edp_det.prune_and_merge(copy.deepcopy(m), flops_target=0.5, input_size=(3, 64, 64), rank_layers="most")
+

@@ -12,7 +12,10 @@ import logging
 
 from torch import nn
 
+from ..budget import RANK_LAYERS, structure_from_model
 from ..decompose import decompose, is_decomposed
+from ..distributed import broadcast_object
+from ..latency import measure_time_per_flop
 from ..pruning import prune_and_merge
 from ..regularizer import EDPRegularizer
 from .base import CompressionMethod
@@ -46,6 +49,15 @@ class EDPMethod(CompressionMethod):
         # target-aware regularisation: once the exactly-zero groups alone remove flops_target, the prox stops
         # (checked every TARGET_CHECK_STEPS steps); a strong λ can otherwise zero far more than was asked for
         self.stop_at_target = bool(c.get("stop_reg_at_target", True))
+        self.rank_layers = c.get("rank_layers", "all")
+        if self.rank_layers not in RANK_LAYERS:
+            raise ValueError(f"compress.rank_layers={self.rank_layers!r} must be one of {RANK_LAYERS}")
+        self.latency_aware = c.get("latency_aware", False)
+        self.latency_batch = c.get("latency_batch", 1)
+        if not isinstance(self.latency_aware, bool):
+            raise ValueError(f"compress.latency_aware={self.latency_aware!r} must be true or false")
+        if isinstance(self.latency_batch, bool) or not isinstance(self.latency_batch, int) or self.latency_batch < 1:
+            raise ValueError(f"compress.latency_batch={self.latency_batch!r} must be a positive int")
         self.steps = 0
         self.reg_stopped_step: int | None = None
         self._structure = None
@@ -92,8 +104,6 @@ class EDPMethod(CompressionMethod):
         if not self.stop_at_target or target is None or self.input_size is None:
             return False
         if self._structure is None:   # layers and their positions do not change while the blocks stay decomposed
-            from ..budget import structure_from_model
-
             self._structure = structure_from_model(self.reg.model, input_size=self.input_size)
         else:
             self._structure.refresh()   # live masks from the current weights only
@@ -102,8 +112,14 @@ class EDPMethod(CompressionMethod):
 
     def prune(self, model, input_size) -> dict:
         target = self.cfg.get("flops_target")
+        weights = None
+        if self.latency_aware and target is not None:
+            # every rank must choose the same groups: rank 0's measurement is used everywhere
+            weights = broadcast_object(measure_time_per_flop(model, input_size=tuple(input_size),
+                                                             batch_size=self.latency_batch))
         report = prune_and_merge(model, flops_target=target, input_size=input_size,
-                                 round_to=self.cfg.get("round_to"))
+                                 round_to=self.cfg.get("round_to"), rank_layers=self.rank_layers,
+                                 layer_weights=weights)
         self.pruned = True
         self.reg = None
         out = report.to_dict()

@@ -1,0 +1,100 @@
+"""Latency-aware budget: measured time per FLOP (edp_det.latency) and its use by prune_and_merge / the EDP method.
+
+No timing is asserted (timings are noisy): the tests pin what the measurement must satisfy by construction (every
+layer timed at the input it really sees, FLOPs-weighted mean exactly 1) and what the budget must do with given
+weights (cut heavily weighted layers first, still meet the FLOPs target)."""
+import copy
+
+import pytest
+import torch
+
+import edp_det
+from _core_helpers import DET_KW, cached, one_thread, rel_err  # noqa: F401
+from edp_det.latency import measure_time_per_flop
+from edp_det.methods import build_method
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _orig_block_flops(model, input_size):
+    rep = edp_det.count_flops(model, input_size=input_size)
+    return {m.name: m.orig_flops for m in rep.modules if m.kind == "edp_block"}
+
+
+def test_weights_cover_every_layer_and_average_to_one():
+    _, m = cached("resnet18", num_classes=10)
+    w = measure_time_per_flop(m, input_size=(3, 64, 64), rounds=1, iters=1)
+    flops = _orig_block_flops(m, (3, 64, 64))
+    assert set(w) == set(flops) == {n for n, _ in edp_det.iter_blocks(m)}
+    assert all(v > 0 for v in w.values())
+    # weights are relative to the FLOPs-weighted mean time per FLOP: sum(w * F) / sum(F) == 1, which only holds if
+    # every layer's FLOPs were counted at the spatial size it really sees (stride 2 stages included)
+    assert sum(w[n] * flops[n] for n in w) / sum(flops.values()) == pytest.approx(1.0, rel=1e-9)
+    x = torch.randn(2, 3, 48, 48, dtype=torch.float64)
+    w2 = measure_time_per_flop(m, x, rounds=1, iters=1)           # explicit example input, batch 2
+    assert set(w2) == set(w)
+
+
+def test_detector_measures_the_backbone_body():
+    _, det = cached("fasterrcnn", decompose_kw={"scope": "detector"}, **DET_KW)
+    w = measure_time_per_flop(det, input_size=(3, 64, 64), rounds=1, iters=1)
+    body = {n for n, _ in edp_det.iter_blocks(det) if n.startswith("backbone.body.")}
+    assert set(w) == body and len(body) < len(list(edp_det.iter_blocks(det)))   # FPN/RPN blocks: no entry
+
+
+def test_bad_inputs():
+    original, m = cached("resnet18", num_classes=10)
+    with pytest.raises(ValueError, match="never decomposed"):
+        measure_time_per_flop(original)
+    with pytest.raises(ValueError, match="batch_size"):
+        measure_time_per_flop(m, batch_size=0)
+    with pytest.raises(ValueError, match="example_input"):
+        measure_time_per_flop(m, torch.zeros(3, 32, 32))
+    with pytest.raises(ValueError, match="not decomposed blocks"):
+        edp_det.prune_and_merge(m, flops_target=0.4, input_size=(3, 64, 64), layer_weights={"fc": 2.0})
+    with pytest.raises(ValueError, match="positive finite"):
+        edp_det.prune_and_merge(m, flops_target=0.4, input_size=(3, 64, 64), layer_weights={"conv1": -1.0})
+    with pytest.raises(TypeError, match="dict"):
+        edp_det.prune_and_merge(m, flops_target=0.4, input_size=(3, 64, 64), layer_weights=[1.0])
+
+
+def _kept_fraction(rep, prefix):
+    before = sum(l.flops_before for l in rep.layers if l.name.startswith(prefix))
+    after = sum(l.flops_after for l in rep.layers if l.name.startswith(prefix))
+    return after / before
+
+
+def test_weights_steer_the_budget():
+    _, m = cached("resnet18", dtype=torch.float64, num_classes=10)
+    size = (3, 64, 64)
+    x = torch.randn(2, *size, dtype=torch.float64)
+    plain = copy.deepcopy(m)
+    rep_plain = edp_det.prune_and_merge(plain, flops_target=0.4, input_size=size)
+    weighted = copy.deepcopy(m)
+    weights = {n: (4.0 if n.startswith("layer4.") else 1.0) for n, _ in edp_det.iter_blocks(m)}
+    with torch.no_grad():
+        before = weighted(x)
+    rep = edp_det.prune_and_merge(weighted, flops_target=0.4, input_size=size, layer_weights=weights)
+    assert rep.budget == "norm/time" and rep_plain.budget == "norm"
+    assert 0.40 <= rep.achieved_r_flops <= 0.41
+    # layer4, weighted as 4x slower per FLOP, is cut harder; the rest keeps more than without weights
+    assert _kept_fraction(rep, "layer4.") < _kept_fraction(rep_plain, "layer4.") - 0.1
+    assert _kept_fraction(rep, "layer1.") > _kept_fraction(rep_plain, "layer1.")
+    recount = edp_det.count_flops(weighted, input_size=size)
+    assert recount.flops == rep.flops_after
+    with torch.no_grad():
+        out = weighted(x)
+    assert out.shape == before.shape and torch.isfinite(out).all()
+
+
+def test_edp_method_latency_aware_and_config_errors():
+    _, m = cached("resnet18", num_classes=10)
+    method = build_method("edp", {"epoch_es": 1, "flops_target": 0.4, "latency_aware": True, "latency_batch": 2,
+                                  "rank_layers": "tied"}, 2)
+    model = method.prepare(m)
+    out = method.prune(model, (3, 64, 64))
+    assert out["budget"] == "norm/time" and 0.40 <= out["achieved_r_flops"] <= 0.41
+    with pytest.raises(ValueError, match="latency_aware"):
+        build_method("edp", {"epoch_es": 1, "flops_target": 0.4, "latency_aware": "yes"}, 2)
+    with pytest.raises(ValueError, match="latency_batch"):
+        build_method("edp", {"epoch_es": 1, "flops_target": 0.4, "latency_batch": 0}, 2)
