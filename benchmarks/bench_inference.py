@@ -50,7 +50,8 @@ def get_args_parser():
     p.add_argument("--settings", nargs="+", default=["1x224", "32x128"], help="BATCHxPIXELS settings")
     p.add_argument("--budgets", nargs="+", default=["all", "tied-r8", "tied-r8-lat"],
                    help="PM budget variants: 'all' | 'tied' (rank_layers), optional '-rN' (round_to=N), optional "
-                        "'-lat' (layer_weights measured by measure_time_per_flop at each setting's input)")
+                        "'-lat' (layer_weights measured by measure_time_per_flop at each setting's input), optional "
+                        "'-capNN' (max_layer_cut=NN/100)")
     p.add_argument("--plain", nargs="*", default=["all"],
                    help="budget variants also timed as plain PM output (the others only after optimize_for_inference)")
     p.add_argument("--floor-target", type=float, default=0.97,
@@ -103,18 +104,20 @@ def bound_lines(times, flops, targets) -> str:
 
 
 def parse_budget(spec: str) -> dict:
-    """'tied-r8-lat' -> {"rank_layers": "tied", "round_to": 8, "latency": True}."""
+    """'tied-r8-lat-cap75' -> {"rank_layers": "tied", "round_to": 8, "latency": True, "max_layer_cut": 0.75}."""
     parts = spec.split("-")
     if parts[0] not in ("all", "tied"):
         raise SystemExit(f"--budgets: {spec!r} must start with 'all' or 'tied'")
-    out = {"rank_layers": parts[0], "round_to": None, "latency": False}
+    out = {"rank_layers": parts[0], "round_to": None, "latency": False, "max_layer_cut": None}
     for p in parts[1:]:
         if p == "lat":
             out["latency"] = True
+        elif p.startswith("cap") and p[3:].isdigit() and 0 < int(p[3:]) <= 100:
+            out["max_layer_cut"] = int(p[3:]) / 100
         elif p.startswith("r") and p[1:].isdigit() and int(p[1:]) > 0:
             out["round_to"] = int(p[1:])
         else:
-            raise SystemExit(f"--budgets: unknown part {p!r} in {spec!r} (expected rN or lat)")
+            raise SystemExit(f"--budgets: unknown part {p!r} in {spec!r} (expected rN, lat or capNN)")
     return out
 
 
@@ -123,7 +126,8 @@ def pm_model(dec, r: float, budget: dict, x=None):
     m = copy.deepcopy(dec)
     weights = measure_time_per_flop(m, x) if budget["latency"] else None
     rep = prune_and_merge(m, flops_target=r, input_size=(3, 224, 224), round_to=budget["round_to"],
-                          rank_layers=budget["rank_layers"], layer_weights=weights)
+                          rank_layers=budget["rank_layers"], layer_weights=weights,
+                          max_layer_cut=budget["max_layer_cut"])
     return m.eval(), rep
 
 
@@ -153,7 +157,11 @@ def main(args):
         for spec, b in budgets.items():
             if not b["latency"]:
                 name = f"pm {int(round(r * 100))}% {spec}"
-                fixed[name], rep = pm_model(dec, r, b)
+                try:
+                    fixed[name], rep = pm_model(dec, r, b)
+                except ValueError as e:      # e.g. a max_layer_cut too tight for the target
+                    pm_lines.append(f"#   {name}: skipped ({e})")
+                    continue
                 pm_lines.append(pm_line(name, rep))
     if args.floor_target:
         fixed[FLOOR], rep = pm_model(dec, args.floor_target, parse_budget("all"))
@@ -169,7 +177,11 @@ def main(args):
             for spec, b in budgets.items():
                 if b["latency"]:
                     name = f"pm {int(round(r * 100))}% {spec}"
-                    pms[name], rep = pm_model(dec, r, b, x)
+                    try:
+                        pms[name], rep = pm_model(dec, r, b, x)
+                    except ValueError as e:
+                        notes.append(f"#   {name}: skipped ({e})")
+                        continue
                     notes.append(pm_line(name, rep))
         flops = {"orig": count_flops(orig, input_size=(3, px, px)).flops}
         models = {"orig": orig}

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .budget import RANK_LAYERS, BudgetError, Structure, _under, structure_from_model
+from .budget import RANK_LAYERS, BudgetError, Structure, _under, check_max_layer_cut, structure_from_model
 from .flops import count_flops
 from .graph import set_submodule, unwrap_model
 from .latency import check_layer_weights
@@ -120,7 +120,8 @@ def _slice_norm(norm: nn.Module, keep: torch.Tensor) -> nn.Module:
 
 def prune_and_merge(model: nn.Module, flops_target: float | None = None, input_size=(3, 224, 224),
                     example_inputs=None, round_to: int | None = None, merge: str = "eq14",
-                    rank_layers: str = "all", layer_weights: dict | None = None) -> PMReport:
+                    rank_layers: str = "all", layer_weights: dict | None = None,
+                    max_layer_cut: float | None = None) -> PMReport:
     """Prune zero groups of every CompressedAwareConv2d and merge where cheaper; in place. Returns a PMReport.
 
     Args:
@@ -143,6 +144,9 @@ def prune_and_merge(model: nn.Module, flops_target: float | None = None, input_s
             :func:`edp_det.latency.measure_time_per_flop`): the FLOPs-target selection divides every group's score
             by its layer's weight, so layers that are slow per FLOP on the target hardware are cut first and the
             FLOPs cut buys more speed (latency-aware budget; layers not named weigh 1).
+        max_layer_cut: optional f in (0, 1]: the FLOPs-target selection removes at most floor(f · live groups) of
+            each layer's rank groups and of its channel groups (zero groups are removed regardless); a target
+            that cannot be reached under the cap raises ``ValueError``.
     """
     root = unwrap_model(model)
     if flops_target is not None:
@@ -155,6 +159,7 @@ def prune_and_merge(model: nn.Module, flops_target: float | None = None, input_s
         raise ValueError(f"merge must be 'eq14' or 'never', got {merge!r}")
     if rank_layers not in RANK_LAYERS:
         raise ValueError(f"rank_layers must be one of {RANK_LAYERS}, got {rank_layers!r}")
+    check_max_layer_cut(max_layer_cut)
     report_before = count_flops(root, input_size=input_size, example_inputs=example_inputs)
     struct = structure_from_model(root, flops_report=report_before)
     if layer_weights is not None:
@@ -170,7 +175,7 @@ def prune_and_merge(model: nn.Module, flops_target: float | None = None, input_s
         target = float(flops_target) if flops_target is not None else 0.0
         try:
             removals, _ = struct.select_for_target(target, round_to=round_to, rank_layers=rank_layers,
-                                                   layer_weights=layer_weights)
+                                                   layer_weights=layer_weights, max_layer_cut=max_layer_cut)
         except BudgetError as e:
             raise ValueError(str(e)) from None
         struct.zero_groups(removals)

@@ -98,3 +98,32 @@ def test_edp_method_latency_aware_and_config_errors():
         build_method("edp", {"epoch_es": 1, "flops_target": 0.4, "latency_aware": "yes"}, 2)
     with pytest.raises(ValueError, match="latency_batch"):
         build_method("edp", {"epoch_es": 1, "flops_target": 0.4, "latency_batch": 0}, 2)
+
+
+def test_max_layer_cut_caps_every_layer():
+    _, m = cached("resnet18", dtype=torch.float64, num_classes=10)
+    size = (3, 64, 64)
+    weights = {n: (4.0 if n.startswith("layer4.") else 1.0) for n, _ in edp_det.iter_blocks(m)}
+    uncapped = edp_det.prune_and_merge(copy.deepcopy(m), flops_target=0.4, input_size=size, layer_weights=weights)
+    capped_model = copy.deepcopy(m)
+    capped = edp_det.prune_and_merge(capped_model, flops_target=0.4, input_size=size, layer_weights=weights,
+                                     max_layer_cut=0.5)
+    assert 0.40 <= capped.achieved_r_flops <= 0.41
+    assert edp_det.count_flops(capped_model, input_size=size).flops == capped.flops_after
+
+    def worst_kept(rep):
+        fracs = []
+        for l in rep.layers:
+            fracs.append(l.after[2] / l.before[2])
+            if not l.merged:
+                fracs.append(l.after[1] / l.before[1])
+        return min(fracs)
+    assert worst_kept(uncapped) < 0.5        # without the cap layer4 is cut below half
+    assert worst_kept(capped) >= 0.5         # with it no layer loses more than half of its ranks or channels
+    with pytest.raises(ValueError, match="cannot be reached"):
+        edp_det.prune_and_merge(copy.deepcopy(m), flops_target=0.8, input_size=size, max_layer_cut=0.05)
+    for bad in (0, 1.5, True, "half"):
+        with pytest.raises(ValueError, match="max_layer_cut"):
+            edp_det.prune_and_merge(copy.deepcopy(m), flops_target=0.4, input_size=size, max_layer_cut=bad)
+    with pytest.raises(ValueError, match="compress.max_layer_cut"):
+        build_method("edp", {"epoch_es": 1, "flops_target": 0.4, "max_layer_cut": 2}, 2)

@@ -12,7 +12,7 @@ import logging
 
 from torch import nn
 
-from ..budget import RANK_LAYERS, structure_from_model
+from ..budget import RANK_LAYERS, check_max_layer_cut, structure_from_model
 from ..decompose import decompose, is_decomposed
 from ..distributed import broadcast_object
 from ..latency import measure_time_per_flop
@@ -58,6 +58,11 @@ class EDPMethod(CompressionMethod):
             raise ValueError(f"compress.latency_aware={self.latency_aware!r} must be true or false")
         if isinstance(self.latency_batch, bool) or not isinstance(self.latency_batch, int) or self.latency_batch < 1:
             raise ValueError(f"compress.latency_batch={self.latency_batch!r} must be a positive int")
+        self.max_layer_cut = c.get("max_layer_cut")
+        try:
+            check_max_layer_cut(self.max_layer_cut)
+        except ValueError as e:
+            raise ValueError(f"compress.{e}") from None
         self.steps = 0
         self.reg_stopped_step: int | None = None
         self._structure = None
@@ -119,7 +124,7 @@ class EDPMethod(CompressionMethod):
                                                              batch_size=self.latency_batch))
         report = prune_and_merge(model, flops_target=target, input_size=input_size,
                                  round_to=self.cfg.get("round_to"), rank_layers=self.rank_layers,
-                                 layer_weights=weights)
+                                 layer_weights=weights, max_layer_cut=self.max_layer_cut)
         self.pruned = True
         self.reg = None
         out = report.to_dict()
