@@ -150,7 +150,8 @@ def _ddp_worker(rank, world, port, root, out):
     torch.set_num_threads(1)
     from edp_det.distributed import check_params_identical, destroy
 
-    cfg = _cfg(root, out, "train.epochs=2", "eval.batch_size=2")
+    # latency-aware budget: every rank times its own layers, so PM agrees across ranks only through rank 0's weights
+    cfg = _cfg(root, out, "train.epochs=2", "eval.batch_size=2", "compress.latency_aware=true")
     trainer = Trainer(cfg, DetectionTask(cfg), out, resume=None)
     trainer.run()
     same = check_params_identical(trainer.model)
@@ -168,3 +169,4 @@ def test_ddp_two_process_gloo(synthetic_voc, tmp_path):
     for k in r0["state"]:
         assert torch.equal(r0["state"][k], r1["state"][k]), k
     assert (tmp_path / "pm_report.json").exists() and (tmp_path / "metrics.json").exists()
+    assert json.loads((tmp_path / "pm_report.json").read_text())["budget"] == "norm/time"
