@@ -60,6 +60,12 @@ class BudgetError(ValueError):
     pass
 
 
+def check_rank_layers(value) -> None:
+    """``rank_layers`` must be one of :data:`RANK_LAYERS`."""
+    if value not in RANK_LAYERS:
+        raise ValueError(f"rank_layers={value!r} must be one of {RANK_LAYERS}")
+
+
 def check_max_layer_cut(value) -> None:
     """``max_layer_cut`` must be None or a number in (0, 1]."""
     if value is None:
@@ -232,8 +238,7 @@ class Structure:
         """
         if not set(kinds) <= {"col", "row"}:
             raise ValueError(f"kinds must be a subset of ('col', 'row'), got {kinds!r}")
-        if rank_layers not in RANK_LAYERS:
-            raise ValueError(f"rank_layers must be one of {RANK_LAYERS}, got {rank_layers!r}")
+        check_rank_layers(rank_layers)
         check_max_layer_cut(max_layer_cut)
         group_scores = group_scores or {}
         if self.original_flops is None:

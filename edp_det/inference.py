@@ -210,8 +210,14 @@ def fold_batchnorms(model: nn.Module, example_input) -> list[tuple[str, str]]:
     return pairs
 
 
-def _time_alternating(fns: list, rounds: int, iters: int) -> list[float]:
-    """Median seconds per call of each fn, rounds alternating (order rotated each round)."""
+def _sync(device) -> None:
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time_alternating(fns: list, rounds: int, iters: int, device=None) -> list[float]:
+    """Median seconds per call of each fn, rounds alternating (order rotated each round); on a CUDA ``device``
+    the queue is drained before every clock read."""
     for f in fns:
         f()
     per: list[list[float]] = [[] for _ in fns]
@@ -219,9 +225,11 @@ def _time_alternating(fns: list, rounds: int, iters: int) -> list[float]:
         order = list(range(len(fns)))
         order = order[r % len(fns):] + order[:r % len(fns)]
         for k in order:
+            _sync(device)
             t0 = time.perf_counter()
             for _ in range(iters):
                 fns[k]()
+            _sync(device)
             per[k].append((time.perf_counter() - t0) / iters)
     return [statistics.median(p) for p in per]
 
@@ -257,7 +265,7 @@ def _measure_merges(root: nn.Module, example_input, report: InferenceReport, rou
             x = inp[0]
             merged = _merged_conv(mod, report.memory_format == "channels_last")
             t_split, t_merged = _time_alternating([lambda: mod.coeff(mod.basis(x)), lambda: merged(x)],
-                                                 rounds, iters)
+                                                 rounds, iters, x.device)
             report.layer_ms[name] = (1e3 * t_split, 1e3 * t_merged)
             if t_merged < (1 - margin) * t_split:
                 decisions[name] = merged
@@ -323,7 +331,7 @@ def optimize_for_inference(model: nn.Module, example_input, *, fold_bn: bool = T
     if len(formats) > 1:
         cl = copy.deepcopy(root).to(memory_format=torch.channels_last)
         t_cont, t_cl = _time_alternating([lambda: _call(root, example_input), lambda: _call(cl, example_input)],
-                                         rounds, iters)
+                                         rounds, iters, ref.device if ref is not None else None)
         report.format_ms = {"contiguous": 1e3 * t_cont, "channels_last": 1e3 * t_cl}
         del cl
         if t_cl < t_cont:

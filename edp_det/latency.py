@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import logging
 import math
-import statistics
-import time
 
 import torch
 from torch import nn
@@ -32,6 +30,7 @@ from torch import nn
 from .block import CompressedAwareConv2d
 from .decompose import iter_blocks
 from .graph import unwrap_model
+from .inference import _time_alternating
 
 logger = logging.getLogger(__name__)
 
@@ -48,24 +47,6 @@ def _dense_like(block: CompressedAwareConv2d, like: torch.Tensor, channels_last:
     return conv.requires_grad_(False)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _median_seconds(fn, rounds: int, iters: int, device: torch.device) -> float:
-    fn()
-    _sync(device)
-    per = []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            fn()
-        _sync(device)
-        per.append((time.perf_counter() - t0) / iters)
-    return statistics.median(per)
-
-
 @torch.no_grad()
 def measure_time_per_flop(model: nn.Module, example_input: torch.Tensor | None = None, *, input_size=(3, 224, 224),
                           batch_size: int = 1, channels_last: bool = True, rounds: int = 3,
@@ -79,7 +60,8 @@ def measure_time_per_flop(model: nn.Module, example_input: torch.Tensor | None =
             transform, e.g. ``(1, 3, 800, 800)``); default ``zeros(batch_size, *input_size)``.
         channels_last: time the dense convs in ``channels_last`` (what
             :func:`edp_det.inference.optimize_for_inference` picks on CPUs) rather than contiguous format.
-        rounds, iters: timing effort per layer (median over rounds of the mean of ``iters`` calls).
+        rounds, iters: timing effort per layer (after one warm-up call: median over rounds of the mean of
+            ``iters`` calls; the timer of :func:`edp_det.inference.optimize_for_inference`).
     Returns:
         ``{block name: weight}``, weight = (time / FLOPs of the layer) / (Σ time / Σ FLOPs over all layers).
     """
@@ -108,7 +90,7 @@ def measure_time_per_flop(model: nn.Module, example_input: torch.Tensor | None =
             conv = _dense_like(block, x, channels_last)
             out = conv(x)
             flops = 2 * out.numel() * block.in_channels * math.prod(conv.kernel_size)
-            timed[name] = (_median_seconds(lambda: conv(x), rounds, iters, x.device), flops)
+            timed[name] = (_time_alternating([lambda: conv(x)], rounds, iters, x.device)[0], flops)
         return hook
 
     was_training = runner.training

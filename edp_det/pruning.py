@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .budget import RANK_LAYERS, BudgetError, Structure, _under, check_max_layer_cut, structure_from_model
+from .budget import (BudgetError, Structure, _under, check_max_layer_cut, check_rank_layers,
+                     structure_from_model)
 from .flops import count_flops
 from .graph import set_submodule, unwrap_model
 from .latency import check_layer_weights
@@ -157,8 +158,7 @@ def prune_and_merge(model: nn.Module, flops_target: float | None = None, input_s
         raise ValueError(f"round_to must be a positive int, got {round_to!r}")
     if merge not in ("eq14", "never"):
         raise ValueError(f"merge must be 'eq14' or 'never', got {merge!r}")
-    if rank_layers not in RANK_LAYERS:
-        raise ValueError(f"rank_layers must be one of {RANK_LAYERS}, got {rank_layers!r}")
+    check_rank_layers(rank_layers)
     check_max_layer_cut(max_layer_cut)
     report_before = count_flops(root, input_size=input_size, example_inputs=example_inputs)
     struct = structure_from_model(root, flops_report=report_before)

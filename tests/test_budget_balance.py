@@ -28,7 +28,7 @@ def test_moderate_target_spreads_over_layers():
 
 def test_rank_layers_tied_keeps_prunable_layers_dense():
     """``rank_layers="tied"``: the target is met by channels in channel-prunable layers (which PM then merges into
-    one dense conv) and by rank only where outputs are tied to a residual add; exact like any PM."""
+    one dense conv) and by rank only where outputs are tied to a residual add."""
     torch.manual_seed(0)
     m = torchvision.models.resnet50(num_classes=10).eval()
     edp_det.decompose(m)
@@ -55,4 +55,3 @@ def test_rank_layers_tied_keeps_prunable_layers_dense():
     assert sum(not all_mode[n].merged for n in prunable) > 0    # the default does split prunable layers
     with pytest.raises(ValueError, match="rank_layers"):
         edp_det.prune_and_merge(copy.deepcopy(m), flops_target=0.5, input_size=(3, 64, 64), rank_layers="most")
-

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import edp_det
-from _core_helpers import DET_KW, cached, one_thread, rel_err  # noqa: F401
+from _core_helpers import DET_KW, cached, one_thread  # noqa: F401
 from edp_det.latency import measure_time_per_flop
 from edp_det.methods import build_method
 
@@ -67,24 +67,17 @@ def _kept_fraction(rep, prefix):
 def test_weights_steer_the_budget():
     _, m = cached("resnet18", dtype=torch.float64, num_classes=10)
     size = (3, 64, 64)
-    x = torch.randn(2, *size, dtype=torch.float64)
     plain = copy.deepcopy(m)
     rep_plain = edp_det.prune_and_merge(plain, flops_target=0.4, input_size=size)
     weighted = copy.deepcopy(m)
     weights = {n: (4.0 if n.startswith("layer4.") else 1.0) for n, _ in edp_det.iter_blocks(m)}
-    with torch.no_grad():
-        before = weighted(x)
     rep = edp_det.prune_and_merge(weighted, flops_target=0.4, input_size=size, layer_weights=weights)
     assert rep.budget == "norm/time" and rep_plain.budget == "norm"
     assert 0.40 <= rep.achieved_r_flops <= 0.41
     # layer4, weighted as 4x slower per FLOP, is cut harder; the rest keeps more than without weights
     assert _kept_fraction(rep, "layer4.") < _kept_fraction(rep_plain, "layer4.") - 0.1
     assert _kept_fraction(rep, "layer1.") > _kept_fraction(rep_plain, "layer1.")
-    recount = edp_det.count_flops(weighted, input_size=size)
-    assert recount.flops == rep.flops_after
-    with torch.no_grad():
-        out = weighted(x)
-    assert out.shape == before.shape and torch.isfinite(out).all()
+    assert edp_det.count_flops(weighted, input_size=size).flops == rep.flops_after
 
 
 def test_edp_method_latency_aware_and_config_errors():

@@ -287,7 +287,7 @@ def test_registry_and_bad_input():
         build_method("svd", {"epoch_es": 1, "flops_target": None}, 2)
     with pytest.raises(ValueError, match="epoch_es"):
         build_method("lrs", {"epoch_es": 5, "flops_target": 0.4}, 2)
-    with pytest.raises(ValueError, match="rank_layers='residual'"):
+    with pytest.raises(ValueError, match="compress.rank_layers='residual'"):
         build_method("edp", {"epoch_es": 1, "flops_target": 0.4, "rank_layers": "residual"}, 2)
     with pytest.raises(ValueError, match="slimming_lambda"):
         build_method("slimming", cfg(0.4, slimming_lambda=-1.0), 2)

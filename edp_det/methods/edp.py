@@ -12,7 +12,7 @@ import logging
 
 from torch import nn
 
-from ..budget import RANK_LAYERS, check_max_layer_cut, structure_from_model
+from ..budget import check_max_layer_cut, check_rank_layers, structure_from_model
 from ..decompose import decompose, is_decomposed
 from ..distributed import broadcast_object
 from ..latency import measure_time_per_flop
@@ -50,19 +50,18 @@ class EDPMethod(CompressionMethod):
         # (checked every TARGET_CHECK_STEPS steps); a strong λ can otherwise zero far more than was asked for
         self.stop_at_target = bool(c.get("stop_reg_at_target", True))
         self.rank_layers = c.get("rank_layers", "all")
-        if self.rank_layers not in RANK_LAYERS:
-            raise ValueError(f"compress.rank_layers={self.rank_layers!r} must be one of {RANK_LAYERS}")
+        self.max_layer_cut = c.get("max_layer_cut")
+        try:
+            check_rank_layers(self.rank_layers)
+            check_max_layer_cut(self.max_layer_cut)
+        except ValueError as e:
+            raise ValueError(f"compress.{e}") from None
         self.latency_aware = c.get("latency_aware", False)
         self.latency_batch = c.get("latency_batch", 1)
         if not isinstance(self.latency_aware, bool):
             raise ValueError(f"compress.latency_aware={self.latency_aware!r} must be true or false")
         if isinstance(self.latency_batch, bool) or not isinstance(self.latency_batch, int) or self.latency_batch < 1:
             raise ValueError(f"compress.latency_batch={self.latency_batch!r} must be a positive int")
-        self.max_layer_cut = c.get("max_layer_cut")
-        try:
-            check_max_layer_cut(self.max_layer_cut)
-        except ValueError as e:
-            raise ValueError(f"compress.{e}") from None
         self.steps = 0
         self.reg_stopped_step: int | None = None
         self._structure = None
