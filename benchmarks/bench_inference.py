@@ -6,8 +6,9 @@ relative to the median β column norm) so that the budget has something to choos
 
 Budget variants (``--budgets``): ``all`` = the default budget (rank groups of every layer, norm order); ``tied`` =
 ``rank_layers="tied"`` (rank cut only where outputs feed a residual add, channel-prunable layers stay dense);
-``-r8`` = ``round_to=8``; ``-lat`` = latency-aware: ``layer_weights=measure_time_per_flop(m, x)`` measured at the
-setting's own input ``x`` (so those models are pruned per setting).
+``-r8`` = ``round_to=8``; ``-lat`` = latency-aware: ``layer_weights=measure_time_per_flop(m, x)`` (marginal model,
+per residual block) measured at the setting's own input ``x`` (so those models are pruned per setting);
+``-latavg`` the same with ``mode="average"`` (each layer's dense conv alone, the session-3 model).
 
 Variants per setting (all timed alternately in one run, one untimed warm-up call per variant per round; ratios
 per round, median over rounds):
@@ -50,7 +51,8 @@ def get_args_parser():
     p.add_argument("--settings", nargs="+", default=["1x224", "32x128"], help="BATCHxPIXELS settings")
     p.add_argument("--budgets", nargs="+", default=["all", "tied-r8", "tied-r8-lat"],
                    help="PM budget variants: 'all' | 'tied' (rank_layers), optional '-rN' (round_to=N), optional "
-                        "'-lat' (layer_weights measured by measure_time_per_flop at each setting's input), optional "
+                        "'-lat' / '-latavg' (layer_weights measured by measure_time_per_flop at each setting's input, "
+                        "marginal / average model), optional "
                         "'-capNN' (max_layer_cut=NN/100)")
     p.add_argument("--plain", nargs="*", default=["all"],
                    help="budget variants also timed as plain PM output (the others only after optimize_for_inference)")
@@ -104,27 +106,27 @@ def bound_lines(times, flops, targets) -> str:
 
 
 def parse_budget(spec: str) -> dict:
-    """'tied-r8-lat-cap75' -> {"rank_layers": "tied", "round_to": 8, "latency": True, "max_layer_cut": 0.75}."""
+    """'tied-r8-lat-cap75' -> {"rank_layers": "tied", "round_to": 8, "latency": "marginal", "max_layer_cut": 0.75}."""
     parts = spec.split("-")
     if parts[0] not in ("all", "tied"):
         raise SystemExit(f"--budgets: {spec!r} must start with 'all' or 'tied'")
-    out = {"rank_layers": parts[0], "round_to": None, "latency": False, "max_layer_cut": None}
+    out = {"rank_layers": parts[0], "round_to": None, "latency": None, "max_layer_cut": None}
     for p in parts[1:]:
-        if p == "lat":
-            out["latency"] = True
+        if p in ("lat", "latavg"):
+            out["latency"] = "marginal" if p == "lat" else "average"
         elif p.startswith("cap") and p[3:].isdigit() and 0 < int(p[3:]) <= 100:
             out["max_layer_cut"] = int(p[3:]) / 100
         elif p.startswith("r") and p[1:].isdigit() and int(p[1:]) > 0:
             out["round_to"] = int(p[1:])
         else:
-            raise SystemExit(f"--budgets: unknown part {p!r} in {spec!r} (expected rN, lat or capNN)")
+            raise SystemExit(f"--budgets: unknown part {p!r} in {spec!r} (expected rN, lat, latavg or capNN)")
     return out
 
 
 def pm_model(dec, r: float, budget: dict, x=None):
     """PM of a copy of ``dec`` to R_FLOPs ``r`` with ``budget``; latency weights are measured at input ``x``."""
     m = copy.deepcopy(dec)
-    weights = measure_time_per_flop(m, x) if budget["latency"] else None
+    weights = measure_time_per_flop(m, x, mode=budget["latency"]) if budget["latency"] else None
     rep = prune_and_merge(m, flops_target=r, input_size=(3, 224, 224), round_to=budget["round_to"],
                           rank_layers=budget["rank_layers"], layer_weights=weights,
                           max_layer_cut=budget["max_layer_cut"])

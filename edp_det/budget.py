@@ -35,6 +35,7 @@ surviving count to a multiple of ``round_to``.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -72,6 +73,23 @@ def check_max_layer_cut(value) -> None:
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < float(value) <= 1:
         raise ValueError(f"max_layer_cut must be null or a number in (0, 1], got {value!r}")
+
+
+def check_layer_weights(layer_weights, known_names) -> dict[str, float]:
+    """Validate ``{layer name: positive finite weight}``; names must be decomposed layers (``ValueError``)."""
+    if not isinstance(layer_weights, dict):
+        raise TypeError(f"layer_weights must be a dict of layer name -> weight, got {type(layer_weights).__name__}")
+    known = set(known_names)
+    unknown = sorted(set(layer_weights) - known)
+    if unknown:
+        raise ValueError(f"layer_weights names layers that are not decomposed blocks: {unknown[:5]}"
+                         f"{' ...' if len(unknown) > 5 else ''}")
+    out = {}
+    for name, w in layer_weights.items():
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w <= 0:
+            raise ValueError(f"layer_weights[{name!r}] must be a positive finite number, got {w!r}")
+        out[name] = float(w)
+    return out
 
 
 def scope_prefixes(model: nn.Module) -> list[str]:

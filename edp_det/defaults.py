@@ -41,6 +41,7 @@ COMMON = {
         "rank_layers": "all",  # all | tied: layers whose rank groups the FLOPs-target selection may remove
         "latency_aware": False,  # PM budget: cut layers that are slow per FLOP first (measured at PM time)
         "latency_batch": 1,    # batch size of the latency measurement (serve-time batch)
+        "latency_mode": "marginal",  # marginal (time a cut removes, per residual block) | average (dense conv)
         "max_layer_cut": None,  # PM budget: at most this fraction of a layer's live groups (per kind); null = all but one
         "init": "svd",         # svd | identity
         "channel_prune": "auto",

@@ -20,11 +20,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .budget import (BudgetError, Structure, _under, check_max_layer_cut, check_rank_layers,
+from .budget import (BudgetError, Structure, _under, check_layer_weights, check_max_layer_cut, check_rank_layers,
                      structure_from_model)
 from .flops import count_flops
 from .graph import set_submodule, unwrap_model
-from .latency import check_layer_weights
 
 logger = logging.getLogger(__name__)
 

@@ -1,8 +1,8 @@
 """Latency-aware budget: measured time per FLOP (edp_det.latency) and its use by prune_and_merge / the EDP method.
 
 No timing is asserted (timings are noisy): the tests pin what the measurement must satisfy by construction (every
-layer timed at the input it really sees, FLOPs-weighted mean exactly 1) and what the budget must do with given
-weights (cut heavily weighted layers first, still meet the FLOPs target)."""
+layer timed at the input it really sees, the dense variant is the original network, FLOPs-weighted mean exactly 1)
+and what the budget must do with given weights (cut heavily weighted layers first, still meet the FLOPs target)."""
 import copy
 
 import pytest
@@ -10,7 +10,7 @@ import torch
 
 import edp_det
 from _core_helpers import DET_KW, cached, one_thread  # noqa: F401
-from edp_det.latency import measure_time_per_flop
+from edp_det.latency import MIN_WEIGHT, _surgery_variant, measure_time_per_flop
 from edp_det.methods import build_method
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -21,9 +21,9 @@ def _orig_block_flops(model, input_size):
     return {m.name: m.orig_flops for m in rep.modules if m.kind == "edp_block"}
 
 
-def test_weights_cover_every_layer_and_average_to_one():
+def test_average_weights_cover_every_layer_and_average_to_one():
     _, m = cached("resnet18", num_classes=10)
-    w = measure_time_per_flop(m, input_size=(3, 64, 64), rounds=1, iters=1)
+    w = measure_time_per_flop(m, input_size=(3, 64, 64), mode="average", rounds=1, iters=1)
     flops = _orig_block_flops(m, (3, 64, 64))
     assert set(w) == set(flops) == {n for n, _ in edp_det.iter_blocks(m)}
     assert all(v > 0 for v in w.values())
@@ -31,8 +31,52 @@ def test_weights_cover_every_layer_and_average_to_one():
     # every layer's FLOPs were counted at the spatial size it really sees (stride 2 stages included)
     assert sum(w[n] * flops[n] for n in w) / sum(flops.values()) == pytest.approx(1.0, rel=1e-9)
     x = torch.randn(2, 3, 48, 48, dtype=torch.float64)
-    w2 = measure_time_per_flop(m, x, rounds=1, iters=1)           # explicit example input, batch 2
+    w2 = measure_time_per_flop(m, x, mode="average", rounds=1, iters=1)   # explicit example input, batch 2
     assert set(w2) == set(w)
+
+
+def test_marginal_weights_per_residual_block():
+    original, m = cached("resnet18", num_classes=10)
+    x = torch.randn(2, 3, 48, 48, dtype=torch.float64)
+    prof = measure_time_per_flop(m, x, rounds=1, iters=1, return_profile=True)
+    blocks = {n for n, _ in edp_det.iter_blocks(m)}
+    assert prof.mode == "marginal" and set(prof.weights) == blocks
+    # units: the stem conv alone, every BasicBlock with all its layers (downsample included)
+    assert prof.unit_of["conv1"] == "conv1"
+    assert prof.unit_of["layer2.0.conv2"] == prof.unit_of["layer2.0.downsample.0"] == "layer2.0"
+    assert len(set(prof.units)) == 1 + 8
+    # the dense variant is the original network: its units' FLOPs add up to the original's conv FLOPs at this
+    # batch (fc is outside every unit); every thin unit has fewer FLOPs
+    ref = edp_det.count_flops(original, example_inputs=x)
+    conv_flops = sum(r.flops for r in ref.modules if r.kind == "conv")
+    assert sum(fd for _, _, fd, _ in prof.units.values()) == conv_flops
+    assert all(0 < ft < fd for _, _, fd, ft in prof.units.values())
+    # weight = unit slope / FLOPs-weighted mean slope (floored at MIN_WEIGHT), the same for all layers of a unit
+    mean = (sum(td - tt for td, tt, _, _ in prof.units.values())
+            / sum(fd - ft for _, _, fd, ft in prof.units.values()))
+    for n, u in prof.unit_of.items():
+        td, tt, fd, ft = prof.units[u]
+        assert prof.weights[n] == pytest.approx(max(MIN_WEIGHT, (td - tt) / (fd - ft) / mean), rel=1e-12)
+
+
+def test_surgery_variants_dense_is_exact_and_thin_keeps_the_fraction():
+    _, m = cached("resnet50", num_classes=10)
+    m.eval()
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    dense = _surgery_variant(m, None)
+    assert not list(edp_det.iter_blocks(dense))                   # every layer is one plain conv again
+    assert torch.allclose(dense(x), m(x), rtol=1e-9, atol=1e-12)   # all groups kept: the same function
+    thin = _surgery_variant(m, 0.25)
+    # channel-prunable layers keep ceil(0.25 * c_out) channels, consumers follow; residual widths are untouched
+    c1 = thin.get_submodule("layer1.0.conv1")
+    c2 = thin.get_submodule("layer1.0.conv2")
+    c3 = thin.get_submodule("layer1.0.conv3")
+    assert c1.out_channels == 16 and c2.in_channels == 16 and c2.out_channels == 16
+    assert thin.get_submodule("conv1").out_channels == 16
+    assert thin(x).shape == (2, 10)
+    # conv3 (tied to the residual add) keeps its 256 outputs, at rank ceil(0.25 * 64) = 16 -> merged by eq. (14)
+    # since its input is only 16 channels wide
+    assert c3.out_channels == 256 and c3.in_channels == 16
 
 
 def test_detector_measures_the_backbone_body():
@@ -46,6 +90,11 @@ def test_bad_inputs():
     original, m = cached("resnet18", num_classes=10)
     with pytest.raises(ValueError, match="never decomposed"):
         measure_time_per_flop(original)
+    with pytest.raises(ValueError, match="latency mode"):
+        measure_time_per_flop(m, mode="fast")
+    for bad in (0, 1.0, True, "0.1"):
+        with pytest.raises(ValueError, match="thin"):
+            measure_time_per_flop(m, thin=bad)
     with pytest.raises(ValueError, match="batch_size"):
         measure_time_per_flop(m, batch_size=0)
     with pytest.raises(ValueError, match="example_input"):
@@ -91,6 +140,8 @@ def test_edp_method_latency_aware_and_config_errors():
         build_method("edp", {"epoch_es": 1, "flops_target": 0.4, "latency_aware": "yes"}, 2)
     with pytest.raises(ValueError, match="latency_batch"):
         build_method("edp", {"epoch_es": 1, "flops_target": 0.4, "latency_batch": 0}, 2)
+    with pytest.raises(ValueError, match="compress.latency_mode"):
+        build_method("edp", {"epoch_es": 1, "flops_target": 0.4, "latency_mode": "fastest"}, 2)
 
 
 def test_max_layer_cut_caps_every_layer():

@@ -15,7 +15,7 @@ from torch import nn
 from ..budget import check_max_layer_cut, check_rank_layers, structure_from_model
 from ..decompose import decompose, is_decomposed
 from ..distributed import broadcast_object
-from ..latency import measure_time_per_flop
+from ..latency import check_latency_mode, measure_time_per_flop
 from ..pruning import prune_and_merge
 from ..regularizer import EDPRegularizer
 from .base import CompressionMethod
@@ -58,6 +58,11 @@ class EDPMethod(CompressionMethod):
             raise ValueError(f"compress.{e}") from None
         self.latency_aware = c.get("latency_aware", False)
         self.latency_batch = c.get("latency_batch", 1)
+        self.latency_mode = c.get("latency_mode", "marginal")
+        try:
+            check_latency_mode(self.latency_mode)
+        except ValueError as e:
+            raise ValueError(f"compress.latency_mode: {e}") from None
         if not isinstance(self.latency_aware, bool):
             raise ValueError(f"compress.latency_aware={self.latency_aware!r} must be true or false")
         if isinstance(self.latency_batch, bool) or not isinstance(self.latency_batch, int) or self.latency_batch < 1:
@@ -120,7 +125,8 @@ class EDPMethod(CompressionMethod):
         if self.latency_aware and target is not None:
             # every rank must choose the same groups: rank 0's measurement is used everywhere
             weights = broadcast_object(measure_time_per_flop(model, input_size=tuple(input_size),
-                                                             batch_size=self.latency_batch))
+                                                             batch_size=self.latency_batch,
+                                                             mode=self.latency_mode))
         report = prune_and_merge(model, flops_target=target, input_size=input_size,
                                  round_to=self.cfg.get("round_to"), rank_layers=self.rank_layers,
                                  layer_weights=weights, max_layer_cut=self.max_layer_cut)
