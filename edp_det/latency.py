@@ -51,7 +51,8 @@ from .pruning import PMReport, _apply
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["measure_time_per_flop", "LatencyProfile", "check_layer_weights", "check_latency_mode", "LATENCY_MODES", "MIN_WEIGHT"]
+__all__ = ["measure_time_per_flop", "LatencyProfile", "check_layer_weights", "check_latency_mode", "LATENCY_MODES",
+           "MIN_WEIGHT"]
 
 LATENCY_MODES = ("marginal", "average")
 MIN_WEIGHT = 0.05      # floor of a weight (a unit whose thin form measured no faster than its dense form)
@@ -60,7 +61,6 @@ MIN_WEIGHT = 0.05      # floor of a weight (a unit whose thin form measured no f
 def check_latency_mode(value) -> None:
     if value not in LATENCY_MODES:
         raise ValueError(f"latency mode must be one of {', '.join(LATENCY_MODES)}, got {value!r}")
-
 
 
 def _dense_like(block: CompressedAwareConv2d, like: torch.Tensor, channels_last: bool) -> nn.Conv2d:
