@@ -306,8 +306,12 @@ class Structure:
                         c = self.layers[cidx]
                         saved += 2.0 * c.positions * c.kk * int(base[cidx, 1])
                     add(i, 1, rows, sq.sqrt(), saved)
-        if not cand_score:
-            raise BudgetError("no removable groups left")
+        if not cand_score:     # every layer is down to one group (or none): only the zero groups can count
+            achieved = 1.0 - self.flops_after(base) / float(self.original_flops)
+            if achieved >= flops_target:
+                return [], achieved
+            raise BudgetError(f"flops_target={flops_target:.4f} cannot be reached: no removable groups left "
+                              f"(the live structure cuts {achieved:.4f})")
         cand_layer, cand_kind = torch.cat(cand_layer), torch.cat(cand_kind)
         cand_idx, cand_score = torch.cat(cand_idx), torch.cat(cand_score)
         order = torch.sort(cand_score, stable=True).indices

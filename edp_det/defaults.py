@@ -46,6 +46,7 @@ COMMON = {
         "init": "svd",         # svd | identity
         "channel_prune": "auto",
         "forward_mode": "auto",
+        "compact": False,      # EDP: after each regularised epoch before ES, remove groups already exactly zero
         "stop_reg_at_target": True,  # EDP: stop the prox once the zero groups alone reach flops_target
         "bn_recalib_batches": 16,  # after PM: re-estimate BatchNorm statistics on this many training batches
         "method_args": {},     # extra per-method options (comparison methods)

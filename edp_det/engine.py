@@ -203,6 +203,14 @@ class Trainer:
             epoch_rec = {"epoch": epoch + 1, "phase": "end_epoch", "loss_mean": loss_sum / max(n_done, 1),
                          "epoch_time_s": time.time() - t_epoch, "regularized": method.regularizing(epoch)}
             epoch_rec.update(method.epoch_stats(model, input_size))
+            if method.compacts(epoch):
+                # groups already exactly zero leave the blocks now (exact): the rest of the regularised phase
+                # trains smaller convolutions; the checkpoint below stores the compacted architecture
+                comp = method.compact(model, optimizer)
+                if comp is not None and comp.changed:
+                    ddp_model = self._wrap(model, dist)
+                    epoch_rec.update(compacted_columns=comp.removed_columns, compacted_channels=comp.removed_channels,
+                                     params_compacted=comp.params_after)
             if method.prune_epoch is not None and epoch + 1 == method.prune_epoch:
                 model, optimizer, ddp_model = self._prune(model, optimizer, method, input_size, dist,
                                                           epoch=epoch, device=device)

@@ -289,6 +289,11 @@ def test_registry_and_bad_input():
         build_method("lrs", {"epoch_es": 5, "flops_target": 0.4}, 2)
     with pytest.raises(ValueError, match="compress.rank_layers='residual'"):
         build_method("edp", {"epoch_es": 1, "flops_target": 0.4, "rank_layers": "residual"}, 2)
+    with pytest.raises(ValueError, match="compress.compact='yes'"):
+        build_method("edp", {"epoch_es": 1, "flops_target": 0.4, "compact": "yes"}, 2)
+    compacting = build_method("edp", {"epoch_es": 3, "flops_target": 0.4, "compact": True}, 4)
+    assert [compacting.compacts(e) for e in range(4)] == [True, True, False, False]
+    assert not any(build_method("edp", {"epoch_es": 3, "flops_target": 0.4}, 4).compacts(e) for e in range(4))
     with pytest.raises(ValueError, match="slimming_lambda"):
         build_method("slimming", cfg(0.4, slimming_lambda=-1.0), 2)
     with pytest.raises(ValueError, match="l1_normalize"):

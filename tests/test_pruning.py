@@ -261,6 +261,27 @@ def test_zero_groups_exceeding_target_remove_nothing_more():
     assert rel_err(ref, model(x)) <= 1e-10
 
 
+def test_target_with_every_group_zero():
+    """A regulariser that zeroed everything (too strong a λ): the zero groups alone exceed any target, PM must
+    still run (removing nothing more) and stay exact; with no group left to remove an unreachable target raises."""
+    _, model = cached("resnet18", num_classes=10)
+    with torch.no_grad():
+        for _, b in iter_blocks(model):
+            b.beta_2d().zero_()
+    x = torch.randn(1, 3, 32, 32, dtype=torch.float64)
+    model.eval()
+    ref = model(x)
+    report = prune_and_merge(model, flops_target=0.4, input_size=(3, 32, 32))
+    assert report.budget_removed_groups == 0 and report.achieved_r_flops > 0.9
+    assert rel_err(ref, model(x)) <= 1e-10
+    _, fresh = cached("resnet18", num_classes=10)
+    with torch.no_grad():          # every layer down to one live group, nothing zero: a 0.999 cut is impossible
+        for _, b in iter_blocks(fresh):
+            b.beta_2d()[:, 1:] = 0
+    with pytest.raises(ValueError, match="cannot be reached"):
+        prune_and_merge(fresh, flops_target=0.999, input_size=(3, 32, 32), rank_layers="tied")
+
+
 def test_merge_never_keeps_two_convs():
     _, model = cached("resnet18", num_classes=10)
     left = sparsify(model, seed=5)

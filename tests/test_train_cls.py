@@ -59,6 +59,44 @@ def test_resume_across_pm_matches_uninterrupted(cls_run, tmp_path, epoch):
     assert ma["top1"] == mb["top1"] and ma["flops"] == mb["flops"]
 
 
+# a λ strong enough for these 3-step epochs to zero groups in the first regularised epochs
+COMPACT_OVERRIDES = ["train.epochs=4", "compress.epoch_es=3", "compress.compact=true", "compress.lambda_rank=30",
+                     "compress.lambda_channel=30", "train.checkpoint_keep=5", "benchmark.enabled=false",
+                     "train.threads=1"]
+
+
+def test_compaction_during_regularised_phase_and_resume(tmp_path):
+    data = make_cls_data(tmp_path / "data")
+    out = tmp_path / "run"
+    args = ["--config", str(TINY_CLS), "--data-root", str(data), "--log-level", "WARNING", *COMPACT_OVERRIDES]
+    assert run_tool("train_cls", [*args, "--output-dir", str(out)]) == 0
+    ends = [r for r in map(json.loads, (out / "metrics_log.jsonl").read_text().splitlines())
+            if r.get("phase") == "end_epoch"]
+    # compaction after regularised epochs 1 and 2 only (PM follows epoch 3); epoch 2 removed ranks and channels
+    assert "compacted_columns" not in ends[2] and "compacted_columns" not in ends[3] and ends[2].get("pruned")
+    assert ends[1]["compacted_columns"] > 0 and ends[1]["compacted_channels"] > 0
+    # the checkpoint after epoch 2 holds the compacted architecture, and it is what the blocks really are
+    ck = load_checkpoint(out / "checkpoint_epoch0002.pt")
+    blocks = {n: d for n, d in ck["spec"].items() if d["type"] == "edp_block"}
+    assert any(d["rank"] < min(d["out"], d["in"] * d["kernel"][0] * d["kernel"][1]) for d in blocks.values())
+    assert any(d["out"] < d["orig_out"] for d in blocks.values())
+    assert sum(v.numel() for k, v in ck["model"].items() if not k.endswith(("running_mean", "running_var",
+                                                                             "num_batches_tracked"))) \
+        == ends[1]["params_compacted"]
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["r_flops"] >= 0.40
+    # resuming from the compacted checkpoints rebuilds the compacted blocks and continues identically
+    for epoch in (1, 2):
+        res = tmp_path / f"res{epoch}"
+        assert run_tool("train_cls", [*args, "--output-dir", str(res), "--resume",
+                                      str(out / f"checkpoint_epoch{epoch:04d}.pt")]) == 0
+        a = load_compressed(out / "model_final.pt").state_dict()
+        b = load_compressed(res / "model_final.pt").state_dict()
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
 @pytest.fixture
 def bad_data(tmp_path):
     return make_cls_data(tmp_path / "data", train=2, val=1, size=32)
@@ -99,7 +137,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _ddp_worker(rank, world, port, data, out):
+def _ddp_worker(rank, world, port, data, out, extra=()):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
     torch.set_num_threads(1)
@@ -110,7 +148,7 @@ def _ddp_worker(rank, world, port, data, out):
     from edp_det.engine import Trainer
 
     cfg = load_config(TINY_CLS, [f"data.root={data}", "train.epochs=2", "train.max_iters_per_epoch=2",
-                                 "benchmark.enabled=false", "train.batch_size=2"],
+                                 "benchmark.enabled=false", "train.batch_size=2", *extra],
                       defaults=defaults_for("classification"))
     trainer = Trainer(cfg, ClassificationTask(cfg), out, resume=None)
     trainer.run()
@@ -120,16 +158,26 @@ def _ddp_worker(rank, world, port, data, out):
 
 
 @pytest.mark.slow
-def test_ddp_two_process_gloo(cls_run, tmp_path):
+@pytest.mark.parametrize("extra", [(), ("train.epochs=3", "compress.epoch_es=2", "compress.compact=true",
+                                        "train.warmup_iters=0", "compress.lambda_rank=60",
+                                        "compress.lambda_channel=60")], ids=["plain", "compaction"])
+def test_ddp_two_process_gloo(cls_run, tmp_path, extra):
     data, _ = cls_run
-    torch.multiprocessing.spawn(_ddp_worker, args=(2, _free_port(), str(data), str(tmp_path)), nprocs=2, join=True)
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, _free_port(), str(data), str(tmp_path), extra), nprocs=2,
+                                join=True)
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     assert r0["identical"] and r1["identical"]
     for k in r0["state"]:
         assert torch.equal(r0["state"][k], r1["state"][k]), k
     m = json.loads((tmp_path / "metrics.json").read_text())
-    assert 0.40 <= m["r_flops"] <= 0.41 and "top1" in m
+    assert m["r_flops"] >= 0.40 and "top1" in m
+    if extra:   # every rank compacted the same groups after epoch 1 and rebuilt its DDP wrapper
+        first = [r for r in map(json.loads, (tmp_path / "metrics_log.jsonl").read_text().splitlines())
+                 if r.get("phase") == "end_epoch"][0]
+        assert first["compacted_columns"] > 0 and first["compacted_channels"] > 0
+    else:
+        assert m["r_flops"] <= 0.41
 
 
 def test_model_weights_reinitialises_fc_on_class_count_change(tmp_path):

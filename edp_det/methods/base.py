@@ -56,6 +56,15 @@ class CompressionMethod:
     def after_step(self, model: nn.Module, lr: float, epoch: int) -> None:
         pass
 
+    def compacts(self, epoch: int) -> bool:
+        """Whether the engine should call :meth:`compact` once ``epoch`` (0-based) has finished."""
+        return False
+
+    def compact(self, model: nn.Module, optimizer):
+        """Physically remove groups training has already zeroed, in place; returns a
+        :class:`~edp_det.compaction.CompactionReport` (or None). The engine rebuilds the DDP wrapper after it."""
+        return None
+
     def calibrate(self, model: nn.Module, batches, device) -> None:
         """Look at ``calibration_batches`` training batches (an iterable of the task's raw batches, e.g.
         ``(images, targets)`` for detection) before :meth:`prune`; e.g. to record layer inputs."""

@@ -13,6 +13,7 @@ import logging
 from torch import nn
 
 from ..budget import check_max_layer_cut, check_rank_layers, structure_from_model
+from ..compaction import compact_zero_groups
 from ..decompose import decompose, is_decomposed
 from ..distributed import broadcast_object
 from ..latency import check_latency_mode, measure_time_per_flop
@@ -63,6 +64,9 @@ class EDPMethod(CompressionMethod):
             check_latency_mode(self.latency_mode)
         except ValueError as e:
             raise ValueError(f"compress.latency_mode: {e}") from None
+        self.compact_zero = c.get("compact", False)
+        if not isinstance(self.compact_zero, bool):
+            raise ValueError(f"compress.compact={self.compact_zero!r} must be true or false")
         if not isinstance(self.latency_aware, bool):
             raise ValueError(f"compress.latency_aware={self.latency_aware!r} must be true or false")
         if isinstance(self.latency_batch, bool) or not isinstance(self.latency_batch, int) or self.latency_batch < 1:
@@ -91,6 +95,16 @@ class EDPMethod(CompressionMethod):
             return
         self.reg = EDPRegularizer(model, self.lambda_rank, self.lambda_channel, optimizer=optimizer)
         self._structure = None
+
+    def compacts(self, epoch: int) -> bool:
+        # after every regularised epoch but the last (PM follows that one)
+        return self.compact_zero and self.regularizing(epoch) and epoch + 1 < self.epoch_es
+
+    def compact(self, model, optimizer):
+        report = compact_zero_groups(model, optimizer=optimizer, regularizer=self.reg)
+        if report.changed:
+            self._structure = None    # the target check's cached structure describes the old blocks
+        return report
 
     def _lambdas(self, epoch: int) -> tuple[float, float]:
         return self.lambda_rank, self.lambda_channel
