@@ -42,6 +42,7 @@ COMMON = {
         "latency_aware": False,  # PM budget: cut layers that are slow per FLOP first (measured at PM time)
         "latency_batch": 1,    # batch size of the latency measurement (serve-time batch)
         "latency_mode": "marginal",  # marginal (time a cut removes, per residual block) | average (dense conv)
+        "latency_weights": None,  # JSON {layer: weight} or an earlier run's pm_report.json: reuse, do not measure
         "max_layer_cut": None,  # PM budget: at most this fraction of a layer's live groups (per kind); null = all but one
         "init": "svd",         # svd | identity
         "channel_prune": "auto",

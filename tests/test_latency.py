@@ -4,6 +4,7 @@ No timing is asserted (timings are noisy): the tests pin what the measurement mu
 layer timed at the input it really sees, the dense variant is the original network, FLOPs-weighted mean exactly 1)
 and what the budget must do with given weights (cut heavily weighted layers first, still meet the FLOPs target)."""
 import copy
+import json
 
 import pytest
 import torch
@@ -129,13 +130,34 @@ def test_weights_steer_the_budget():
     assert edp_det.count_flops(weighted, input_size=size).flops == rep.flops_after
 
 
-def test_edp_method_latency_aware_and_config_errors():
+def test_edp_method_latency_aware_and_config_errors(tmp_path):
     _, m = cached("resnet18", num_classes=10)
+    fresh = copy.deepcopy(m)
     method = build_method("edp", {"epoch_es": 1, "flops_target": 0.4, "latency_aware": True, "latency_batch": 2,
                                   "rank_layers": "tied"}, 2)
     model = method.prepare(m)
     out = method.prune(model, (3, 64, 64))
     assert out["budget"] == "norm/time" and 0.40 <= out["achieved_r_flops"] <= 0.41
+    assert set(out["layer_weights"]) == {n for n, _ in edp_det.iter_blocks(fresh)}
+    # the measured weights, saved in pm_report.json, reproduce the same structure without measuring again
+    report_file = tmp_path / "pm_report.json"
+    report_file.write_text(json.dumps({k: v for k, v in out.items() if k not in ("param_map", "table")}))
+    again = build_method("edp", {"epoch_es": 1, "flops_target": 0.4, "latency_weights": str(report_file),
+                                 "rank_layers": "tied"}, 2)
+    out2 = again.prune(again.prepare(fresh), (3, 64, 64))
+    assert out2["budget"] == "norm/time" and out2["layers"] == out["layers"]
+    plain = tmp_path / "w.json"
+    plain.write_text(json.dumps(out["layer_weights"]))
+    assert build_method("edp", {"epoch_es": 1, "latency_weights": str(plain)}, 2).latency_weights == \
+        out["layer_weights"]
+    (tmp_path / "bad.json").write_text("{not json")
+    (tmp_path / "neg.json").write_text(json.dumps({"conv1": -1}))
+    (tmp_path / "list.json").write_text("[1, 2]")
+    for bad, msg in ((tmp_path / "missing.json", "not a file"), (tmp_path / "bad.json", "not valid JSON"),
+                     (tmp_path / "neg.json", "positive finite"), (tmp_path / "list.json", "expected an object")):
+        with pytest.raises(ValueError, match="compress.latency_weights") as e:
+            build_method("edp", {"epoch_es": 1, "latency_weights": str(bad)}, 2)
+        assert msg in str(e.value)
     with pytest.raises(ValueError, match="latency_aware"):
         build_method("edp", {"epoch_es": 1, "flops_target": 0.4, "latency_aware": "yes"}, 2)
     with pytest.raises(ValueError, match="latency_batch"):

@@ -12,7 +12,7 @@ import logging
 
 from torch import nn
 
-from ..budget import check_max_layer_cut, check_rank_layers, structure_from_model
+from ..budget import check_layer_weights, check_max_layer_cut, check_rank_layers, structure_from_model
 from ..compaction import compact_zero_groups
 from ..decompose import decompose, is_decomposed
 from ..distributed import broadcast_object
@@ -64,6 +64,7 @@ class EDPMethod(CompressionMethod):
             check_latency_mode(self.latency_mode)
         except ValueError as e:
             raise ValueError(f"compress.latency_mode: {e}") from None
+        self.latency_weights = self._load_latency_weights(c.get("latency_weights"))
         self.compact_zero = c.get("compact", False)
         if not isinstance(self.compact_zero, bool):
             raise ValueError(f"compress.compact={self.compact_zero!r} must be true or false")
@@ -95,6 +96,31 @@ class EDPMethod(CompressionMethod):
             return
         self.reg = EDPRegularizer(model, self.lambda_rank, self.lambda_channel, optimizer=optimizer)
         self._structure = None
+
+    @staticmethod
+    def _load_latency_weights(path) -> dict | None:
+        """``compress.latency_weights``: a JSON file of ``{layer name: weight}``, or a ``pm_report.json`` of an
+        earlier latency-aware run (its ``layer_weights``), so that PM reuses those weights instead of measuring."""
+        if path is None:
+            return None
+        import json
+        from pathlib import Path
+
+        if not isinstance(path, str) or not Path(path).is_file():
+            raise ValueError(f"compress.latency_weights={path!r}: not a file")
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"compress.latency_weights: {path}: not valid JSON ({e})") from None
+        if isinstance(data, dict) and isinstance(data.get("layer_weights"), dict):
+            data = data["layer_weights"]
+        if not isinstance(data, dict) or not data:
+            raise ValueError(f"compress.latency_weights: {path}: expected an object of layer name -> weight "
+                             f"(or a pm_report.json with 'layer_weights')")
+        try:
+            return check_layer_weights(data, data.keys())
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"compress.latency_weights: {path}: {e}") from None
 
     def compacts(self, epoch: int) -> bool:
         # after every regularised epoch but the last (PM follows that one)
@@ -136,7 +162,9 @@ class EDPMethod(CompressionMethod):
     def prune(self, model, input_size) -> dict:
         target = self.cfg.get("flops_target")
         weights = None
-        if self.latency_aware and target is not None:
+        if self.latency_weights is not None and target is not None:
+            weights = self.latency_weights           # measured once, reused: the same structure every run
+        elif self.latency_aware and target is not None:
             # every rank must choose the same groups: rank 0's measurement is used everywhere
             weights = broadcast_object(measure_time_per_flop(model, input_size=tuple(input_size),
                                                              batch_size=self.latency_batch,
@@ -147,6 +175,8 @@ class EDPMethod(CompressionMethod):
         self.pruned = True
         self.reg = None
         out = report.to_dict()
+        if weights is not None:
+            out["layer_weights"] = weights           # pm_report.json: reusable as compress.latency_weights
         out["param_map"] = report.param_map
         out["table"] = report.format_table()
         return out
