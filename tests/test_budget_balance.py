@@ -48,7 +48,6 @@ def test_rank_layers_tied_keeps_prunable_layers_dense():
     tied = {l.name: l for l in results["tied"].layers}
     for name in prunable:
         assert tied[name].merged, (name, tied[name])
-        assert tied[name].after[2] <= tied[name].before[2]
     assert any(tied[n].after[2] < tied[n].before[2] for n in prunable)            # channels were cut
     assert any(not l.merged and l.after[1] < l.before[1] for n, l in tied.items() if n not in prunable)
     all_mode = {l.name: l for l in results["all"].layers}

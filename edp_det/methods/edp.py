@@ -8,7 +8,9 @@
 """
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
 
 from torch import nn
 
@@ -103,9 +105,6 @@ class EDPMethod(CompressionMethod):
         earlier latency-aware run (its ``layer_weights``), so that PM reuses those weights instead of measuring."""
         if path is None:
             return None
-        import json
-        from pathlib import Path
-
         if not isinstance(path, str) or not Path(path).is_file():
             raise ValueError(f"compress.latency_weights={path!r}: not a file")
         try:
@@ -117,7 +116,7 @@ class EDPMethod(CompressionMethod):
         if not isinstance(data, dict) or not data:
             raise ValueError(f"compress.latency_weights: {path}: expected an object of layer name -> weight "
                              f"(or a pm_report.json with 'layer_weights')")
-        try:
+        try:   # values only: the names are checked against the model's layers by prune_and_merge
             return check_layer_weights(data, data.keys())
         except (TypeError, ValueError) as e:
             raise ValueError(f"compress.latency_weights: {path}: {e}") from None
