@@ -10,7 +10,7 @@ Variants (same data, same optimizer settings, timed alternately; ratios per roun
                      engine does (prepare / attach / after_step)
   * ``edp_after_pm`` the same model after PM to ``--flops-target`` (``[Epoch_ES, E)``): ordinary convs, no prox
 One "epoch" is ``--iters`` training steps (forward, cross-entropy backward, SGD with momentum and weight decay,
-method hook) over batches of a synthetic ImageFolder read through :class:`edp_det.classification.ClassificationTask`'s
+method hook) over batches of a synthetic ImageFolder read through :class:`edp_det.train.classification.ClassificationTask`'s
 data pipeline. By default the batches are decoded once and cached, so the figure is the training compute; with
 ``--live-loader`` every epoch iterates the DataLoader (decode + augmentation included, as in the paper's epoch
 times). Ratios scale to a full epoch: every step of an epoch costs the same.
@@ -62,10 +62,10 @@ def get_args_parser():
 
 
 def _data(args, tmp: Path):
-    from edp_det.classification import ClassificationTask
+    from edp_det.train.classification import ClassificationTask
     from edp_det.data.imagefolder import make_synthetic_imagefolder
-    from edp_det.defaults import defaults_for
-    from edp_det.distributed import DistInfo
+    from edp_det.runtime.defaults import defaults_for
+    from edp_det.runtime.distributed import DistInfo
 
     root = args.data_root
     if root is None:
@@ -85,7 +85,7 @@ def _data(args, tmp: Path):
 
 def _trainer_step(model, method, args, device, lr=1e-3):
     """One engine-style step factory: returns ``step(batch)`` for ``model`` driven by ``method``."""
-    from edp_det.engine import build_optimizer
+    from edp_det.train.engine import build_optimizer
 
     tcfg = {"optimizer": "sgd", "lr": lr, "momentum": 0.9, "weight_decay": 1e-4}
     model.to(device).train()
@@ -113,7 +113,7 @@ def main(args):
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     device = torch.device(args.device)
-    from edp_det.flops import count_flops
+    from edp_det.ops.flops import count_flops
     from edp_det.methods import build_method
 
     with tempfile.TemporaryDirectory() as tmp:

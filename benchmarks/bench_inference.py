@@ -13,7 +13,7 @@ per residual block) measured at the setting's own input ``x`` (so those models a
 Variants per setting (all timed alternately in one run, one untimed warm-up call per variant per round; ratios
 per round, median over rounds):
   * ``orig``               the original ResNet-50, eager, as torchvision builds it (baseline)
-  * ``orig+opt``           the original through :func:`edp_det.inference.optimize_for_inference` (same tricks)
+  * ``orig+opt``           the original through :func:`edp_det.deploy.inference.optimize_for_inference` (same tricks)
   * ``pm R <budget>``      plain PM output (only for the budgets in ``--plain``)
   * ``pm R <budget> +opt`` PM output through ``optimize_for_inference`` (BN folded, measured merges and format)
   * ``floor +opt``         the model pruned to ``--floor-target`` (0.97): what no FLOPs cut of EDP removes; from it the
@@ -41,8 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import machine_info, median_ms, ratios, table, time_variants  # noqa: E402
 from edp_det import EDPRegularizer, count_flops, decompose, iter_blocks, prune_and_merge  # noqa: E402
-from edp_det.inference import optimize_for_inference  # noqa: E402
-from edp_det.latency import measure_time_per_flop  # noqa: E402
+from edp_det.deploy.inference import optimize_for_inference  # noqa: E402
+from edp_det.deploy.latency import measure_time_per_flop  # noqa: E402
 
 
 def get_args_parser():

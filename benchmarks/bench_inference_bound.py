@@ -5,7 +5,7 @@ so that a missed goal can be told apart from an unreachable one. EDP changes a B
 lose output channels (channel groups, λ2) and conv3/downsample lose rank (they become a 1×1 θ' + 1×1 β pair, or
 stay one conv where eq. (14) says that is cheaper); the residual width, the stem and the head are never changed.
 For every Bottleneck of torchvision's ResNet-50 the script builds that block in its *inference form* (norms folded
-into conv biases, ``channels_last``, in-place ReLU and add, as :func:`edp_det.inference.optimize_for_inference`
+into conv biases, ``channels_last``, in-place ReLU and add, as :func:`edp_det.deploy.inference.optimize_for_inference`
 leaves it) at every point of a grid
 
     channel keep fraction c (conv1/conv2 widths = round(c · width))  ×  rank keep fraction q
@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import machine_info, table  # noqa: E402
 from edp_det import count_flops  # noqa: E402
-from edp_det.inference import _time_alternating, optimize_for_inference  # noqa: E402
+from edp_det.deploy.inference import _time_alternating, optimize_for_inference  # noqa: E402
 
 CL = torch.channels_last
 

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import machine_info, table, time_variants  # noqa: E402
 from edp_det import EDPRegularizer, decompose  # noqa: E402
-from edp_det.regularizer import _shrink, _zero_momentum  # noqa: E402
+from edp_det.edp.regularizer import _shrink, _zero_momentum  # noqa: E402
 
 
 @torch.no_grad()

@@ -8,7 +8,7 @@ Variants (all timed alternately in the same run, ratios per round, median over r
   * ``two_conv`` / ``effective`` / ``auto``   decomposed at full rank (start of the EDP phase), one forward mode
   * ``mid{p}/zeros``          ``p`` of every block's β columns (the weakest) set to zero but *not* removed (auto;
                               only for the largest ``p``)
-  * ``mid{p}/compact``        the same after :func:`edp_det.compaction.compact_zero_groups` (auto)
+  * ``mid{p}/compact``        the same after :func:`edp_det.edp.compaction.compact_zero_groups` (auto)
 The ``flops`` column is the analytic multiply-add ratio of the step's convolutions and linear layers (forward plus
 the backward passes autograd runs), i.e. what the cost model of ``forward_mode="auto"`` sees.
 
@@ -35,8 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import machine_info, median_ms, ratios, spread, table, time_variants  # noqa: E402
 from edp_det import EDPRegularizer, decompose, iter_blocks  # noqa: E402
-from edp_det.block import CompressedAwareConv2d  # noqa: E402
-from edp_det.compaction import compact_zero_groups  # noqa: E402
+from edp_det.ops.block import CompressedAwareConv2d  # noqa: E402
+from edp_det.edp.compaction import compact_zero_groups  # noqa: E402
 
 
 def get_args_parser():

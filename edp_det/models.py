@@ -169,7 +169,7 @@ def describe_model(model: nn.Module) -> dict:
 
 
 def _read_state_dict(path, what: str) -> dict:
-    from .checkpoint import load_checkpoint
+    from edp_det.runtime.checkpoint import load_checkpoint
 
     obj = load_checkpoint(path)
     if isinstance(obj, dict):

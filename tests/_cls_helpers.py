@@ -29,7 +29,7 @@ def load_tool(name: str):
 def run_tool(name: str, argv: list[str]):
     """``tools/<name>.py argv`` in-process through the same error boundary as ``__main__`` (cli_main); returns
     the exit status (0 on success). Restores the root logger afterwards."""
-    from edp_det.cli import cli_main
+    from edp_det.harness.cli import cli_main
 
     mod = load_tool(name)
     root = logging.getLogger()

@@ -1,4 +1,4 @@
-"""edp_det.benchmark and tools/benchmark.py: fields and FLOPs bookkeeping (no timing thresholds), the CLI."""
+"""edp_det.deploy.benchmark and tools/benchmark.py: fields and FLOPs bookkeeping (no timing thresholds), the CLI."""
 import importlib.util
 import json
 from pathlib import Path
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import edp_det
-from edp_det.benchmark import (benchmark_detector, compare_side_by_side, default_input_size, format_comparison,
+from edp_det.deploy.benchmark import (benchmark_detector, compare_side_by_side, default_input_size, format_comparison,
                                measure_latency)
 
 REPO = Path(__file__).resolve().parents[1]

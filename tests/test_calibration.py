@@ -1,10 +1,10 @@
-"""BatchNorm re-estimation after PM (edp_det.calibration)."""
+"""BatchNorm re-estimation after PM (edp_det.edp.calibration)."""
 import pytest
 import torch
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from edp_det.calibration import batchnorm_layers, forward_batch, recalibrate_batchnorm
+from edp_det.edp.calibration import batchnorm_layers, forward_batch, recalibrate_batchnorm
 
 
 def _net(norm=nn.BatchNorm2d):

@@ -7,15 +7,15 @@ import numpy as np
 import pytest
 import torch
 
-from edp_det import checkpoint as ckpt
-from edp_det.checkpoint import (
+from edp_det.runtime import checkpoint as ckpt
+from edp_det.runtime.checkpoint import (
     CheckpointManager,
     atomic_save,
     load_checkpoint,
     resolve_resume,
     to_plain,
 )
-from edp_det.errors import CheckpointError
+from edp_det.runtime.errors import CheckpointError
 
 UNPICKLED = []
 

@@ -10,9 +10,9 @@ from torch import nn
 from torchvision.models import resnet18, resnet50
 
 from edp_det import EDPRegularizer, count_flops, decompose, iter_blocks, prune_and_merge
-from edp_det.block import CompressedAwareConv2d
-from edp_det.compaction import compact_zero_groups
-from edp_det.pruning import transfer_optimizer_state
+from edp_det.ops.block import CompressedAwareConv2d
+from edp_det.edp.compaction import compact_zero_groups
+from edp_det.edp.pruning import transfer_optimizer_state
 
 from _core_helpers import one_thread  # noqa: F401
 

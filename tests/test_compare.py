@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from edp_det.compare import build_report, collect_runs, layer_counts, plan_runs, run_name
-from edp_det.report import comparison_rows, format_comparison_table
+from edp_det.harness.compare import build_report, collect_runs, layer_counts, plan_runs, run_name
+from edp_det.harness.report import comparison_rows, format_comparison_table
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

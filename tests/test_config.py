@@ -4,7 +4,7 @@ import textwrap
 import pytest
 import yaml
 
-from edp_det.config import (
+from edp_det.runtime.config import (
     config_hash,
     deep_merge,
     dump_config,
@@ -14,7 +14,7 @@ from edp_det.config import (
     parse_overrides,
     set_by_dotted,
 )
-from edp_det.errors import ConfigError
+from edp_det.runtime.errors import ConfigError
 
 DEFAULTS = {
     "model": {"name": "resnet18", "depth": 18, "pretrained": False, "kwargs": {}},

@@ -9,8 +9,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from edp_det import distributed as D
-from edp_det.errors import ConfigError
+from edp_det.runtime import distributed as D
+from edp_det.runtime.errors import ConfigError
 
 DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 

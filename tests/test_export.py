@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import edp_det
-from edp_det.export import (BACKBONE_OUTPUTS, example_inputs, export_model, export_onnx, export_torchscript,
+from edp_det.deploy.export import (BACKBONE_OUTPUTS, example_inputs, export_model, export_onnx, export_torchscript,
                             run_pytorch, verify_torchscript)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -75,7 +75,7 @@ def test_onnx_full_detector_parity(model, tmp_path):
 
 def test_onnx_fallback_to_backbone_dynamic_parity(model, tmp_path, monkeypatch):
     """If the whole detector cannot be exported, the backbone + FPN is, and the result says so."""
-    import edp_det.export as ex
+    import edp_det.deploy.export as ex
 
     def broken(self, image):
         raise RuntimeError("simulated unsupported operator")

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from edp_det.data.imagefolder import build_imagefolder, make_synthetic_imagefolder, validate_imagefolder
-from edp_det.errors import ConfigError, DataError
+from edp_det.runtime.errors import ConfigError, DataError
 
 CLASSES = ["circle", "square", "triangle"]
 REPO = Path(__file__).resolve().parents[1]

@@ -12,7 +12,7 @@ from torchvision.models import resnet18
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from edp_det import EDPRegularizer, decompose, prune_and_merge
-from edp_det.inference import fold_batchnorms, optimize_for_inference
+from edp_det.deploy.inference import fold_batchnorms, optimize_for_inference
 
 from _core_helpers import one_thread, randomize_norms  # noqa: F401
 

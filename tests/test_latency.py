@@ -1,4 +1,4 @@
-"""Latency-aware budget: measured time per FLOP (edp_det.latency) and its use by prune_and_merge / the EDP method.
+"""Latency-aware budget: measured time per FLOP (edp_det.deploy.latency) and its use by prune_and_merge / the EDP method.
 
 No timing is asserted (timings are noisy): the tests pin what the measurement must satisfy by construction (every
 layer timed at the input it really sees, the dense variant is the original network, FLOPs-weighted mean exactly 1)
@@ -11,7 +11,7 @@ import torch
 
 import edp_det
 from _core_helpers import DET_KW, cached, one_thread  # noqa: F401
-from edp_det.latency import MIN_WEIGHT, _surgery_variant, measure_time_per_flop
+from edp_det.deploy.latency import MIN_WEIGHT, _surgery_variant, measure_time_per_flop
 from edp_det.methods import build_method
 
 pytestmark = pytest.mark.usefixtures("one_thread")

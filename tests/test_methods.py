@@ -10,12 +10,12 @@ from torchvision.models.resnet import Bottleneck, ResNet
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from edp_det import CompressedAwareConv2d, build_model, count_flops, load_compressed, save_compressed
-from edp_det.graph import build_channel_graph
-from edp_det.layers import FixedStatBatchNorm2d, LowRankSparseConv2d, MaskedConv2d
+from edp_det.ops.graph import build_channel_graph
+from edp_det.ops.layers import FixedStatBatchNorm2d, LowRankSparseConv2d, MaskedConv2d
 from edp_det.methods import METHODS, build_method
 from edp_det.methods.lrs import allocate_lowrank_sparse
 from edp_det.models import MODEL_REGISTRY, register_model
-from edp_det.serialization import apply_spec, architecture_spec
+from edp_det.deploy.serialization import apply_spec, architecture_spec
 
 from _core_helpers import one_thread, randomize_norms  # noqa: F401
 

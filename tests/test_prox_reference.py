@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torchvision.models import resnet18
 
 from edp_det import EDPRegularizer, decompose
-from edp_det.regularizer import _shrink
+from edp_det.edp.regularizer import _shrink
 
 _CACHE: dict = {}
 

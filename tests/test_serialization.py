@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from edp_det import CompressedAwareConv2d, iter_blocks, load_compressed, prune_and_merge, save_compressed
-from edp_det.serialization import FORMAT
+from edp_det.deploy.serialization import FORMAT
 
 from _core_helpers import DET_KW, cached, det_image, one_thread, sparsify  # noqa: F401
 

@@ -11,7 +11,7 @@ import pytest
 
 from edp_det.data.synthetic import make_synthetic_voc, render_background, render_scene
 from edp_det.data.voc import VOCDataset, validate_voc_split
-from edp_det.errors import ConfigError
+from edp_det.runtime.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 

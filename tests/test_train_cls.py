@@ -12,7 +12,7 @@ import torch
 
 from _cls_helpers import CLS_OVERRIDES, TINY_CLS, make_cls_data, run_tool, tiny_cls_run
 from edp_det import CompressedAwareConv2d, count_flops, load_compressed
-from edp_det.checkpoint import load_checkpoint
+from edp_det.runtime.checkpoint import load_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -141,11 +141,11 @@ def _ddp_worker(rank, world, port, data, out, extra=()):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
     torch.set_num_threads(1)
-    from edp_det.classification import ClassificationTask
-    from edp_det.config import load_config
-    from edp_det.defaults import defaults_for
-    from edp_det.distributed import check_params_identical, destroy
-    from edp_det.engine import Trainer
+    from edp_det.train.classification import ClassificationTask
+    from edp_det.runtime.config import load_config
+    from edp_det.runtime.defaults import defaults_for
+    from edp_det.runtime.distributed import check_params_identical, destroy
+    from edp_det.train.engine import Trainer
 
     cfg = load_config(TINY_CLS, [f"data.root={data}", "train.epochs=2", "train.max_iters_per_epoch=2",
                                  "benchmark.enabled=false", "train.batch_size=2", *extra],
@@ -181,8 +181,8 @@ def test_ddp_two_process_gloo(cls_run, tmp_path, extra):
 
 
 def test_model_weights_reinitialises_fc_on_class_count_change(tmp_path):
-    from edp_det.checkpoint import atomic_save
-    from edp_det.classification import load_classifier_weights
+    from edp_det.runtime.checkpoint import atomic_save
+    from edp_det.train.classification import load_classifier_weights
     from edp_det.models import build_model
 
     src = build_model("resnet18", num_classes=10)

@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from edp_det import CompressedAwareConv2d, count_flops, load_compressed
-from edp_det.checkpoint import load_checkpoint
-from edp_det.config import load_config
-from edp_det.defaults import defaults_for
-from edp_det.detection import DetectionTask
-from edp_det.engine import Trainer, TrainingError
+from edp_det.runtime.checkpoint import load_checkpoint
+from edp_det.runtime.config import load_config
+from edp_det.runtime.defaults import defaults_for
+from edp_det.train.detection import DetectionTask
+from edp_det.train.engine import Trainer, TrainingError
 
 REPO_ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 
@@ -148,7 +148,7 @@ def _ddp_worker(rank, world, port, root, out):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
     torch.set_num_threads(1)
-    from edp_det.distributed import check_params_identical, destroy
+    from edp_det.runtime.distributed import check_params_identical, destroy
 
     # latency-aware budget: every rank times its own layers, so PM agrees across ranks only through rank 0's weights
     cfg = _cfg(root, out, "train.epochs=2", "eval.batch_size=2", "compress.latency_aware=true")

@@ -11,14 +11,14 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from _cls_helpers import REPO_ROOT, tiny_cls_run
 from edp_det import CompressedAwareConv2d, load_compressed, save_compressed
-from edp_det.checkpoint import atomic_save, load_checkpoint
-from edp_det.config import load_config
-from edp_det.defaults import defaults_for
-from edp_det.detection import DetectionTask
-from edp_det.engine import Trainer
-from edp_det.errors import CheckpointError, ConfigError
+from edp_det.runtime.checkpoint import atomic_save, load_checkpoint
+from edp_det.runtime.config import load_config
+from edp_det.runtime.defaults import defaults_for
+from edp_det.train.detection import DetectionTask
+from edp_det.train.engine import Trainer
+from edp_det.runtime.errors import CheckpointError, ConfigError
 from edp_det.models import build_model
-from edp_det.transfer import load_classifier_backbone
+from edp_det.train.transfer import load_classifier_backbone
 
 TINY_DET = REPO_ROOT / "configs" / "tiny_synthetic.yaml"
 FAST = ["model.min_size=64", "model.max_size=64", "train.max_iters_per_epoch=2", "benchmark.enabled=false",

@@ -26,7 +26,7 @@ from edp_det.data.voc import (
     voc_to_xyxy,
     xyxy_to_voc,
 )
-from edp_det.errors import ConfigError, DataError, EDPError
+from edp_det.runtime.errors import ConfigError, DataError, EDPError
 
 SHAPES3 = ["circle", "square", "triangle"]
 

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from edp_det.errors import DataError
+from edp_det.runtime.errors import DataError
 from edp_det.evaluation import voc_eval
 from edp_det.evaluation.coco_eval import evaluate_coco
 from edp_det.evaluation.voc_eval import box_iou_voc, evaluate_voc, load_detections_json

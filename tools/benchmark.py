@@ -43,7 +43,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU); default: torch's")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--optimize", action="store_true",
-                   help="time the inference form of both models (edp_det.inference.optimize_for_inference on the "
+                   help="time the inference form of both models (edp_det.deploy.inference.optimize_for_inference on the "
                         "backbone body: norm layers folded, low-rank pairs merged where measured faster)")
     p.add_argument("--output-json", default=None, help="also write the full result as JSON here")
     return p
@@ -63,8 +63,8 @@ def _run(args: argparse.Namespace) -> dict:
     import torch
 
     from edp_det import load_compressed
-    from edp_det.benchmark import compare_side_by_side, default_input_size, format_comparison
-    from edp_det.errors import ConfigError
+    from edp_det.deploy.benchmark import compare_side_by_side, default_input_size, format_comparison
+    from edp_det.runtime.errors import ConfigError
 
     for flag, v, lo in (("--iters", args.iters, 1), ("--rounds", args.rounds, 1), ("--warmup", args.warmup, 0)):
         if v < lo:
@@ -115,7 +115,7 @@ def _run(args: argparse.Namespace) -> dict:
 
 def main(args: argparse.Namespace) -> dict:
     """Run the benchmark; returns the result dict. Bad input -> one line on stderr and SystemExit(2)."""
-    from edp_det.errors import EDPError
+    from edp_det.runtime.errors import EDPError
 
     try:
         return _run(args)

@@ -12,7 +12,7 @@ rebuilds ``<output-dir>/report.md`` and the figures from the finished runs witho
 import argparse
 from pathlib import Path
 
-from edp_det.cli import cli_main
+from edp_det.harness.cli import cli_main
 
 
 def get_args_parser():
@@ -37,8 +37,8 @@ def _floats(text: str) -> list[float]:
 
 
 def main(args):
-    from edp_det.compare import build_report, comparison_config, plan_runs, run_comparison
-    from edp_det.logging_utils import setup_logging
+    from edp_det.harness.compare import build_report, comparison_config, plan_runs, run_comparison
+    from edp_det.runtime.logs import setup_logging
 
     if not Path(args.config).is_file():
         raise ValueError(f"--config {args.config}: file not found")

@@ -23,13 +23,13 @@ def get_args_parser():
 
 
 def main(args):
-    from edp_det.config import load_config
+    from edp_det.runtime.config import load_config
     from edp_det.data.synthetic import make_synthetic_voc
-    from edp_det.defaults import defaults_for
-    from edp_det.detection import DetectionTask
-    from edp_det.engine import Trainer
-    from edp_det.logging_utils import setup_logging
-    from edp_det.report import comparison_rows, format_comparison_table
+    from edp_det.runtime.defaults import defaults_for
+    from edp_det.train.detection import DetectionTask
+    from edp_det.train.engine import Trainer
+    from edp_det.runtime.logs import setup_logging
+    from edp_det.harness.report import comparison_rows, format_comparison_table
 
     out = Path(args.output_dir)
     setup_logging(out)
@@ -52,7 +52,7 @@ def main(args):
         metrics[name] = json.loads(done.read_text())
         metrics[name]["config"] = cfg
     from edp_det import load_compressed
-    from edp_det.benchmark import compare_side_by_side
+    from edp_det.deploy.benchmark import compare_side_by_side
 
     models = {n: load_compressed(out / n / "model_final.pt") for n in ("baseline", "edp")}
     size = tuple(metrics["baseline"]["input_size"])
@@ -77,6 +77,6 @@ def main(args):
 
 
 if __name__ == "__main__":
-    from edp_det.cli import cli_main
+    from edp_det.harness.cli import cli_main
 
     cli_main(main, get_args_parser().parse_args(), "demo")

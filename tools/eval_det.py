@@ -82,7 +82,7 @@ def _write_json_atomic(obj: Any, path: str) -> None:
 
 
 def _check_num_classes(model, classes, path) -> None:
-    from edp_det.errors import ConfigError
+    from edp_det.runtime.errors import ConfigError
 
     predictor = getattr(getattr(model, "roi_heads", None), "box_predictor", None)
     n_out = getattr(getattr(predictor, "cls_score", None), "out_features", None)
@@ -95,7 +95,7 @@ def _check_num_classes(model, classes, path) -> None:
 
 def _run(args: argparse.Namespace) -> dict[str, Any]:
     from edp_det.data.voc import VOCDataset
-    from edp_det.errors import ConfigError, DataError
+    from edp_det.runtime.errors import ConfigError, DataError
     from edp_det.evaluation import evaluate_coco, evaluate_voc, load_detections_json
     from edp_det.evaluation.predict import predict_detections, save_detections_json
 
@@ -169,7 +169,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
     """Run the evaluation; returns the metrics dict. Bad input -> one line on stderr and SystemExit(2)."""
-    from edp_det.errors import EDPError
+    from edp_det.runtime.errors import EDPError
 
     try:
         return _run(args)

@@ -49,9 +49,9 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def _run(args: argparse.Namespace):
     from edp_det import load_compressed
-    from edp_det.benchmark import default_input_size
-    from edp_det.errors import ConfigError
-    from edp_det.export import export_onnx, export_torchscript, verify_onnx, verify_torchscript
+    from edp_det.deploy.benchmark import default_input_size
+    from edp_det.runtime.errors import ConfigError
+    from edp_det.deploy.export import export_onnx, export_torchscript, verify_onnx, verify_torchscript
 
     if not os.path.isfile(args.model):
         raise ConfigError(f"--model: file not found: {args.model}")
@@ -88,8 +88,8 @@ def _run(args: argparse.Namespace):
 def main(args: argparse.Namespace):
     """Export; returns the ExportResult. Bad input -> one line on stderr and SystemExit(2); export failure ->
     one line and SystemExit(1)."""
-    from edp_det.errors import EDPError
-    from edp_det.export import ExportError
+    from edp_det.runtime.errors import EDPError
+    from edp_det.deploy.export import ExportError
 
     try:
         return _run(args)

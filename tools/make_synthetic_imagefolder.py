@@ -14,7 +14,7 @@ try:
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from edp_det.errors import EDPError
+from edp_det.runtime.errors import EDPError
 
 
 def get_args_parser() -> argparse.ArgumentParser:

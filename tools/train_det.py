@@ -11,7 +11,7 @@ import argparse
 import os
 
 
-from edp_det.cli import add_run_args, cli_main, resolve_run_config
+from edp_det.harness.cli import add_run_args, cli_main, resolve_run_config
 
 
 def get_args_parser():
@@ -19,10 +19,10 @@ def get_args_parser():
 
 
 def main(args):
-    from edp_det.detection import DetectionTask
-    from edp_det.distributed import get_rank
-    from edp_det.engine import Trainer
-    from edp_det.logging_utils import setup_logging
+    from edp_det.train.detection import DetectionTask
+    from edp_det.runtime.distributed import get_rank
+    from edp_det.train.engine import Trainer
+    from edp_det.runtime.logs import setup_logging
 
     cfg, out = resolve_run_config(args, "detection")
     setup_logging(out, rank=int(os.environ.get("RANK", get_rank())), level=args.log_level)

@@ -20,7 +20,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from edp_det.data.synthetic import SHAPES, render_scene
 from edp_det.data.voc import Problem, format_problems
-from edp_det.errors import ConfigError, DataError
+from edp_det.runtime.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-from edp_det.errors import ConfigError
+from edp_det.runtime.errors import ConfigError
 
 __all__ = ["SHAPES", "make_synthetic_voc", "render_background", "render_scene", "draw_shape_mask"]
 

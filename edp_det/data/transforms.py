@@ -27,7 +27,7 @@ from typing import Any, Mapping
 import albumentations as A
 import cv2
 
-from edp_det.errors import ConfigError
+from edp_det.runtime.errors import ConfigError
 
 __all__ = ["DEFAULT_TRANSFORMS", "LABEL_FIELDS", "build_transforms"]
 

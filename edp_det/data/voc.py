@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from edp_det.errors import ConfigError, DataError
+from edp_det.runtime.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 

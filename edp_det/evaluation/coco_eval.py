@@ -18,7 +18,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from edp_det.errors import DataError
+from edp_det.runtime.errors import DataError
 
 logger = logging.getLogger(__name__)
 

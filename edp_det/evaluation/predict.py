@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from edp_det.errors import DataError
+from edp_det.runtime.errors import DataError
 
 logger = logging.getLogger(__name__)
 

@@ -1,13 +1,13 @@
 """Compression methods behind one interface (:class:`CompressionMethod`), selected by ``method:`` in the config."""
 from __future__ import annotations
 
-from .base import CompressionMethod
-from .admm_lrs import ADMMLRSMethod
-from .edp import EDPChannelMethod, EDPMethod, EDPRankMethod, EDPSeparateMethod
-from .l1_filter import L1FilterMethod
-from .lrs import LRSMethod
-from .slimming import SlimmingMethod
-from .svd import SVDMethod
+from edp_det.methods.base import CompressionMethod
+from edp_det.methods.admm_lrs import ADMMLRSMethod
+from edp_det.methods.edp import EDPChannelMethod, EDPMethod, EDPRankMethod, EDPSeparateMethod
+from edp_det.methods.l1_filter import L1FilterMethod
+from edp_det.methods.lrs import LRSMethod
+from edp_det.methods.slimming import SlimmingMethod
+from edp_det.methods.svd import SVDMethod
 
 METHODS: dict[str, type[CompressionMethod]] = {
     "baseline": CompressionMethod,

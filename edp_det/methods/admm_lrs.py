@@ -23,7 +23,7 @@ Schedule: train normally for ``compress.epoch_es`` epochs. At the prune point:
    rank-r projection in the data metric ``C = XXᵀ/P + δI`` (via its Cholesky factor) with a least-squares S
    projected on the k strongest kernels. The small prior ``δ = admm_prior·tr(C)/n`` (default 1e-2) keeps the fit
    well posed when ``P < c_in·k·k``. ``L`` and ``S`` are then unscaled by the norm's scale.
-4. Every approximated conv becomes a :class:`edp_det.layers.LowRankSparseConv2d` (rank-r factors + kernel-masked
+4. Every approximated conv becomes a :class:`edp_det.ops.layers.LowRankSparseConv2d` (rank-r factors + kernel-masked
    sparse conv); fine-tuning keeps the masks (re-applied after every optimizer step), as ``lrs``.
 
 FLOPs are counted with only the unmasked sparse weights (``achieved_r_flops``); as for ``lrs`` each layer executes
@@ -39,12 +39,12 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from ..block import _balanced_svd_factors
-from ..calibration import forward_batch
-from ..budget import _under
-from ..graph import build_channel_graph, get_submodule, unwrap_model
-from .common import PrunePointMethod
-from .lrs import (MaskedFineTuneMixin, allocate_lowrank_sparse, finalize_lowrank_sparse, layer_entry,
+from edp_det.ops.block import _balanced_svd_factors
+from edp_det.edp.calibration import forward_batch
+from edp_det.edp.budget import _under
+from edp_det.ops.graph import build_channel_graph, get_submodule, unwrap_model
+from edp_det.methods.common import PrunePointMethod
+from edp_det.methods.lrs import (MaskedFineTuneMixin, allocate_lowrank_sparse, finalize_lowrank_sparse, layer_entry,
                   lowrank_sparse_report, scope_flops)
 
 logger = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
 """The small interface every compression method implements; the training engine calls it at fixed points.
 
-Life cycle inside :class:`edp_det.engine.Trainer` (Algorithm 1 generalised)::
+Life cycle inside :class:`edp_det.train.engine.Trainer` (Algorithm 1 generalised)::
 
     model = method.prepare(model)                 # before training (e.g. decompose)
     method.attach(model, optimizer)               # whenever the optimizer is (re)built
@@ -14,7 +14,7 @@ Life cycle inside :class:`edp_det.engine.Trainer` (Algorithm 1 generalised)::
     method.epoch_stats(model, input_size)         # sparsity curves for the report
 
 ``prune`` returns a dict (written to ``pm_report.json``) and may carry a ``param_map`` (see
-:func:`edp_det.pruning.transfer_optimizer_state`) so that optimizer state survives the structural change.
+:func:`edp_det.edp.pruning.transfer_optimizer_state`) so that optimizer state survives the structural change.
 """
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ class CompressionMethod:
 
     def compact(self, model: nn.Module, optimizer):
         """Physically remove groups training has already zeroed, in place; returns a
-        :class:`~edp_det.compaction.CompactionReport` (or None). The engine rebuilds the DDP wrapper after it."""
+        :class:`~edp_det.edp.compaction.CompactionReport` (or None). The engine rebuilds the DDP wrapper after it."""
         return None
 
     def calibrate(self, model: nn.Module, batches, device) -> None:

@@ -5,7 +5,7 @@
   rate schedule running across the prune point, as for EDP).
 * :func:`channel_prune_to_target` — exact output-channel removal driven by a per-channel score (L1 of filters,
   |γ| ...), built on the EDP machinery: the trained network is decomposed function-preservingly
-  (:func:`edp_det.decompose`), the budget (:meth:`edp_det.budget.Structure.select_for_target` with the method's
+  (:func:`edp_det.edp.decompose`), the budget (:meth:`edp_det.edp.budget.Structure.select_for_target` with the method's
   scores, output channels only) picks the channels to drop, and PM (:func:`edp_det.prune_and_merge`) removes them
   and merges every block back into one plain convolution. FLOPs are recounted on the real pruned model.
 * :func:`rank_truncate_to_target` — the same for rank (truncated SVD), columns only.
@@ -17,11 +17,11 @@ import logging
 import torch
 from torch import nn
 
-from ..budget import BudgetError, structure_from_model
-from ..decompose import decompose, iter_blocks
-from ..graph import build_channel_graph, get_submodule, unwrap_model
-from ..pruning import prune_and_merge
-from .base import CompressionMethod
+from edp_det.edp.budget import BudgetError, structure_from_model
+from edp_det.edp.decompose import decompose, iter_blocks
+from edp_det.ops.graph import build_channel_graph, get_submodule, unwrap_model
+from edp_det.edp.pruning import prune_and_merge
+from edp_det.methods.base import CompressionMethod
 
 logger = logging.getLogger(__name__)
 
@@ -186,7 +186,7 @@ def channel_prune_to_target(model: nn.Module, scores: dict[str, torch.Tensor], f
 def refactor_blocks_svd(model: nn.Module) -> None:
     """Re-factorise every CompressedAwareConv2d as the balanced SVD of its *effective* kernel (after a folded
     FrozenBatchNorm2d scaled β's rows, β's columns are no longer singular directions of what the block computes)."""
-    from ..block import _balanced_svd_factors
+    from edp_det.ops.block import _balanced_svd_factors
 
     for _, b in iter_blocks(model):
         w = b.effective_weight().detach().reshape(b.out_channels, -1)

@@ -14,14 +14,14 @@ from pathlib import Path
 
 from torch import nn
 
-from ..budget import check_layer_weights, check_max_layer_cut, check_rank_layers, structure_from_model
-from ..compaction import compact_zero_groups
-from ..decompose import decompose, is_decomposed
-from ..distributed import broadcast_object
-from ..latency import check_latency_mode, measure_time_per_flop
-from ..pruning import prune_and_merge
-from ..regularizer import EDPRegularizer
-from .base import CompressionMethod
+from edp_det.edp.budget import check_layer_weights, check_max_layer_cut, check_rank_layers, structure_from_model
+from edp_det.edp.compaction import compact_zero_groups
+from edp_det.edp.decompose import decompose, is_decomposed
+from edp_det.runtime.distributed import broadcast_object
+from edp_det.deploy.latency import check_latency_mode, measure_time_per_flop
+from edp_det.edp.pruning import prune_and_merge
+from edp_det.edp.regularizer import EDPRegularizer
+from edp_det.methods.base import CompressionMethod
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """``l1_filter`` — pruning filters by their L1 norm (Li et al., "Pruning Filters for Efficient ConvNets", 2017).
 
 Schedule (same harness as EDP): train normally for ``compress.epoch_es`` epochs; at the prune point rank the output
-channels of every channel-prunable conv (see :mod:`edp_det.graph`: Bottleneck conv1/conv2, BasicBlock conv1, the
+channels of every channel-prunable conv (see :mod:`edp_det.ops.graph`: Bottleneck conv1/conv2, BasicBlock conv1, the
 stem where free) by the L1 norm of their filters and remove the weakest until the backbone FLOPs cut reaches
 ``compress.flops_target``; fine-tune for the remaining epochs (the LR schedule continues).
 
@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import torch
 
-from ..graph import build_channel_graph, get_submodule, unwrap_model
-from .common import PrunePointMethod, channel_prune_to_target, pm_report_dict
+from edp_det.ops.graph import build_channel_graph, get_submodule, unwrap_model
+from edp_det.methods.common import PrunePointMethod, channel_prune_to_target, pm_report_dict
 
 
 def l1_filter_scores(model, normalize: str = "mean") -> dict[str, torch.Tensor]:

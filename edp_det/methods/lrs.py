@@ -1,6 +1,6 @@
 """``lrs`` — learning in a low-rank + sparse decomposition form (Guo, Xie, Xu, Xing, IEEE Access 2019).
 
-Structure (``prepare``): every conv of the backbone body becomes a :class:`edp_det.layers.LowRankSparseConv2d`,
+Structure (``prepare``): every conv of the backbone body becomes a :class:`edp_det.ops.layers.LowRankSparseConv2d`,
 ``W = β·θ' + S``: a rank-``r`` product (``r = ceil(method_args.lrs_rank_ratio · full rank)``, default 0.5) plus a
 dense-shaped sparse matrix ``S``. It is initialised function-preservingly (β·θ' = the truncated SVD of the conv,
 S = the residual), so pretrained weights carry over; from scratch it is simply another parametrisation.
@@ -30,12 +30,12 @@ import math
 import torch
 from torch import nn
 
-from ..budget import _under, scope_prefixes
-from ..flops import count_flops
-from ..graph import build_channel_graph, get_submodule, set_submodule, unwrap_model
-from ..layers import LowRankSparseConv2d
-from ..regularizer import _zero_momentum
-from .common import PrunePointMethod
+from edp_det.edp.budget import _under, scope_prefixes
+from edp_det.ops.flops import count_flops
+from edp_det.ops.graph import build_channel_graph, get_submodule, set_submodule, unwrap_model
+from edp_det.ops.layers import LowRankSparseConv2d
+from edp_det.edp.regularizer import _zero_momentum
+from edp_det.methods.common import PrunePointMethod
 
 logger = logging.getLogger(__name__)
 
@@ -273,7 +273,7 @@ class LRSMethod(MaskedFineTuneMixin, PrunePointMethod):
             if any(_under(m.name, p) for p in prefixes) and m.name not in lrs_names:
                 other += m.flops
         orig = other
-        from ..block import _balanced_svd_factors
+        from edp_det.ops.block import _balanced_svd_factors
         for name, m in mods:
             kk = m.kernel_size[0] * m.kernel_size[1]
             pos = recs[name].positions

@@ -9,7 +9,7 @@ FLOPs cut reaches ``compress.flops_target`` (the largest |γ| of each layer is k
 
 Frozen-BN detectors (torchvision's default ``FrozenBatchNorm2d``, ``model.norm: frozen``): a FrozenBatchNorm2d
 has no trainable scale, so :meth:`SlimmingMethod.prepare` replaces each one that follows a channel-prunable,
-trainable conv by a :class:`edp_det.layers.FixedStatBatchNorm2d` holding the same statistics and affine values —
+trainable conv by a :class:`edp_det.ops.layers.FixedStatBatchNorm2d` holding the same statistics and affine values —
 it still normalises with the fixed running statistics (train and eval mode, never batch statistics, never
 updated), so the network computes exactly what it did, but γ and the shift are trainable parameters the L1
 acts on. At the prune point these layers are turned back into FrozenBatchNorm2d (with the learned γ/shift) before
@@ -25,10 +25,10 @@ from __future__ import annotations
 import torch
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from ..graph import build_channel_graph, get_submodule, set_submodule, unwrap_model
-from ..layers import FixedStatBatchNorm2d
-from ..regularizer import _zero_momentum
-from .common import PrunePointMethod, channel_prune_to_target, pm_report_dict
+from edp_det.ops.graph import build_channel_graph, get_submodule, set_submodule, unwrap_model
+from edp_det.ops.layers import FixedStatBatchNorm2d
+from edp_det.edp.regularizer import _zero_momentum
+from edp_det.methods.common import PrunePointMethod, channel_prune_to_target, pm_report_dict
 
 
 def slimming_norms(model) -> dict[str, str]:

@@ -14,7 +14,7 @@ conv + norm compute; with BatchNorm2d the conv weight itself is decomposed.
 """
 from __future__ import annotations
 
-from .common import PrunePointMethod, pm_report_dict, rank_truncate_to_target
+from edp_det.methods.common import PrunePointMethod, pm_report_dict, rank_truncate_to_target
 
 
 class SVDMethod(PrunePointMethod):

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from edp_det.errors import DataError
+from edp_det.runtime.errors import DataError
 
 __all__ = ["setup_logging", "MetricsLogger", "read_metrics", "progress", "format_metrics", "format_value"]
 
@@ -83,7 +83,7 @@ class MetricsLogger:
 
     def __init__(self, path: str | os.PathLike, enabled: bool | None = None):
         if enabled is None:
-            from edp_det.distributed import is_main_process
+            from edp_det.runtime.distributed import is_main_process
 
             enabled = is_main_process()
         self.path = Path(path)
@@ -209,7 +209,7 @@ def progress(iterable: Iterable | None = None, total: int | None = None, desc: s
     The bar shows only when ``enabled``, on the main rank, and when stderr is a terminal (or env
     ``EDP_PROGRESS=1``; ``EDP_PROGRESS=0`` always hides it). Refreshes at most every 0.5 s.
     """
-    from edp_det.distributed import is_main_process
+    from edp_det.runtime.distributed import is_main_process
 
     forced = os.environ.get("EDP_PROGRESS", "").strip()
     show = enabled and is_main_process() and forced != "0" and (forced == "1" or _stderr_is_tty())

@@ -1,7 +1,7 @@
 """The classification task for the training engine: ImageFolder data, torchvision ResNets from the registry,
 cross-entropy loss, top-1/top-5 accuracy and FLOPs/params against the undecomposed network.
 
-It implements the task protocol of :class:`edp_det.engine.Trainer` (see :mod:`edp_det.detection`); everything
+It implements the task protocol of :class:`edp_det.train.engine.Trainer` (see :mod:`edp_det.train.detection`); everything
 else — decomposition, proximal steps, early stop, PM, resume, DDP, AMP, checkpoints, ``metrics.json`` — is the
 engine's. Layout: ``root/<train_split>/<class>/*.JPEG`` and ``root/<val_split>/<class>/*.JPEG`` (ImageNet's val
 images must be sorted into class folders, as for torchvision's reference scripts); labels follow the sorted class
@@ -19,12 +19,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data.imagefolder import build_imagefolder
-from .errors import ConfigError
-from .evaluation.classification import AccuracyMeter
-from .flops import count_flops
-from .graph import unwrap_model
-from .models import MODEL_REGISTRY, build_model
+from edp_det.data.imagefolder import build_imagefolder
+from edp_det.runtime.errors import ConfigError
+from edp_det.evaluation.classification import AccuracyMeter
+from edp_det.ops.flops import count_flops
+from edp_det.ops.graph import unwrap_model
+from edp_det.models import MODEL_REGISTRY, build_model
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ def load_classifier_weights(model: nn.Module, path) -> list[str]:
     ``state_dict``) into ``model``. A classifier head of another class count is dropped (``fc`` keeps its fresh
     initialisation, logged); any other shape mismatch or foreign key raises a ValueError naming the key.
     Returns the keys of ``model`` that the file did not provide."""
-    from .models import _read_state_dict
+    from edp_det.models import _read_state_dict
 
     sd = _read_state_dict(path, "model.weights")
     own = model.state_dict()
@@ -179,7 +179,7 @@ class ClassificationTask:
                "input_size": list(size), "num_classes": len(self.classes)}
         b = self.cfg["benchmark"]
         if b["enabled"]:
-            from .benchmark import measure_latency
+            from edp_det.deploy.benchmark import measure_latency
 
             bdev = torch.device(b["device"]) if b["device"] else device
             dtype = next(model.parameters()).dtype

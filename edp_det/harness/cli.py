@@ -10,9 +10,9 @@ import os
 import sys
 from pathlib import Path
 
-from .config import load_config
-from .defaults import defaults_for
-from .errors import EDPError
+from edp_det.runtime.config import load_config
+from edp_det.runtime.defaults import defaults_for
+from edp_det.runtime.errors import EDPError
 
 __all__ = ["add_run_args", "resolve_run_config", "cli_main"]
 
@@ -46,7 +46,7 @@ def resolve_run_config(args, task: str) -> tuple[dict, Path]:
 
 def cli_main(fn, args, prog: str) -> None:
     """Run ``fn(args)``; map our errors and bad input to one line on stderr and a non-zero exit."""
-    from .engine import TrainingError
+    from edp_det.train.engine import TrainingError
 
     try:
         fn(args)

@@ -1,5 +1,5 @@
 """The full config schema with default values. YAML files hold only what differs (``_base_`` chains); unknown
-keys and wrongly typed values are rejected by :func:`edp_det.config.load_config` naming file and key."""
+keys and wrongly typed values are rejected by :func:`edp_det.runtime.config.load_config` naming file and key."""
 from __future__ import annotations
 
 import copy

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .distributed import all_reduce_mean
+from edp_det.runtime.distributed import all_reduce_mean
 
 logger = logging.getLogger(__name__)
 

@@ -24,17 +24,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .calibration import batchnorm_layers, recalibrate_batchnorm
-from .checkpoint import CheckpointManager, atomic_write_text, load_checkpoint, resolve_resume
-from .config import dump_config
-from .distributed import barrier, init_distributed, seed_everything
-from .errors import EDPError
-from .graph import unwrap_model
-from .logging_utils import MetricsLogger, format_metrics, progress
-from .methods import build_method
-from .models import describe_model
-from .pruning import transfer_optimizer_state
-from .serialization import apply_spec, architecture_spec, save_compressed
+from edp_det.edp.calibration import batchnorm_layers, recalibrate_batchnorm
+from edp_det.runtime.checkpoint import CheckpointManager, atomic_write_text, load_checkpoint, resolve_resume
+from edp_det.runtime.config import dump_config
+from edp_det.runtime.distributed import barrier, init_distributed, seed_everything
+from edp_det.runtime.errors import EDPError
+from edp_det.ops.graph import unwrap_model
+from edp_det.runtime.logs import MetricsLogger, format_metrics, progress
+from edp_det.methods import build_method
+from edp_det.models import describe_model
+from edp_det.edp.pruning import transfer_optimizer_state
+from edp_det.deploy.serialization import apply_spec, architecture_spec, save_compressed
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def lr_at(step: int, iters_per_epoch: int, tcfg: dict) -> float:
 
 
 class Trainer:
-    """Runs one training job. ``task`` implements the task protocol (see :mod:`edp_det.detection`)."""
+    """Runs one training job. ``task`` implements the task protocol (see :mod:`edp_det.train.detection`)."""
 
     def __init__(self, cfg: dict, task, output_dir, resume=None):
         self.cfg = cfg
@@ -260,7 +260,7 @@ class Trainer:
         report = method.prune(root, input_size)
         n_bn = int(self.cfg["compress"].get("bn_recalib_batches") or 0)
         if n_bn > 0 and batchnorm_layers(root):
-            # the pre-PM running statistics no longer match the pruned convolutions (see edp_det.calibration)
+            # the pre-PM running statistics no longer match the pruned convolutions (see edp_det.edp.calibration)
             batches = itertools.islice(self.task.train_loader(epoch, dist), n_bn)
             used = recalibrate_batchnorm(root, batches, device if device is not None else
                                          next(root.parameters()).device, distributed=dist.distributed)
@@ -268,7 +268,7 @@ class Trainer:
         new_opt = build_optimizer(root, self.tcfg)
         param_map = report.pop("param_map", None)
         if param_map is not None:
-            from .pruning import PMReport
+            from edp_det.edp.pruning import PMReport
             carried = transfer_optimizer_state(old_state, old_names, root, new_opt, PMReport(param_map=param_map))
             logger.info("PM: optimizer state carried for %d parameters", carried)
         method.attach(root, new_opt)

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .decompose import iter_blocks
-from .graph import get_submodule, unwrap_model
+from edp_det.edp.decompose import iter_blocks
+from edp_det.ops.graph import get_submodule, unwrap_model
 
 __all__ = ["EDPRegularizer", "LayerStats"]
 
@@ -153,7 +153,7 @@ class EDPRegularizer:
         are reported when ``input_size`` or ``example_inputs`` is given (see :func:`edp_det.count_flops`).
         Returns ``{"sparse_params": float, "sparse_flops": float | None, "live_rank": int, "live_channels": int}``.
         """
-        from .budget import structure_from_model
+        from edp_det.edp.budget import structure_from_model
 
         struct = structure_from_model(self.model, input_size=input_size, example_inputs=example_inputs,
                                       need_positions=input_size is not None or example_inputs is not None)

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from edp_det.errors import ConfigError
+from edp_det.runtime.errors import ConfigError
 
 __all__ = [
     "DistInfo",

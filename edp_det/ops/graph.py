@@ -130,7 +130,7 @@ def _resnet_nodes(body: nn.Module, prefix: str) -> list[ConvNode]:
 
 
 def _conv_names(module: nn.Module, prefix: str) -> list[str]:
-    from .block import CompressedAwareConv2d
+    from edp_det.ops.block import CompressedAwareConv2d
 
     names = []
     for name, m in module.named_modules():
@@ -140,7 +140,7 @@ def _conv_names(module: nn.Module, prefix: str) -> list[str]:
 
 
 def _inside_block(root: nn.Module, name: str) -> bool:
-    from .block import CompressedAwareConv2d
+    from edp_det.ops.block import CompressedAwareConv2d
 
     parts = name.split(".")
     for i in range(1, len(parts)):

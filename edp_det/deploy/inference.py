@@ -37,8 +37,8 @@ import torch
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from .block import CompressedAwareConv2d
-from .graph import set_submodule, unwrap_model
+from edp_det.ops.block import CompressedAwareConv2d
+from edp_det.ops.graph import set_submodule, unwrap_model
 
 logger = logging.getLogger(__name__)
 

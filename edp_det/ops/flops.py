@@ -3,7 +3,7 @@
 Convention (the paper's): only convolution and linear layers count, multiplications and additions both counted,
 i.e. 2 FLOPs per multiply-add (bias additions and norm/activation layers are not counted). A CompressedAwareConv2d
 counts as its two convolutions θ' and β (its structural cost, whatever forward mode it runs in). A module with a
-``macs_per_position()`` method (:mod:`edp_det.layers`: masked and low-rank + sparse convolutions) is counted as one
+``macs_per_position()`` method (:mod:`edp_det.ops.layers`: masked and low-rank + sparse convolutions) is counted as one
 unit, ``2 · macs_per_position() · output positions`` (only its non-zero sparse weights count).
 
 Counting runs one forward pass with hooks on a zero input of ``input_size = (C, H, W)`` (batch 1) in the model's
@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .block import CompressedAwareConv2d
-from .graph import unwrap_model
+from edp_det.ops.block import CompressedAwareConv2d
+from edp_det.ops.graph import unwrap_model
 
 __all__ = ["count_flops", "FlopsReport", "ModuleFlops", "DETECTOR_PARTS"]
 
@@ -203,7 +203,7 @@ def _make_hook(name: str, records: list):
             orig = 2 * n * pos * module.orig_out_channels * module.orig_in_channels * kh * kw
             records.append(ModuleFlops(name, "edp_block", c_in, c_out, (kh, kw), n * pos,
                                        _params(module), flops, rank=r, orig_flops=orig))
-        elif _compound(module):   # e.g. edp_det.layers: masked / low-rank + sparse convs (nonzero weights only)
+        elif _compound(module):   # e.g. edp_det.ops.layers: masked / low-rank + sparse convs (nonzero weights only)
             pos = out[0, 0].numel() if out.dim() == 4 else 0
             kernel = tuple(getattr(module, "kernel_size", (1, 1)))
             records.append(ModuleFlops(name, getattr(module, "flops_kind", "custom"), module.in_channels,

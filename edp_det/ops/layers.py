@@ -1,4 +1,4 @@
-"""Small module types the comparison methods leave in a model (all serialisable, see :mod:`edp_det.serialization`).
+"""Small module types the comparison methods leave in a model (all serialisable, see :mod:`edp_det.deploy.serialization`).
 
 * :class:`MaskedConv2d` — an ``nn.Conv2d`` whose weight is multiplied by a fixed binary ``mask`` buffer (the
   masked sparse convolution of Guo et al. 2019). Counted FLOPs: only the unmasked weights (2 per multiply-add).
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from .block import LowRankShapes
+from edp_det.ops.block import LowRankShapes
 
 __all__ = ["MaskedConv2d", "LowRankSparseConv2d", "FixedStatBatchNorm2d"]
 
@@ -94,7 +94,7 @@ class LowRankSparseConv2d(LowRankShapes, nn.Module):
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, rank: int) -> "LowRankSparseConv2d":
         """Function-preserving: β·θ' = the rank-``rank`` truncated SVD of the conv's weight, S = the residual."""
-        from .block import _balanced_svd_factors
+        from edp_det.ops.block import _balanced_svd_factors
 
         if conv.groups != 1 or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
             raise TypeError("LowRankSparseConv2d supports groups=1, zero-padded convs with integer padding only")

@@ -10,7 +10,7 @@ File content (a dict of plain types and tensors; loads with ``torch.load(weights
      "state_dict": {...}, "meta": {...}}
 
 Spec types: ``conv2d``, ``lowrank`` (Sequential(basis, coeff)), ``edp_block``, ``batchnorm2d``, ``frozenbn``,
-``linear``, ``identity`` and, for the comparison methods (:mod:`edp_det.layers`), ``masked_conv2d`` (its bool
+``linear``, ``identity`` and, for the comparison methods (:mod:`edp_det.ops.layers`), ``masked_conv2d`` (its bool
 ``mask`` travels in the state dict), ``lowrank_sparse`` (basis + coeff + masked sparse conv) and ``fixedstat_bn``.
 
 ``load_compressed`` builds the skeleton from the registry, replaces every module named in the spec by a fresh
@@ -25,10 +25,10 @@ import torch
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from .block import CompressedAwareConv2d
-from .graph import set_submodule, unwrap_model
-from .layers import FixedStatBatchNorm2d, LowRankSparseConv2d, MaskedConv2d
-from .models import build_model, describe_model
+from edp_det.ops.block import CompressedAwareConv2d
+from edp_det.ops.graph import set_submodule, unwrap_model
+from edp_det.ops.layers import FixedStatBatchNorm2d, LowRankSparseConv2d, MaskedConv2d
+from edp_det.models import build_model, describe_model
 
 __all__ = ["save_compressed", "load_compressed", "architecture_spec", "apply_spec", "FORMAT"]
 
@@ -140,7 +140,7 @@ def save_compressed(model: nn.Module, path, *, arch: dict | None = None, meta: d
     ``arch``: ``{"name", "kwargs"}`` of the registry builder (default: ``describe_model(model)``).
     ``meta``: extra plain data (e.g. the resolved config, metrics).
     """
-    from .checkpoint import atomic_save
+    from edp_det.runtime.checkpoint import atomic_save
 
     root = unwrap_model(model)
     arch = arch if arch is not None else describe_model(root)
@@ -161,7 +161,7 @@ def _fail(path, msg):
 def load_compressed(path, map_location="cpu", return_meta: bool = False):
     """Rebuild a model written by :func:`save_compressed` (bit-exact). Raises ValueError on a corrupt or foreign
     file. With ``return_meta=True`` returns ``(model, meta)``."""
-    from .checkpoint import load_checkpoint
+    from edp_det.runtime.checkpoint import load_checkpoint
 
     obj = load_checkpoint(path, map_location=map_location)
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:

@@ -8,7 +8,7 @@ drives ranks and channels down).
   * a row group of a channel-prunable block that is exactly zero (β row, bias, γ and b of the following
     BatchNorm2d) or that no consumer reads is removed: the block's ``c_out``, the norm layer (affine parameters
     *and* running statistics) and the consumers' θ' input channels shrink.
-Dead channels propagate to a fixpoint exactly as in :mod:`edp_det.budget`. Blocks stay CompressedAwareConv2d
+Dead channels propagate to a fixpoint exactly as in :mod:`edp_det.edp.budget`. Blocks stay CompressedAwareConv2d
 (same ``orig_in_channels`` / ``orig_out_channels``, ``channel_prunable``, ``norm_name``, ``forward_mode``), so
 :class:`~edp_det.EDPRegularizer`, FLOPs accounting against the original network and a later
 :func:`~edp_det.prune_and_merge` all keep working.
@@ -24,7 +24,7 @@ After compaction (the parameters of changed blocks are new tensors):
     new ones in its ``param_groups`` and per-parameter state such as SGD momentum or Adam moments is sliced to the
     surviving entries), so LR schedulers holding the optimizer keep working. Without ``optimizer=``, rebuild it
     over ``model.parameters()`` and, to keep momentum, call
-    ``edp_det.pruning.transfer_optimizer_state(old_opt.state, old_named_params, model, new_opt, report)``
+    ``edp_det.edp.pruning.transfer_optimizer_state(old_opt.state, old_named_params, model, new_opt, report)``
     (``report.param_map`` has the same meaning as PM's);
   * the regulariser: pass it as ``regularizer=`` and its per-block entries are rebuilt, or construct a new
     ``EDPRegularizer(model, λ1, λ2, optimizer)``;
@@ -40,10 +40,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .block import CompressedAwareConv2d
-from .budget import structure_from_model
-from .graph import set_submodule, unwrap_model
-from .pruning import _kept, _slice_norm
+from edp_det.ops.block import CompressedAwareConv2d
+from edp_det.edp.budget import structure_from_model
+from edp_det.ops.graph import set_submodule, unwrap_model
+from edp_det.edp.pruning import _kept, _slice_norm
 
 logger = logging.getLogger(__name__)
 
@@ -156,7 +156,7 @@ def compact_zero_groups(model: nn.Module, optimizer: torch.optim.Optimizer | Non
     if optimizer is not None:
         _remap_optimizer(optimizer, remap)
     if regularizer is not None:
-        from .regularizer import EDPRegularizer
+        from edp_det.edp.regularizer import EDPRegularizer
 
         fresh = EDPRegularizer(root, regularizer.lambda_rank, regularizer.lambda_channel,
                                optimizer=regularizer.optimizer)

@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .budget import (BudgetError, Structure, _under, check_layer_weights, check_max_layer_cut, check_rank_layers,
+from edp_det.edp.budget import (BudgetError, Structure, _under, check_layer_weights, check_max_layer_cut, check_rank_layers,
                      structure_from_model)
-from .flops import count_flops
-from .graph import set_submodule, unwrap_model
+from edp_det.ops.flops import count_flops
+from edp_det.ops.graph import set_submodule, unwrap_model
 
 logger = logging.getLogger(__name__)
 
@@ -130,7 +130,7 @@ def prune_and_merge(model: nn.Module, flops_target: float | None = None, input_s
             (see :func:`transfer_optimizer_state`).
         flops_target: None, or R in (0, 1): the fraction of the scope's FLOPs *of the original, undecomposed
             network* to remove. If the zero groups already remove ≥ R, nothing more is removed; otherwise the
-            smallest remaining groups are zeroed first (see :mod:`edp_det.budget` for how groups of different
+            smallest remaining groups are zeroed first (see :mod:`edp_det.edp.budget` for how groups of different
             layers are compared) so that the cut is ≥ R and within about one percentage point of it.
         input_size: ``(C, H, W)`` at which FLOPs and the budget are computed (detectors: network input size).
         round_to: keep every surviving rank and channel count a multiple of this (e.g. 8).
@@ -141,7 +141,7 @@ def prune_and_merge(model: nn.Module, flops_target: float | None = None, input_s
             which runs faster per FLOP on CPUs than a thin low-rank pair (docs/BENCHMARKS.md, section 3).
             Groups that training already zeroed are removed either way.
         layer_weights: optional ``{block name: relative time per FLOP}`` (from
-            :func:`edp_det.latency.measure_time_per_flop`): the FLOPs-target selection divides every group's score
+            :func:`edp_det.deploy.latency.measure_time_per_flop`): the FLOPs-target selection divides every group's score
             by its layer's weight, so layers that are slow per FLOP on the target hardware are cut first and the
             FLOPs cut buys more speed (latency-aware budget; layers not named weigh 1).
         max_layer_cut: optional f in (0, 1]: the FLOPs-target selection removes at most floor(f · live groups) of

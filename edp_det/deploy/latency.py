@@ -13,7 +13,7 @@ buys the most time first.
 Two latency models (``mode``):
 
 * ``"marginal"`` (default): the time a FLOP cut actually removes. The network is built twice in its inference form
-  (:func:`edp_det.inference.optimize_for_inference`'s norm folding and memory format): *dense* (every layer at its
+  (:func:`edp_det.deploy.inference.optimize_for_inference`'s norm folding and memory format): *dense* (every layer at its
   original shape) and *thin* (every layer's rank, and every channel-prunable layer's output channels, cut to the
   fraction ``thin``, consumers' inputs with them, merged by eq. (14) as PM would). Each **unit** — the residual
   block (torchvision ``BasicBlock``/``Bottleneck``) containing the layer, or the layer itself outside blocks — is
@@ -42,13 +42,13 @@ import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from .block import CompressedAwareConv2d
-from .budget import check_layer_weights, structure_from_model
-from .decompose import iter_blocks
-from .flops import count_flops
-from .graph import unwrap_model
-from .inference import _time_alternating, optimize_for_inference
-from .pruning import PMReport, _apply
+from edp_det.ops.block import CompressedAwareConv2d
+from edp_det.edp.budget import check_layer_weights, structure_from_model
+from edp_det.edp.decompose import iter_blocks
+from edp_det.ops.flops import count_flops
+from edp_det.ops.graph import unwrap_model
+from edp_det.deploy.inference import _time_alternating, optimize_for_inference
+from edp_det.edp.pruning import PMReport, _apply
 
 logger = logging.getLogger(__name__)
 
@@ -227,10 +227,10 @@ def measure_time_per_flop(model: nn.Module, example_input: torch.Tensor | None =
         mode: ``"marginal"`` (time a FLOP cut removes, per residual block) or ``"average"`` (time per FLOP of
             each layer's dense conv); see the module docstring.
         thin: ``marginal`` only: the fraction of groups the thin variant keeps, in (0, 1).
-        channels_last: time in ``channels_last`` (what :func:`edp_det.inference.optimize_for_inference` picks
+        channels_last: time in ``channels_last`` (what :func:`edp_det.deploy.inference.optimize_for_inference` picks
             on CPUs) rather than contiguous format.
         rounds, iters: timing effort per unit (after one warm-up call: median over rounds of the mean of
-            ``iters`` calls; the timer of :func:`edp_det.inference.optimize_for_inference`).
+            ``iters`` calls; the timer of :func:`edp_det.deploy.inference.optimize_for_inference`).
         return_profile: return a :class:`LatencyProfile` (times, FLOPs, units, weights) instead of the weights.
     Returns:
         ``{block name: weight}``, weights normalised to a FLOPs-weighted mean of 1 (module docstring).
@@ -238,7 +238,7 @@ def measure_time_per_flop(model: nn.Module, example_input: torch.Tensor | None =
     root = unwrap_model(model)
     blocks = dict(iter_blocks(root))
     if not blocks:
-        raise ValueError("model was never decomposed (no CompressedAwareConv2d): call edp_det.decompose first")
+        raise ValueError("model was never decomposed (no CompressedAwareConv2d): call edp_det.edp.decompose first")
     check_latency_mode(mode)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")

@@ -122,7 +122,7 @@ def _network_size(model: nn.Module, img: torch.Tensor) -> tuple[int, int]:
 
 def _flops(model: nn.Module, input_size) -> tuple[int, int, int]:
     """(params, flops of backbone.body, flops of the whole detector) at ``input_size``."""
-    from .flops import count_flops
+    from edp_det.ops.flops import count_flops
 
     rep = count_flops(model, input_size=tuple(input_size))
     parts = rep.parts
@@ -208,7 +208,7 @@ def _peak_memory_child(model_path: str, input_size: list, out_path: str, threads
     """Body of the :func:`peak_memory_cpu` subprocess; writes its result as JSON to ``out_path``."""
     import gc
 
-    from .serialization import load_compressed
+    from edp_det.deploy.serialization import load_compressed
 
     if threads > 0:
         torch.set_num_threads(threads)
@@ -258,7 +258,7 @@ def peak_memory_cpu(model_path, input_size, *, threads: int | None = None, warmu
     env.setdefault("MALLOC_TRIM_THRESHOLD_", str(128 * 1024))
     with tempfile.TemporaryDirectory(prefix="edp_peakmem_") as tmp:
         out = Path(tmp) / "result.json"
-        code = ("import sys, json; from edp_det.benchmark import _peak_memory_child; "
+        code = ("import sys, json; from edp_det.deploy.benchmark import _peak_memory_child; "
                 "_peak_memory_child(sys.argv[1], json.loads(sys.argv[2]), sys.argv[3], int(sys.argv[4]), "
                 "int(sys.argv[5]))")
         cmd = [sys.executable, "-c", code, str(model_path.resolve()), json.dumps(list(input_size)), str(out),
@@ -296,7 +296,7 @@ def _peak_memory(model: nn.Module, model_path, img: torch.Tensor, input_size) ->
         return {"peak_memory_mb": None, "method": f"unsupported on {img.device.type}"}
     if model_path is not None:
         return peak_memory_cpu(model_path, input_size)
-    from .serialization import save_compressed
+    from edp_det.deploy.serialization import save_compressed
 
     with tempfile.TemporaryDirectory(prefix="edp_peakmem_") as tmp:
         path = Path(tmp) / "model.pt"
@@ -330,7 +330,7 @@ class _Prepared:
                            model.transform.min_size, model.transform.max_size, input_size[1], input_size[2])
         self.params, self.flops_backbone, self.flops_detector = _flops(model, input_size)
         if optimize:   # the timed copy; the caller's model stays as it was
-            from .inference import optimize_for_inference
+            from edp_det.deploy.inference import optimize_for_inference
 
             self.model = copy.deepcopy(model)
             self.model.eval()
@@ -399,7 +399,7 @@ def compare_side_by_side(models: dict[str, nn.Module], input_size=(3, 800, 800),
     are over all ``rounds * iters_per_round`` calls. ``peak_memory``: also measure peak inference memory (CPU: one
     subprocess per model; ``model_paths[name]`` is used if given, else a temporary copy is saved).
     ``optimize``: time the *inference form* of every model instead — a copy whose backbone body went through
-    :func:`edp_det.inference.optimize_for_inference` (norm layers folded, low-rank pairs merged where measured to be
+    :func:`edp_det.deploy.inference.optimize_for_inference` (norm layers folded, low-rank pairs merged where measured to be
     faster, memory format measured; outputs equal to float rounding). Params/FLOPs, the ideal speedups and the
     peak memory stay those of the models as given (the compressed architecture, not the folding).
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from edp_det.errors import CheckpointError
+from edp_det.runtime.errors import CheckpointError
 
 __all__ = [
     "atomic_save",

@@ -1,12 +1,12 @@
 """Same-harness comparison of compression methods on one detector, data set, schedule and seed, and its report.
 
-:func:`run_comparison` trains every ``method × flops_target`` with the one engine (:class:`edp_det.engine.Trainer`
-+ :class:`edp_det.detection.DetectionTask`) into ``<out>/<method>_<target>/`` (the baseline once, into
+:func:`run_comparison` trains every ``method × flops_target`` with the one engine (:class:`edp_det.train.engine.Trainer`
++ :class:`edp_det.train.detection.DetectionTask`) into ``<out>/<method>_<target>/`` (the baseline once, into
 ``<out>/baseline/``). A run whose ``metrics.json`` exists is skipped; an interrupted one resumes from its latest
 checkpoint. :func:`build_report` then reads the finished runs back and writes ``<out>/report.md`` with
 
-* the Table-XII-style table (:func:`edp_det.report.comparison_rows` / :func:`format_comparison_table`), FPS measured
-  side by side (:func:`edp_det.benchmark.compare_side_by_side`, cached in ``bench.json``) when
+* the Table-XII-style table (:func:`edp_det.harness.report.comparison_rows` / :func:`format_comparison_table`), FPS measured
+  side by side (:func:`edp_det.deploy.benchmark.compare_side_by_side`, cached in ``bench.json``) when
   ``benchmark.enabled``, else the per-run figures of ``metrics.json``;
 * ``fig4_map_vs_flops.png`` — mAP vs backbone FLOPs cut, one curve per method (paper Fig. 4);
 * ``fig5_layers_<target>.png`` — per-layer live output channels and ranks of EDP, Slimming and SVD (Fig. 5, from
@@ -22,10 +22,10 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import load_config
-from .defaults import defaults_for
-from .logging_utils import read_metrics
-from .report import comparison_rows, format_comparison_table
+from edp_det.runtime.config import load_config
+from edp_det.runtime.defaults import defaults_for
+from edp_det.runtime.logs import read_metrics
+from edp_det.harness.report import comparison_rows, format_comparison_table
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ def run_name(method: str, target: float | None) -> str:
 
 def plan_runs(methods, targets) -> list[tuple[str, str, float | None]]:
     """``[(run name, method, target)]``: the baseline once (if listed), every other method at every target."""
-    from .methods import METHODS
+    from edp_det.methods import METHODS
 
     methods = [m.strip() for m in methods if m.strip()]
     if not methods:
@@ -91,8 +91,8 @@ def run_comparison(config, methods, targets, output_dir, data_root=None, overrid
     write the report. Returns ``{"runs": {name: "done"|"skipped"}, "report": path or None}``."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    from .detection import DetectionTask
-    from .engine import Trainer
+    from edp_det.train.detection import DetectionTask
+    from edp_det.train.engine import Trainer
 
     status = {}
     plan = plan_runs(methods, targets)
@@ -178,7 +178,7 @@ def collect_runs(output_dir) -> dict[str, RunRecord]:
                 if rec.get("phase") == "end_epoch" and isinstance(rec.get("epoch"), int):
                     epochs[rec["epoch"]] = rec      # a resumed run may repeat an epoch: the last record wins
         runs.append(RunRecord(d.name, d, method, target, metrics, config, pm, [epochs[e] for e in sorted(epochs)]))
-    from .methods import METHODS
+    from edp_det.methods import METHODS
 
     order = {m: i for i, m in enumerate(METHODS)}
     runs.sort(key=lambda r: (r.method != BASELINE, order.get(r.method, len(order)), r.method,
@@ -208,8 +208,8 @@ def measure_side_by_side(runs: dict[str, RunRecord], cfg: dict, cache: Path | No
             pass
     import torch
 
-    from .benchmark import compare_side_by_side
-    from .serialization import load_compressed
+    from edp_det.deploy.benchmark import compare_side_by_side
+    from edp_det.deploy.serialization import load_compressed
 
     first = next(iter(runs.values()))
     size = tuple(first.metrics.get("input_size") or (3, cfg["model"]["min_size"], cfg["model"]["min_size"]))

@@ -12,7 +12,7 @@ the base chain (depth first, in list order) → the file itself → command-line
 ``a.b.c=value`` (values parsed as YAML). Dicts merge key by key; anything else replaces.
 
 When ``defaults`` is given every layer is validated against it: an unknown key raises
-:class:`~edp_det.errors.ConfigError` naming the file (or ``command line``), the dotted key and the
+:class:`~edp_det.runtime.errors.ConfigError` naming the file (or ``command line``), the dotted key and the
 closest known key; a value whose type differs from the default's raises ConfigError naming key, value
 and expected type. Rules: an ``int`` is accepted (and converted) where a ``float`` is expected;
 a default of ``None`` accepts anything; a default of ``{}`` (empty dict) is an open mapping that
@@ -35,7 +35,7 @@ from typing import Any
 
 import yaml
 
-from edp_det.errors import ConfigError
+from edp_det.runtime.errors import ConfigError
 
 __all__ = [
     "load_config",

@@ -23,7 +23,7 @@ Two options change which groups are candidates and how they rank (both opt-in, m
   * ``rank_layers="tied"``: rank (β column) groups are candidates only in layers whose outputs feed a residual add;
     channel-prunable layers lose output channels only and stay one dense conv after PM (a thin low-rank pair runs
     slower per FLOP than a dense conv on CPUs);
-  * ``layer_weights``: ``{layer: relative time per FLOP}`` (:func:`edp_det.latency.measure_time_per_flop`); the
+  * ``layer_weights``: ``{layer: relative time per FLOP}`` (:func:`edp_det.deploy.latency.measure_time_per_flop`); the
     score is divided by the layer's weight, so slow-per-FLOP layers are cut first (latency-aware budget). Such a
     strong preference can empty a layer down to its strongest group (on the demo detector it cut layer4 of a
     ResNet-18 to 8 channels); ``max_layer_cut`` = f lets the budget remove at most floor(f · live) groups of
@@ -41,9 +41,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .block import CompressedAwareConv2d
-from .decompose import iter_blocks
-from .graph import build_channel_graph, get_submodule, unwrap_model
+from edp_det.ops.block import CompressedAwareConv2d
+from edp_det.edp.decompose import iter_blocks
+from edp_det.ops.graph import build_channel_graph, get_submodule, unwrap_model
 
 __all__ = ["Structure", "LayerMasks", "structure_from_model", "scope_prefixes", "BudgetError"]
 
@@ -379,12 +379,12 @@ class Structure:
 def structure_from_model(model: nn.Module, input_size=None, example_inputs=None, need_positions: bool = True,
                          flops_report=None) -> Structure:
     """Build the :class:`Structure` of a decomposed model; FLOPs fields need ``input_size``/``example_inputs``."""
-    from .flops import count_flops
+    from edp_det.ops.flops import count_flops
 
     root = unwrap_model(model)
     blocks = list(iter_blocks(root))
     if not blocks:
-        raise ValueError("model was never decomposed (no CompressedAwareConv2d): call edp_det.decompose first")
+        raise ValueError("model was never decomposed (no CompressedAwareConv2d): call edp_det.edp.decompose first")
     scope = "detector" if any(n.startswith(("backbone.fpn.", "rpn.")) for n, _ in blocks) else "backbone"
     try:
         graph = build_channel_graph(root, scope=scope)

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from .block import FORWARD_MODES, CompressedAwareConv2d
-from .graph import build_channel_graph, get_submodule, set_submodule, unwrap_model
+from edp_det.ops.block import FORWARD_MODES, CompressedAwareConv2d
+from edp_det.ops.graph import build_channel_graph, get_submodule, set_submodule, unwrap_model
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def decompose(model: nn.Module, *, channel_prune="auto", init: str = "svd", scop
         model: a torchvision ResNet classifier, or a torchvision Faster R-CNN (its ``backbone.body`` is found
             automatically). May be wrapped in DDP.
         channel_prune: ``"auto"``/``True`` — row pruning (λ2) on convs whose output channels are free (see
-            :mod:`edp_det.graph`); ``False``/``"none"`` — low-rank only everywhere.
+            :mod:`edp_det.ops.graph`); ``False``/``"none"`` — low-rank only everywhere.
         init: ``"svd"`` (rank-revealing, β columns ordered by singular value) or ``"identity"`` (θ'=θ, β=I where
             ``c_out ≤ c_in·k·k``, SVD elsewhere).
         scope: ``"backbone"`` or, for detectors, ``"detector"`` (also FPN and RPN head convs, low-rank only).

@@ -25,7 +25,7 @@ def comparison_rows(metrics: dict[str, dict], bench: dict | None = None, baselin
     """One row per run: requested/achieved R_FLOPs, params, FLOPs, FPS, measured vs ideal speedup, mAP, drop.
 
     ``metrics``: run name -> its metrics.json; ``bench``: the result of
-    :func:`edp_det.benchmark.compare_side_by_side` over the same runs (optional).
+    :func:`edp_det.deploy.benchmark.compare_side_by_side` over the same runs (optional).
     """
     base = metrics.get(baseline, {})
     rows = []

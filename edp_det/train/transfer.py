@@ -1,6 +1,6 @@
 """Transfer of a classifier trained by ``tools/train_cls.py`` into a Faster R-CNN's ResNet body.
 
-:func:`load_classifier_backbone` (called by :class:`edp_det.detection.DetectionTask` when
+:func:`load_classifier_backbone` (called by :class:`edp_det.train.detection.DetectionTask` when
 ``model.backbone_checkpoint`` is set) accepts ``model_final.pt`` (:func:`edp_det.save_compressed` format) or a
 training checkpoint (``checkpoint_epochNNNN.pt``), and handles the three states such a classifier can be in:
 
@@ -16,7 +16,7 @@ training checkpoint (``checkpoint_epochNNNN.pt``), and handles the three states 
 The classifier head (``fc``) is dropped; ResNet stages the body does not hold (``returned_layers`` without 4)
 are skipped. Norm layers: a BatchNorm2d classifier into a ``model.norm: bn`` detector keeps BatchNorm2d; into a
 ``model.norm: frozen`` detector its statistics become FrozenBatchNorm2d (the standard fine-tuning recipe; for a
-decomposed classifier the frozen affine maps are folded into the blocks exactly as :func:`edp_det.decompose`
+decomposed classifier the frozen affine maps are folded into the blocks exactly as :func:`edp_det.edp.decompose`
 does). A classifier trained with ``norm: frozen`` needs a ``norm: frozen`` detector. The FPN's input channels
 are checked against the body's actual output channels (EDP never prunes residual outputs, so they match unless
 the depth differs, which is reported first). Parameters of body stages the detector freezes
@@ -30,12 +30,12 @@ from pathlib import Path
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from .block import CompressedAwareConv2d
-from .checkpoint import load_checkpoint
-from .errors import CheckpointError, ConfigError
-from .graph import build_channel_graph, find_resnet_body, get_submodule, set_submodule, unwrap_model
-from .models import build_model
-from .serialization import FORMAT, apply_spec, architecture_spec
+from edp_det.ops.block import CompressedAwareConv2d
+from edp_det.runtime.checkpoint import load_checkpoint
+from edp_det.runtime.errors import CheckpointError, ConfigError
+from edp_det.ops.graph import build_channel_graph, find_resnet_body, get_submodule, set_submodule, unwrap_model
+from edp_det.models import build_model
+from edp_det.deploy.serialization import FORMAT, apply_spec, architecture_spec
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ def _check_fpn(detector: nn.Module, body: nn.Module, path) -> None:
 def _fold_frozen_norms(detector: nn.Module) -> int:
     """Fold every FrozenBatchNorm2d that follows a CompressedAwareConv2d of the body into the block (as
     ``decompose`` does for frozen detectors); the norm becomes Identity and the block owns the channel's affine."""
-    from .decompose import _fold_frozen_bn
+    from edp_det.edp.decompose import _fold_frozen_bn
 
     n = 0
     for node in build_channel_graph(detector, scope="backbone"):

@@ -12,11 +12,11 @@ import logging
 import torch
 from torch import nn
 
-from .data.transforms import build_transforms
-from .data.voc import VOCDataset, collate_fn
-from .flops import count_flops
-from .graph import unwrap_model
-from .models import build_model, load_backbone_weights, load_detector_weights
+from edp_det.data.transforms import build_transforms
+from edp_det.data.voc import VOCDataset, collate_fn
+from edp_det.ops.flops import count_flops
+from edp_det.ops.graph import unwrap_model
+from edp_det.models import build_model, load_backbone_weights, load_detector_weights
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ class DetectionTask:
         if m["weights_backbone"]:
             load_backbone_weights(model, m["weights_backbone"])
         if m["backbone_checkpoint"]:
-            from .transfer import check_transfer_config, load_classifier_backbone
+            from edp_det.train.transfer import check_transfer_config, load_classifier_backbone
             info = load_classifier_backbone(model, m["backbone_checkpoint"])
             check_transfer_config(self.cfg, info, m["backbone_checkpoint"])
         model.classes = list(self.classes)
@@ -118,9 +118,9 @@ class DetectionTask:
 
     # ------------------------------------------------------------------ eval
     def evaluate(self, model, device) -> dict:
-        from .evaluation.coco_eval import evaluate_coco
-        from .evaluation.predict import predict_detections
-        from .evaluation.voc_eval import evaluate_voc
+        from edp_det.evaluation.coco_eval import evaluate_coco
+        from edp_det.evaluation.predict import predict_detections
+        from edp_det.evaluation.voc_eval import evaluate_voc
 
         model = unwrap_model(model)
         dets = predict_detections(model, self.test_set, device=device, batch_size=self.cfg["eval"]["batch_size"],
@@ -158,7 +158,7 @@ class DetectionTask:
         bdev = torch.device(b["device"]) if b["device"] else device
         out["device"] = str(bdev)
         if b["enabled"]:
-            from .benchmark import benchmark_detector
+            from edp_det.deploy.benchmark import benchmark_detector
             res = benchmark_detector(model, input_size=size, device=bdev, warmup=b["warmup"], iters=b["iters"],
                                      peak_memory=b["peak_memory"])
             for k in ("fps", "latency_ms", "backbone_fps", "backbone_latency_ms", "peak_memory_mb"):
