@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -32,10 +31,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _common import machine_info, median_ms, ratios, spread, table, time_variants  # noqa: E402
+from _common import machine_info, table
+from edp_det.deploy.timing import time_alternating
 
 PAPER = {"edp_before_es": 0.63 / 0.53, "edp_after_pm": 0.43 / 0.53}
 
@@ -145,8 +142,6 @@ def main(args):
             def run():
                 for b in batches():
                     step(b)
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
             return run
 
         print(f"# bench_cls_epoch  {machine_info()}")
@@ -154,11 +149,12 @@ def main(args):
               f"{device}{' amp' if args.amp else ''}, {'live loader' if args.live_loader else 'cached batches'}, "
               f"rounds={args.rounds}; PM to R_FLOPs {report['achieved_r_flops']:.3f}")
         t0 = time.perf_counter()
-        times = time_variants({n: epoch(s) for n, s in steps.items()}, rounds=args.rounds, iters=1, warmup=1)
-        rat, spr = ratios(times, "baseline"), spread(times, "baseline")
+        timed = time_alternating({n: epoch(s) for n, s in steps.items()}, rounds=args.rounds, iters=1, warmup=1,
+                                 device=device)
+        rat, spr = timed.ratios("baseline"), timed.ratio_ranges("baseline")
         rows = []
         for n in models:
-            rows.append([n, f"{median_ms(times[n]) / 1e3:.2f}", f"{rat[n]:.3f}", f"{spr[n][0]:.2f}-{spr[n][1]:.2f}",
+            rows.append([n, f"{timed.median(n):.2f}", f"{rat[n]:.3f}", f"{spr[n][0]:.2f}-{spr[n][1]:.2f}",
                          f"{flops[n] / flops['baseline']:.3f}",
                          f"{PAPER[n]:.2f}" if n in PAPER else "1.00"])
         print(table(["variant", "s/epoch", "time ratio", "round range", "flops ratio", "paper ratio"], rows))
@@ -167,7 +163,8 @@ def main(args):
               f"({rat['edp_before_es']:.3f}); total {time.perf_counter() - t0:.0f} s")
         if args.output_json:
             Path(args.output_json).write_text(json.dumps(
-                {"args": vars(args), "machine": machine_info(), "seconds_per_epoch": times, "ratio": rat,
+                {"args": vars(args), "machine": machine_info(),
+                 "seconds_per_epoch": {n: timed.round_values(n) for n in timed.names}, "ratio": rat,
                  "flops": flops, "paper_ratio": PAPER}, indent=2))
     return rat
 

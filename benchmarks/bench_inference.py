@@ -30,19 +30,15 @@ from __future__ import annotations
 
 import argparse
 import copy
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _common import machine_info, median_ms, ratios, table, time_variants  # noqa: E402
-from edp_det import EDPRegularizer, count_flops, decompose, iter_blocks, prune_and_merge  # noqa: E402
-from edp_det.deploy.inference import optimize_for_inference  # noqa: E402
-from edp_det.deploy.latency import measure_time_per_flop  # noqa: E402
+from _common import machine_info, table
+from edp_det import EDPRegularizer, count_flops, decompose, iter_blocks, prune_and_merge
+from edp_det.deploy.inference import optimize_for_inference
+from edp_det.deploy.latency import measure_time_per_flop
+from edp_det.deploy.timing import time_alternating
 
 
 def get_args_parser():
@@ -81,7 +77,7 @@ def shrink_slightly(model, steps: int) -> None:
 FLOOR = "floor"
 
 
-def bound_lines(times, flops, targets) -> str:
+def bound_lines(timed, flops, targets) -> str:
     """What the floor model (pruned to ``--floor-target``, +opt) says about the goal "of ideal ≥ 0.95".
 
     The floor keeps what no FLOPs cut of EDP removes: the residual-width tensors (conv3/downsample outputs, adds,
@@ -93,7 +89,7 @@ def bound_lines(times, flops, targets) -> str:
         and ``of ideal = T_orig / T(R) · (1 - R)``. Only an estimate: pruned layers can run more or less
         efficiently per FLOP than the original ones.
     """
-    t0, tf = median_ms(times["orig+opt"]), median_ms(times[FLOOR + " +opt"])
+    t0, tf = 1e3 * timed.median("orig+opt"), 1e3 * timed.median(FLOOR + " +opt")
     ff = flops[FLOOR] / flops["orig+opt"]
     lines = [f"# floor: {FLOOR} +opt {tf:.1f} ms = {tf / t0:.3f} of orig+opt at {ff:.3f} of its FLOPs"]
     for r in targets:
@@ -202,21 +198,21 @@ def main(args):
             notes.append(f"#   {name} +opt: {rep.format().splitlines()[0]}")
         t_opt = time.perf_counter() - t0
         with torch.no_grad():
-            times = time_variants({n: (lambda m=m: m(x)) for n, m in models.items()}, rounds=args.rounds,
-                                  iters=args.iters, warmup=1, round_warmup=1)
-        sp = {n: 1 / v for n, v in ratios(times, "orig").items()}
-        vs_opt = {n: 1 / v for n, v in ratios(times, "orig+opt").items()}
+            timed = time_alternating({n: (lambda m=m: m(x)) for n, m in models.items()}, rounds=args.rounds,
+                                     iters=args.iters, warmup=1, round_warmup=1)
+        sp = {n: 1 / v for n, v in timed.ratios("orig").items()}
+        vs_opt = {n: 1 / v for n, v in timed.ratios("orig+opt").items()}
         rows = []
         for n in models:
             ideal = flops["orig"] / flops[n]
-            rows.append([n, f"{median_ms(times[n]):.1f}", f"{sp[n]:.2f}x", f"{ideal:.2f}x",
+            rows.append([n, f"{1e3 * timed.median(n):.1f}", f"{sp[n]:.2f}x", f"{ideal:.2f}x",
                          f"{sp[n] / ideal:.2f}", f"{vs_opt[n]:.2f}x", f"{vs_opt[n] / ideal:.2f}"])
         print(f"\n## batch {bs} x {px}px  (goal: of ideal >= 0.95); optimize_for_inference took {t_opt:.0f} s")
         print("\n".join(notes))
         print(table(["variant", "ms", "speedup", "ideal", "of ideal", "vs orig+opt", "of ideal (vs orig+opt)"],
                     rows))
         if FLOOR in pms:
-            print(bound_lines(times, flops, args.targets))
+            print(bound_lines(timed, flops, args.targets))
     print(f"\n# total {time.perf_counter() - t_start:.0f} s")
 
 

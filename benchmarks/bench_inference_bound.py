@@ -28,19 +28,15 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 import time
-from pathlib import Path
 
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _common import machine_info, table  # noqa: E402
-from edp_det import count_flops  # noqa: E402
-from edp_det.deploy.inference import _time_alternating, optimize_for_inference  # noqa: E402
+from _common import machine_info, table
+from edp_det import count_flops
+from edp_det.deploy.inference import optimize_for_inference
+from edp_det.deploy.timing import time_alternating
 
 CL = torch.channels_last
 
@@ -137,20 +133,24 @@ def run_setting(orig, specs, bs: int, px: int, args) -> None:
         variants = {k: BlockVariant(c_in, width, c_out, stride, ds, k).eval().requires_grad_(False) for k in grid}
         if dense not in variants:
             variants[dense] = BlockVariant(c_in, width, c_out, stride, ds, dense).eval().requires_grad_(False)
-        ts = _time_alternating([lambda m=m: m(h) for m in variants.values()], args.rounds, args.iters)
-        options[name] = {k: (t, count_flops(m, example_inputs=h).flops) for (k, m), t in zip(variants.items(), ts)}
+        timed = time_alternating({k: (lambda m=m: m(h)) for k, m in variants.items()}, rounds=args.rounds,
+                                 iters=args.iters, per_call=False)
+        options[name] = {k: (timed.median(k), count_flops(m, example_inputs=h).flops) for k, m in variants.items()}
         t_min = min(t for t, _ in options[name].values())
         rows.append([name, f"{1e3 * options[name][dense][0]:.2f}", f"{1e3 * t_min:.2f}",
                      f"{t_min / options[name][dense][0]:.2f}"])
         h = variants[dense](h)
-    t_stem, t_head = _time_alternating([lambda: stem(x), lambda: head(h)], args.rounds, args.iters)
+    timed = time_alternating({"stem": lambda: stem(x), "head": lambda: head(h)}, rounds=args.rounds,
+                             iters=args.iters, per_call=False)
+    t_stem, t_head = timed.median("stem"), timed.median("head")
     f_total = bs * count_flops(orig, input_size=(3, px, px)).flops     # the blocks' FLOPs are per batch
     f_blocks = sum(o[dense][1] for o in options.values())
     fixed_f = f_total - f_blocks                         # stem conv + fc: never cut
     t0 = t_stem + t_head + sum(o[dense][0] for o in options.values())
     # the additivity check: the whole original in its inference form, timed alongside its sum of parts
     whole = optimize_for_inference(resnet50(num_classes=1000).eval(), x, channels_last=True, rounds=2, iters=1)
-    t_whole = _time_alternating([lambda: whole(x)], args.rounds, args.iters)[0]
+    t_whole = time_alternating({"whole": lambda: whole(x)}, rounds=args.rounds, iters=args.iters,
+                               per_call=False).median("whole")
     print(f"\n## batch {bs} x {px}px: per-block times (inference form), dense vs fastest grid point")
     print(table(["block", "dense ms", "fastest ms", "fastest/dense"], rows))
     print(f"# stem {1e3 * t_stem:.2f} ms, head {1e3 * t_head:.2f} ms; sum of parts {1e3 * t0:.1f} ms vs whole "

@@ -11,19 +11,15 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _common import machine_info, table, time_variants  # noqa: E402
-from edp_det import EDPRegularizer, decompose  # noqa: E402
-from edp_det.edp.regularizer import _shrink, _zero_momentum  # noqa: E402
+from _common import machine_info, table
+from edp_det import EDPRegularizer, decompose
+from edp_det.deploy.timing import time_alternating
+from edp_det.edp.regularizer import _shrink, _zero_momentum
 
 
 @torch.no_grad()
@@ -99,13 +95,13 @@ def main(args):
             for _ in range(args.prox_iters):
                 reference_prox(reg, lr)
 
-        times = time_variants({"step": train_step, "prox": prox, "ref": prox_ref}, rounds=args.rounds,
-                              iters=args.iters, warmup=1)
-        share = [p / args.prox_iters / s for p, s in zip(times["prox"], times["step"])]
-        share_ref = [p / args.prox_iters / s for p, s in zip(times["ref"], times["step"])]
-        speedup = [r / p for p, r in zip(times["prox"], times["ref"])]
-        rows.append([f"{bs} x {px}px", f"{1e3 * statistics.median(times['step']):.0f}",
-                     f"{1e3 * statistics.median(times['prox']) / args.prox_iters:.1f}",
+        timed = time_alternating({"step": train_step, "prox": prox, "ref": prox_ref}, rounds=args.rounds,
+                                 iters=args.iters, warmup=1)
+        share = [r / args.prox_iters for r in timed.round_ratios("prox", "step")]
+        share_ref = [r / args.prox_iters for r in timed.round_ratios("ref", "step")]
+        speedup = timed.round_ratios("ref", "prox")
+        rows.append([f"{bs} x {px}px", f"{1e3 * timed.median('step'):.0f}",
+                     f"{1e3 * timed.median('prox') / args.prox_iters:.1f}",
                      f"{100 * statistics.median(share):.2f} %", f"{100 * min(share):.2f}-{100 * max(share):.2f} %",
                      f"{100 * statistics.median(share_ref):.2f} %", f"{statistics.median(speedup):.2f}x"])
     print(table(["setting", "train step ms", "prox ms", "prox share", "round range", "reference prox share",

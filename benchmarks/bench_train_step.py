@@ -22,21 +22,17 @@ from __future__ import annotations
 
 import argparse
 import copy
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _common import machine_info, median_ms, ratios, spread, table, time_variants  # noqa: E402
-from edp_det import EDPRegularizer, decompose, iter_blocks  # noqa: E402
-from edp_det.ops.block import CompressedAwareConv2d  # noqa: E402
-from edp_det.edp.compaction import compact_zero_groups  # noqa: E402
+from _common import machine_info, table
+from edp_det import EDPRegularizer, decompose, iter_blocks
+from edp_det.deploy.timing import time_alternating
+from edp_det.ops.block import CompressedAwareConv2d
+from edp_det.edp.compaction import compact_zero_groups
 
 
 def get_args_parser():
@@ -168,11 +164,11 @@ def main(args):
             print(table(["variant", "flops ratio"], rows))
             continue
         steps = {n: make_step(m, x, y, edp) for n, (m, edp) in variants.items()}
-        times = time_variants(steps, rounds=args.rounds, iters=args.iters, warmup=1)
-        rat, spr = ratios(times, "orig"), spread(times, "orig")
+        timed = time_alternating(steps, rounds=args.rounds, iters=args.iters, warmup=1)
+        rat, spr = timed.ratios("orig"), timed.ratio_ranges("orig")
         rows = []
         for n in variants:
-            rows.append([n, f"{median_ms(times[n]):.0f}", f"{rat[n]:.3f}", f"{spr[n][0]:.2f}-{spr[n][1]:.2f}",
+            rows.append([n, f"{1e3 * timed.median(n):.0f}", f"{rat[n]:.3f}", f"{spr[n][0]:.2f}-{spr[n][1]:.2f}",
                          f"{macs[n] / macs['orig']:.3f}"])
         print(f"\n## batch {bs} x {px}px  (goal: auto / orig <= 1.10)")
         print(table(["variant", "ms/step", "time ratio", "round range", "flops ratio"], rows))

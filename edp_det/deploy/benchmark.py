@@ -4,10 +4,13 @@
 * :func:`benchmark_detector` measures one detector: the full detector with pre/post-processing
   (``model([img])`` in eval mode) and the backbone body alone (``model.backbone.body(x)``), beside params, FLOPs
   (:func:`edp_det.count_flops`) and peak inference memory.
-* :func:`compare_side_by_side` measures several models *alternately* (round-robin A, B, A, B, ...) so that machine
-  noise (other processes, frequency scaling, thermal drift) hits every model equally, and puts the measured speedup
-  of each model over the first ("baseline") next to the FLOPs-ideal speedup ``flops_baseline / flops_model``.
+* :func:`compare_side_by_side` measures several models *alternately* (round-robin, the order rotated every round)
+  so that machine noise (other processes, frequency scaling, thermal drift) hits every model equally, and puts the
+  measured speedup of each model over the first ("baseline") next to the FLOPs-ideal speedup
+  ``flops_baseline / flops_model``.
 * :func:`format_comparison` renders a comparison as a text table.
+
+All timing follows the protocol of :mod:`edp_det.deploy.timing` (warm-up, alternating rounds, synchronisation).
 
 Input size: ``input_size = (C, H, W)`` is the size of the image *as the network sees it*. The detector's
 ``GeneralizedRCNNTransform`` resizes (``min_size``/``max_size``) and pads (to a multiple of 32); benchmark with an
@@ -39,12 +42,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import nn
+
+from edp_det.deploy.timing import synchronize, time_alternating
 
 logger = logging.getLogger(__name__)
 
@@ -60,13 +64,6 @@ def _device(device) -> torch.device:
         return torch.device(device)
     except (RuntimeError, TypeError) as e:
         raise ValueError(f"device: not a torch device: {device!r} ({e})") from None
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps" and hasattr(torch, "mps"):
-        torch.mps.synchronize()
 
 
 def _check_input_size(input_size) -> tuple[int, int, int]:
@@ -141,25 +138,13 @@ def _stats(samples_ms: list[float]) -> dict:
 
 # ------------------------------------------------------------------------------------------------ latency
 def measure_latency(fn: Callable[[], object], *, warmup: int = 5, iters: int = 20, device="cpu") -> dict:
-    """Time ``fn()``: ``warmup`` untimed calls, then ``iters`` timed calls (``time.perf_counter``; on CUDA the
-    device is synchronised before starting and before reading the timer of every call).
+    """Time ``fn()``: ``warmup`` untimed calls, then ``iters`` calls timed one by one (one round of
+    :func:`edp_det.deploy.timing.time_alternating`; on CUDA the device is synchronised before every clock read).
 
     Returns ``{"median_ms", "mean_ms", "p90_ms", "fps" (= 1000 / median_ms), "iters", "samples_ms"}``.
     """
-    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
-        raise ValueError(f"warmup must be an int >= 0, got {warmup!r}")
-    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
-        raise ValueError(f"iters must be an int >= 1, got {iters!r}")
-    dev = _device(device)
-    for _ in range(warmup):
-        fn()
-    _sync(dev)
-    samples = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        _sync(dev)
-        samples.append((time.perf_counter() - t0) * 1000.0)
+    timed = time_alternating({"fn": fn}, rounds=1, iters=iters, warmup=warmup, device=_device(device))
+    samples = [s * 1000.0 for s in timed.pooled("fn")]
     out = _stats(samples)
     out["samples_ms"] = samples
     return out
@@ -277,12 +262,12 @@ def peak_memory_cpu(model_path, input_size, *, threads: int | None = None, warmu
 def peak_memory_cuda(model: nn.Module, img: torch.Tensor) -> dict:
     """Peak extra CUDA memory (MiB) of one ``model([img])`` (model and image already on the CUDA device)."""
     dev = img.device
-    _sync(dev)
+    synchronize(dev)
     torch.cuda.reset_peak_memory_stats(dev)
     base = torch.cuda.memory_allocated(dev)
     with torch.no_grad():
         model([img])
-    _sync(dev)
+    synchronize(dev)
     peak = torch.cuda.max_memory_allocated(dev)
     return {"peak_memory_mb": max(0, peak - base) / _MIB, "peak_memory_total_mb": peak / _MIB,
             "model_memory_mb": _model_bytes(model) / _MIB, "method": "cuda:max_memory_allocated"}
@@ -394,10 +379,12 @@ def compare_side_by_side(models: dict[str, nn.Module], input_size=(3, 800, 800),
                          model_paths: dict | None = None, optimize: bool = False) -> dict:
     """Benchmark several detectors alternately; the first entry of ``models`` is the baseline.
 
-    Every round times each model in turn (``iters_per_round`` calls of the full detector, model after model),
-    then each model's backbone body the same way, so slow phases of a noisy machine hit all models alike. Medians
-    are over all ``rounds * iters_per_round`` calls. ``peak_memory``: also measure peak inference memory (CPU: one
-    subprocess per model; ``model_paths[name]`` is used if given, else a temporary copy is saved).
+    The full detectors and the backbone bodies of all models are the variants of
+    :func:`edp_det.deploy.timing.time_alternating`: ``warmup`` untimed calls each, then ``rounds`` rounds in which
+    each takes a turn of ``iters_per_round`` calls timed one by one (the order rotated every round), so slow phases
+    of a noisy machine hit all models alike. Medians are over all ``rounds * iters_per_round`` calls.
+    ``peak_memory``: also measure peak inference memory (CPU: one subprocess per model; ``model_paths[name]`` is
+    used if given, else a temporary copy is saved).
     ``optimize``: time the *inference form* of every model instead — a copy whose backbone body went through
     :func:`edp_det.deploy.inference.optimize_for_inference` (norm layers folded, low-rank pairs merged where measured to be
     faster, memory format measured; outputs equal to float rounding). Params/FLOPs, the ideal speedups and the
@@ -430,19 +417,10 @@ def compare_side_by_side(models: dict[str, nn.Module], input_size=(3, 800, 800),
     model_paths = dict(model_paths or {})
     preps = {name: _Prepared(m, input_size, dev, name, optimize=optimize) for name, m in models.items()}
     names = list(preps)
-    det_samples: dict[str, list[list[float]]] = {n: [] for n in names}
-    bb_samples: dict[str, list[list[float]]] = {n: [] for n in names}
+    variants = {**{("detector", n): preps[n].detector for n in names},
+                **{("backbone", n): preps[n].backbone for n in names}}
     try:
-        for n in names:   # warm every model up before the first timed round
-            measure_latency(preps[n].detector, warmup=warmup, iters=1, device=dev)
-            measure_latency(preps[n].backbone, warmup=warmup, iters=1, device=dev)
-        for _ in range(rounds):
-            for n in names:
-                det_samples[n].append(measure_latency(preps[n].detector, warmup=0, iters=iters_per_round,
-                                                      device=dev)["samples_ms"])
-            for n in names:
-                bb_samples[n].append(measure_latency(preps[n].backbone, warmup=0, iters=iters_per_round,
-                                                     device=dev)["samples_ms"])
+        timed = time_alternating(variants, rounds=rounds, iters=iters_per_round, warmup=warmup, device=dev)
         mems = {}
         for n in names:
             mems[n] = (_peak_memory(preps[n].model, model_paths.get(n), preps[n].img, input_size) if peak_memory
@@ -452,15 +430,16 @@ def compare_side_by_side(models: dict[str, nn.Module], input_size=(3, 800, 800),
             p.restore()
     out_models = {}
     for n in names:
-        d = _stats([s for r in det_samples[n] for s in r])
-        b = _stats([s for r in bb_samples[n] for s in r])
+        d = _stats([s * 1000.0 for s in timed.pooled(("detector", n))])
+        b = _stats([s * 1000.0 for s in timed.pooled(("backbone", n))])
         p = preps[n]
         out_models[n] = {
             "latency_ms": d["median_ms"], "latency_mean_ms": d["mean_ms"], "latency_p90_ms": d["p90_ms"],
-            "fps": d["fps"], "latency_round_medians_ms": [statistics.median(r) for r in det_samples[n]],
+            "fps": d["fps"],
+            "latency_round_medians_ms": [v * 1000.0 for v in timed.round_values(("detector", n))],
             "backbone_latency_ms": b["median_ms"], "backbone_latency_mean_ms": b["mean_ms"],
             "backbone_latency_p90_ms": b["p90_ms"], "backbone_fps": b["fps"],
-            "backbone_round_medians_ms": [statistics.median(r) for r in bb_samples[n]],
+            "backbone_round_medians_ms": [v * 1000.0 for v in timed.round_values(("backbone", n))],
             "params": p.params, "flops_backbone": p.flops_backbone, "flops_detector": p.flops_detector,
             "peak_memory_mb": mems[n].get("peak_memory_mb"), "model_memory_mb": _model_bytes(p.model) / _MIB,
             "memory_method": mems[n].get("method"),

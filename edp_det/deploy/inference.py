@@ -29,14 +29,13 @@ from __future__ import annotations
 
 import copy
 import logging
-import statistics
-import time
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from edp_det.deploy.timing import time_alternating
 from edp_det.ops.block import CompressedAwareConv2d
 from edp_det.ops.graph import set_submodule, unwrap_model
 
@@ -210,30 +209,6 @@ def fold_batchnorms(model: nn.Module, example_input) -> list[tuple[str, str]]:
     return pairs
 
 
-def _sync(device) -> None:
-    if device is not None and torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _time_alternating(fns: list, rounds: int, iters: int, device=None) -> list[float]:
-    """Median seconds per call of each fn, rounds alternating (order rotated each round); on a CUDA ``device``
-    the queue is drained before every clock read."""
-    for f in fns:
-        f()
-    per: list[list[float]] = [[] for _ in fns]
-    for r in range(rounds):
-        order = list(range(len(fns)))
-        order = order[r % len(fns):] + order[:r % len(fns)]
-        for k in order:
-            _sync(device)
-            t0 = time.perf_counter()
-            for _ in range(iters):
-                fns[k]()
-            _sync(device)
-            per[k].append((time.perf_counter() - t0) / iters)
-    return [statistics.median(p) for p in per]
-
-
 def _merged_conv(pair: nn.Sequential, channels_last: bool) -> nn.Conv2d:
     basis, coeff = pair.basis, pair.coeff
     r, ci, kh, kw = basis.weight.shape
@@ -264,8 +239,9 @@ def _measure_merges(root: nn.Module, example_input, report: InferenceReport, rou
                 return
             x = inp[0]
             merged = _merged_conv(mod, report.memory_format == "channels_last")
-            t_split, t_merged = _time_alternating([lambda: mod.coeff(mod.basis(x)), lambda: merged(x)],
-                                                 rounds, iters, x.device)
+            timed = time_alternating({"split": lambda: mod.coeff(mod.basis(x)), "merged": lambda: merged(x)},
+                                     rounds=rounds, iters=iters, per_call=False, device=x.device)
+            t_split, t_merged = timed.median("split"), timed.median("merged")
             report.layer_ms[name] = (1e3 * t_split, 1e3 * t_merged)
             if t_merged < (1 - margin) * t_split:
                 decisions[name] = merged
@@ -330,8 +306,10 @@ def optimize_for_inference(model: nn.Module, example_input, *, fold_bn: bool = T
     formats = {"auto": ["contiguous", "channels_last"], True: ["channels_last"], False: ["contiguous"]}[channels_last]
     if len(formats) > 1:
         cl = copy.deepcopy(root).to(memory_format=torch.channels_last)
-        t_cont, t_cl = _time_alternating([lambda: _call(root, example_input), lambda: _call(cl, example_input)],
-                                         rounds, iters, ref.device if ref is not None else None)
+        timed = time_alternating({"contiguous": lambda: _call(root, example_input),
+                                  "channels_last": lambda: _call(cl, example_input)}, rounds=rounds, iters=iters,
+                                 per_call=False, device=ref.device if ref is not None else None)
+        t_cont, t_cl = timed.median("contiguous"), timed.median("channels_last")
         report.format_ms = {"contiguous": 1e3 * t_cont, "channels_last": 1e3 * t_cl}
         del cl
         if t_cl < t_cont:

@@ -42,12 +42,13 @@ import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
+from edp_det.deploy.timing import time_alternating
 from edp_det.ops.block import CompressedAwareConv2d
 from edp_det.edp.budget import check_layer_weights, structure_from_model
 from edp_det.edp.decompose import iter_blocks
 from edp_det.ops.flops import count_flops
 from edp_det.ops.graph import unwrap_model
-from edp_det.deploy.inference import _time_alternating, optimize_for_inference
+from edp_det.deploy.inference import optimize_for_inference
 from edp_det.edp.pruning import PMReport, _apply
 
 logger = logging.getLogger(__name__)
@@ -170,7 +171,9 @@ def _marginal_profile(root, blocks, x, channels_last: bool, thin: float, rounds:
             continue
         ud, ut = dense.get_submodule(u), thinned.get_submodule(u)
         xd, xt = in_dense[u], in_thin[u]
-        td, tt = _time_alternating([lambda: ud(xd), lambda: ut(xt)], rounds, iters, x.device)
+        timed = time_alternating({"dense": lambda: ud(xd), "thin": lambda: ut(xt)}, rounds=rounds, iters=iters,
+                                 per_call=False, device=x.device)
+        td, tt = timed.median("dense"), timed.median("thin")
         fd = count_flops(ud, example_inputs=xd).flops
         ft = count_flops(ut, example_inputs=xt).flops
         prof.units[u] = (td, tt, fd, ft)
@@ -196,7 +199,9 @@ def _average_profile(root, blocks, x, channels_last: bool, rounds: int, iters: i
             conv = _dense_like(block, xi, channels_last)
             out = conv(xi)
             flops = 2 * out.numel() * block.in_channels * math.prod(conv.kernel_size)
-            prof.units[name] = (_time_alternating([lambda: conv(xi)], rounds, iters, xi.device)[0], 0.0, flops, 0)
+            t = time_alternating({name: lambda: conv(xi)}, rounds=rounds, iters=iters, per_call=False,
+                                 device=xi.device).median(name)
+            prof.units[name] = (t, 0.0, flops, 0)
         return hook
 
     hooks = [b.register_forward_pre_hook(pre_hook(n, b)) for n, b in blocks.items()]
@@ -229,8 +234,9 @@ def measure_time_per_flop(model: nn.Module, example_input: torch.Tensor | None =
         thin: ``marginal`` only: the fraction of groups the thin variant keeps, in (0, 1).
         channels_last: time in ``channels_last`` (what :func:`edp_det.deploy.inference.optimize_for_inference` picks
             on CPUs) rather than contiguous format.
-        rounds, iters: timing effort per unit (after one warm-up call: median over rounds of the mean of
-            ``iters`` calls; the timer of :func:`edp_det.deploy.inference.optimize_for_inference`).
+        rounds, iters: timing effort per unit (:func:`edp_det.deploy.timing.time_alternating` after one warm-up
+            call: median over rounds of the mean of ``iters`` calls, as in
+            :func:`edp_det.deploy.inference.optimize_for_inference`).
         return_profile: return a :class:`LatencyProfile` (times, FLOPs, units, weights) instead of the weights.
     Returns:
         ``{block name: weight}``, weights normalised to a FLOPs-weighted mean of 1 (module docstring).
