@@ -1,6 +1,8 @@
 """edp_det.deploy.timing: the protocol's order, warm-up, rounds, samples and statistics, on a fake clock (no test
 depends on how fast this machine is)."""
+import re
 import statistics
+from pathlib import Path
 
 import pytest
 import torch
@@ -133,3 +135,18 @@ def test_bad_variants():
         time_alternating([lambda: None], rounds=1, iters=1)
     with pytest.raises(ValueError, match="'a' is not callable"):
         time_alternating({"a": 3}, rounds=1, iters=1)
+
+
+def test_one_place_synchronises_and_benchmarks_use_the_installed_package():
+    """The protocol has one home: nothing else in the library, tools or benchmarks drains a device queue itself,
+    and the benchmark scripts import the installed package instead of editing ``sys.path``."""
+    repo = Path(__file__).resolve().parents[1]
+    home = repo / "edp_det" / "deploy" / "timing.py"
+    files = [p for d in ("edp_det", "tools", "benchmarks") for p in sorted((repo / d).rglob("*.py"))]
+    assert home in files and any(p.parent.name == "benchmarks" for p in files)
+    own_sync = [str(p.relative_to(repo)) for p in files
+                if p != home and re.search(r"\b(cuda|mps)\.synchronize\(", p.read_text())]
+    assert own_sync == []
+    path_edits = [str(p.relative_to(repo)) for p in files
+                  if p.parent.name == "benchmarks" and "sys.path" in p.read_text()]
+    assert path_edits == []
