@@ -103,6 +103,8 @@ def test_bad_evaluation_image_needs_an_explicit_opt_in(voc):
     with pytest.raises(DataError) as ei:
         VOCDataset(voc, "test", on_error="skip", **kw)
     assert f"{tid}.jpg" in str(ei.value) and "data.skip_bad_eval_images=true" in str(ei.value)
+    with pytest.raises(DataError, match=r"on_error=skip with skip_bad_eval_images=true drops"):
+        VOCDataset(voc, "test", **kw)
     ds = VOCDataset(voc, "test", on_error="skip", skip_bad_eval_images=True, **kw)
     assert len(ds) == 5 and tid not in ds.image_ids
     # the same through the detection task's config

@@ -12,7 +12,10 @@ Box conventions (see DEVELOPERS.md): the XML holds VOC 1-based inclusive pixel b
 ``[xmin - 1, ymin - 1, xmax, ymax]``. :func:`voc_to_xyxy` / :func:`xyxy_to_voc` convert.
 
 Validation (:func:`validate_voc_split`) walks the whole split before training and returns every
-:class:`Problem` at once instead of failing on the first bad sample in the middle of an epoch.
+:class:`Problem` at once instead of failing on the first bad sample in the middle of an epoch; every
+image is fully decoded there (:mod:`edp_det.data.imagecheck`, verdicts cached). Images are used as
+displayed (EXIF orientation applied by :func:`load_image`), so annotations must describe the displayed
+image; see :func:`validate_voc_split` for the check of annotations made on the stored frame.
 """
 
 from __future__ import annotations
@@ -123,7 +126,10 @@ def apply_on_error(where: str, errors: Sequence[Problem], on_error: str, usable:
             "images or boxes, since that changes the benchmark: fix the files, or opt in with "
             "data.skip_bad_eval_images=true to evaluate without them:\n" + format_problems(errors))
     if on_error == "raise" or not usable:
-        hint = " (on_error=skip drops bad images/boxes)" if on_error == "raise" and usable else ""
+        hint = ""
+        if on_error == "raise" and usable:
+            hint = (" (on_error=skip with skip_bad_eval_images=true drops bad images/boxes)" if evaluation
+                    else " (on_error=skip drops bad images/boxes)")
         raise DataError(f"{where}: {len(errors)} problem(s) in the {what}{hint}:\n" + format_problems(errors))
     logger.warning("%s: skipped %d image(s) and %d object(s) with errors (see dataset.skipped):\n%s",
                    where, n_img, n_obj, format_problems(errors))
