@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -29,3 +30,17 @@ def raccoon_root() -> Path:
     if not (root / "Annotations").is_dir():
         pytest.skip(f"raccoon dataset not found at {root}")
     return root
+
+
+@pytest.fixture(scope="session", autouse=True)
+def image_check_cache_dir(tmp_path_factory) -> Path:
+    """Image-check verdicts (edp_det.data.imagecheck) go to a session temporary folder, also for tools
+    run as subprocesses, never to the user's cache folder."""
+    d = tmp_path_factory.mktemp("edp_det_cache")
+    old = os.environ.get("EDP_DET_CACHE_DIR")
+    os.environ["EDP_DET_CACHE_DIR"] = str(d)
+    yield d
+    if old is None:
+        os.environ.pop("EDP_DET_CACHE_DIR", None)
+    else:
+        os.environ["EDP_DET_CACHE_DIR"] = old

@@ -122,7 +122,8 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
             _check_num_classes(model, classes, args.model)
 
     # images are only opened for prediction; in --detections mode only their presence is checked
-    dataset = VOCDataset(args.data_root, args.split, classes=classes, check_images=model is not None)
+    dataset = VOCDataset(args.data_root, args.split, classes=classes, check_images=model is not None,
+                         evaluation=True)
     classes = list(dataset.classes)
     annotations = dataset.annotations()
 

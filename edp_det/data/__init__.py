@@ -1,4 +1,5 @@
-"""Datasets: VOC reader + validation, albumentations transforms, synthetic VOC, ImageFolder.
+"""Datasets: VOC reader + validation, up-front image checks (full decode, cached), albumentations
+transforms, synthetic VOC, ImageFolder.
 
 Names are re-exported lazily (PEP 562) so that ``import edp_det.data`` does not pull in
 albumentations/OpenCV until a transform is actually built.
@@ -11,8 +12,13 @@ import importlib
 _EXPORTS = {
     "edp_det.data.voc": (
         "VOC07_CLASSES", "IMAGE_EXTENSIONS", "BOX_TOLERANCE", "MIN_BOX_SIDE", "Problem", "VOCRecord", "VOCDataset",
-        "collate_fn", "collect_classes", "format_problems", "load_image", "parse_voc_xml", "read_split",
+        "apply_on_error", "collate_fn", "collect_classes", "format_problems", "load_image", "parse_voc_xml",
+        "read_split",
         "resolve_voc_root", "validate_voc_split", "voc_to_xyxy", "xyxy_to_voc",
+    ),
+    "edp_det.data.imagecheck": (
+        "EXIF_ORIENTATION_TAG", "TRANSPOSING_ORIENTATIONS", "ImageCheckReport", "ImageInfo", "check_images",
+        "decode_image", "default_cache_dir", "image_cache_file",
     ),
     "edp_det.data.transforms": ("DEFAULT_TRANSFORMS", "LABEL_FIELDS", "build_transforms"),
     "edp_det.data.synthetic": ("SHAPES", "make_synthetic_voc", "render_scene"),

@@ -18,8 +18,9 @@ from torchvision import transforms as T
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from edp_det.data import imagecheck
 from edp_det.data.synthetic import SHAPES, render_scene
-from edp_det.data.voc import Problem, format_problems
+from edp_det.data.voc import Problem, apply_on_error
 from edp_det.runtime.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
@@ -57,15 +58,20 @@ def validate_imagefolder(
     split: str,
     classes: Sequence[str] | None = None,
     check_images: bool = True,
+    image_cache: str | Path | bool | None = None,
+    workers: int | None = None,
+    show_progress: bool = True,
 ) -> tuple[list[tuple[str, int]], list[Problem]]:
     """Check ``root/split``; return usable ``(path, class_index)`` samples and the problems.
 
     ``classes`` defaults to the train split's class folders (the split's own folders when
     ``split == "train"`` or there is no train split). Errors: missing split folder, no class
     folders, a class folder not among ``classes`` (e.g. a val class missing from train), empty
-    class folder (train only; warning for other splits), unreadable image (PIL open + verify, when
-    ``check_images``). Warnings: a class of ``classes`` without a folder in a non-train split.
-    ``Problem.image_id`` holds the class name.
+    class folder (train only; warning for other splits), unreadable image (when ``check_images``:
+    every image fully decoded up front by :func:`edp_det.data.imagecheck.check_images`, verdicts
+    cached per (path, size, mtime) in ``imagecheck.image_cache_file(root, image_cache)``). Warnings:
+    a class of ``classes`` without a folder in a non-train split. ``Problem.image_id`` holds the
+    class name.
     """
     root = Path(root)
     d = root / split
@@ -92,6 +98,7 @@ def validate_imagefolder(
         if c not in present:
             sev = "error" if split == "train" else "warning"
             problems.append(Problem(c, str(d / c), "class", c, f"class has no folder in split {split!r}", sev))
+    found: list[tuple[str, Path]] = []
     for c in present:
         if c not in index:
             continue
@@ -100,15 +107,18 @@ def validate_imagefolder(
             sev = "error" if split == "train" else "warning"
             problems.append(Problem(c, str(d / c), "images", 0, "class folder holds no image files", sev))
             continue
-        for f in files:
-            if check_images:
-                try:
-                    with Image.open(f) as im:
-                        im.verify()
-                except Exception as e:
-                    problems.append(Problem(c, str(f), "image", f.name, f"unreadable image ({type(e).__name__}: {e})"))
-                    continue
-            samples.append((str(f), index[c]))
+        found.extend((c, f) for f in files)
+    infos = {}
+    if check_images:
+        infos = imagecheck.check_images([f for _, f in found],
+                                        cache_file=imagecheck.image_cache_file(root, image_cache), workers=workers, desc=f"checking images of split {split!r}",
+                                        show_progress=show_progress).infos
+    for c, f in found:
+        info = infos.get(str(f))
+        if info is not None and not info.ok:
+            problems.append(Problem(c, str(f), "image", f.name, f"unreadable image ({info.error})"))
+            continue
+        samples.append((str(f), index[c]))
     return samples, problems
 
 
@@ -134,6 +144,13 @@ class _ValidatedImageFolder(ImageFolder):
     def make_dataset(self, directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
         return list(self._fixed_samples)
 
+    def __getitem__(self, index):
+        try:
+            return super().__getitem__(index)
+        except OSError as e:  # a file changed or broke after the up-front check
+            path = self.samples[index][0]
+            raise DataError(f"{path}: image: cannot read image ({type(e).__name__}: {e})") from e
+
 
 def build_imagefolder(
     root: str | Path,
@@ -142,12 +159,18 @@ def build_imagefolder(
     image_size: int = 224,
     on_error: str = "raise",
     check_images: bool = True,
+    evaluation: bool = False,
+    skip_bad_eval_images: bool = False,
+    image_cache: str | Path | bool | None = None,
 ) -> ImageFolder:
     """A torchvision ``ImageFolder`` for ``root/split`` with the train split's class list.
 
     The split is validated first (:func:`validate_imagefolder`). ``on_error="raise"`` raises
-    :class:`DataError` listing every error (folder/file and field); ``"skip"`` drops unreadable
-    files and stray class folders, logs a summary and records them in ``dataset.skipped``.
+    :class:`DataError` listing every error (folder/file and field, first 20 and a count); ``"skip"``
+    drops unreadable files and stray class folders, logs one warning listing them and records them
+    in ``dataset.skipped``. For an ``evaluation`` split ``"skip"`` raises too unless
+    ``skip_bad_eval_images`` (dropping evaluation images changes the benchmark). A file that cannot
+    be read later, during training, raises :class:`DataError` naming it.
     """
     if on_error not in ("raise", "skip"):
         raise ConfigError(f"build_imagefolder: on_error={on_error!r}: must be 'raise' or 'skip'")
@@ -160,16 +183,11 @@ def build_imagefolder(
     classes = list_classes(root, "train")
     if not classes:
         raise DataError(f"{train_dir}: classes: no class folders in the train split")
-    samples, problems = validate_imagefolder(root, split, classes, check_images=check_images)
+    samples, problems = validate_imagefolder(root, split, classes, check_images=check_images, image_cache=image_cache)
     errors = [p for p in problems if p.severity == "error"]
-    where = f"{root / split}"
-    if errors and (on_error == "raise" or not samples):
-        raise DataError(f"{where}: {len(errors)} problem(s) in the image folder:\n" + format_problems(errors))
+    apply_on_error(f"{root / split}", errors, on_error, bool(samples), evaluation, skip_bad_eval_images, "image folder")
     for p in (p for p in problems if p.severity == "warning"):
         logger.warning("%s", p)
-    if errors:
-        logger.warning("%s: skipped %d item(s) with errors (see dataset.skipped):\n%s",
-                       where, len(errors), format_problems(errors, limit=10))
     ds = _ValidatedImageFolder(root / split, classes, samples, build_classification_transforms(train, image_size))
     ds.skipped = errors
     ds.problems = problems

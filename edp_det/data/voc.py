@@ -12,7 +12,10 @@ Box conventions (see DEVELOPERS.md): the XML holds VOC 1-based inclusive pixel b
 ``[xmin - 1, ymin - 1, xmax, ymax]``. :func:`voc_to_xyxy` / :func:`xyxy_to_voc` convert.
 
 Validation (:func:`validate_voc_split`) walks the whole split before training and returns every
-:class:`Problem` at once instead of failing on the first bad sample in the middle of an epoch.
+:class:`Problem` at once instead of failing on the first bad sample in the middle of an epoch; every
+image is fully decoded there (:mod:`edp_det.data.imagecheck`, verdicts cached). Images are used as
+displayed (EXIF orientation applied by :func:`load_image`), so annotations must describe the displayed
+image; see :func:`validate_voc_split` for the check of annotations made on the stored frame.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from edp_det.data import imagecheck
 from edp_det.runtime.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
@@ -45,6 +49,7 @@ __all__ = [
     "format_problems",
     "load_image",
     "parse_voc_xml",
+    "apply_on_error",
     "read_split",
     "resolve_voc_root",
     "validate_voc_split",
@@ -68,9 +73,6 @@ BOX_TOLERANCE = 1.0
 MIN_BOX_SIDE = 1.0
 
 SEVERITIES = ("error", "warning", "info")
-
-# EXIF orientations that swap width and height.
-_TRANSPOSING_ORIENTATIONS = {5, 6, 7, 8}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -103,6 +105,34 @@ def format_problems(problems: Sequence[Problem], limit: int = 20) -> str:
     if len(problems) > limit:
         lines.append(f"  ... and {len(problems) - limit} more problem(s)")
     return "\n".join(lines)
+
+
+def apply_on_error(where: str, errors: Sequence[Problem], on_error: str, usable: bool, evaluation: bool = False,
+                     skip_bad_eval_images: bool = False, what: str = "data") -> None:
+    """Apply the ``on_error`` policy of a dataset to the error problems of one split.
+
+    Raises :class:`DataError` listing the problems (first 20 and a count) with ``on_error="raise"``,
+    when nothing is ``usable``, or for an ``evaluation`` split unless ``skip_bad_eval_images``
+    (dropping evaluation images changes the benchmark). Otherwise logs one warning listing what is
+    skipped. Does nothing when there are no errors.
+    """
+    if not errors:
+        return
+    n_img = sum(1 for p in errors if p.object_index is None)
+    n_obj = len(errors) - n_img
+    if on_error == "skip" and evaluation and not skip_bad_eval_images:
+        raise DataError(
+            f"{where}: {len(errors)} problem(s) in this evaluation split; on_error=skip does not drop evaluation "
+            "images or boxes, since that changes the benchmark: fix the files, or opt in with "
+            "data.skip_bad_eval_images=true to evaluate without them:\n" + format_problems(errors))
+    if on_error == "raise" or not usable:
+        hint = ""
+        if on_error == "raise" and usable:
+            hint = (" (on_error=skip with skip_bad_eval_images=true drops bad images/boxes)" if evaluation
+                    else " (on_error=skip drops bad images/boxes)")
+        raise DataError(f"{where}: {len(errors)} problem(s) in the {what}{hint}:\n" + format_problems(errors))
+    logger.warning("%s: skipped %d image(s) and %d object(s) with errors (see dataset.skipped):\n%s",
+                   where, n_img, n_obj, format_problems(errors))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -366,21 +396,6 @@ def load_image(path: str | Path) -> Image.Image:
         raise DataError(f"{path}: image: cannot read image ({type(e).__name__}: {e})") from e
 
 
-def _probe_image(path: Path) -> tuple[int, int]:
-    """Open + verify; returns the (width, height) the image has after EXIF transposition."""
-    with Image.open(path) as im:
-        im.verify()
-    with Image.open(path) as im:
-        w, h = im.size
-        try:
-            orientation = im.getexif().get(274, 1)
-        except Exception:
-            orientation = 1
-    if orientation in _TRANSPOSING_ORIENTATIONS:
-        w, h = h, w
-    return w, h
-
-
 # --------------------------------------------------------------------------------------------------
 # validation
 # --------------------------------------------------------------------------------------------------
@@ -402,17 +417,33 @@ def validate_voc_split(
     split: str,
     classes: Sequence[str] | None = None,
     check_images: bool = True,
+    image_cache: str | Path | bool | None = None,
+    workers: int | None = None,
+    show_progress: bool = True,
 ) -> tuple[list[VOCRecord], list[Problem]]:
     """Check a whole split; return the usable records and every problem found.
 
     Errors: missing/empty split file, missing annotation, malformed XML or missing/non-numeric
-    fields, missing image, unreadable image (PIL open + verify), degenerate box (xmax <= xmin or
-    ymax <= ymin), box outside the image by more than :data:`BOX_TOLERANCE` pixels, unknown class
-    name (only when ``classes`` is given). Warnings: image size differing from the XML size,
-    duplicate ids. Info: images without objects.
+    fields, missing image, unreadable image, an EXIF-rotated image whose XML ``<size>`` is its
+    stored (unrotated) frame (see below), degenerate box (xmax <= xmin or ymax <= ymin), box outside
+    the image by more than :data:`BOX_TOLERANCE` pixels, unknown class name (only when ``classes``
+    is given). Warnings: image size differing from the XML size otherwise, duplicate ids. Info:
+    images without objects.
+
+    With ``check_images`` every image is fully decoded up front by
+    :func:`edp_det.data.imagecheck.check_images` (``workers`` threads, a progress bar unless
+    ``show_progress=False``); verdicts are cached per (path, size, mtime) in
+    ``imagecheck.image_cache_file(root, image_cache)`` (``image_cache=False``: no cache).
+
+    EXIF convention: annotations describe the image *as displayed*, i.e. after its EXIF orientation
+    is applied (what :func:`load_image` returns, and what CVAT, labelme, Roboflow and OpenCV use).
+    An image rotated by 90/270 degrees whose XML size equals its stored frame (width and height
+    swapped against the displayed image, as tools that ignore EXIF such as LabelImg write) is an
+    image-level error naming the file and the fix. A 180-degree or mirrored orientation, or a square
+    image, keeps the size and cannot be told apart: strip such tags before labelling.
 
     Records exclude images with an image-level error and objects with an object-level error.
-    Boxes are compared with the real image size when ``check_images`` (else the XML size).
+    Boxes are compared with the real (displayed) image size when ``check_images`` (else the XML size).
     Raises :class:`DataError` only when ``root`` is not a VOC folder at all.
     """
     r = resolve_voc_root(root)
@@ -441,30 +472,49 @@ def validate_voc_split(
         problems.append(Problem(None, str(sfile), "split", split, "split file lists no image ids"))
         return records, problems
 
+    # pass 1: annotations and image paths; pass 2 (after decoding every image at once): sizes and boxes
+    entries: list[tuple[str, list[Problem], dict | None, Path, Path | None]] = []
     for image_id in ids:
         ann = r / "Annotations" / f"{image_id}.xml"
         if not ann.is_file():
-            problems.append(Problem(image_id, str(ann), "annotation", image_id, "annotation file not found"))
+            entries.append((image_id, [Problem(image_id, str(ann), "annotation", image_id, "annotation file not found")],
+                            None, ann, None))
             continue
         rec, probs = _parse(ann, image_id)
-        problems.extend(probs)
-        if rec is None:
-            continue
-        img_path = _find_image(r, image_id, rec["filename"])
-        if img_path is None:
+        img_path = None if rec is None else _find_image(r, image_id, rec["filename"])
+        if rec is not None and img_path is None:
             wanted = rec["filename"] or f"{image_id}.jpg"
-            problems.append(
+            probs.append(
                 Problem(image_id, str(r / "JPEGImages" / wanted), "image", wanted,
                         f"image file not found (annotation {ann.name}; also tried {image_id} + {'/'.join(IMAGE_EXTENSIONS[:3])})")
             )
+        entries.append((image_id, probs, rec, ann, img_path))
+    infos = {}
+    if check_images:
+        infos = imagecheck.check_images([e[4] for e in entries if e[4] is not None],
+                                        cache_file=imagecheck.image_cache_file(r, image_cache), workers=workers,
+                                        desc=f"checking images of split {split!r}", show_progress=show_progress).infos
+
+    for image_id, probs, rec, ann, img_path in entries:
+        problems.extend(probs)
+        if rec is None or img_path is None:
             continue
         width, height = rec["width"], rec["height"]
         if check_images:
-            try:
-                w, h = _probe_image(img_path)
-            except Exception as e:
+            info = infos[str(img_path)]
+            if not info.ok:
+                problems.append(Problem(image_id, str(img_path), "image", img_path.name, f"unreadable image ({info.error})"))
+                continue
+            w, h = info.display_size
+            if (w, h) != (width, height) and info.orientation in imagecheck.TRANSPOSING_ORIENTATIONS \
+                    and (info.width, info.height) == (width, height):
                 problems.append(
-                    Problem(image_id, str(img_path), "image", img_path.name, f"unreadable image ({type(e).__name__}: {e})")
+                    Problem(image_id, str(img_path), "size", f"{width}x{height}",
+                            f"the XML size in {ann.name} is the stored (unrotated) frame, but the image carries EXIF "
+                            f"orientation {info.orientation} and is used as displayed ({w}x{h}), so the boxes would "
+                            "land on the wrong pixels (annotation tools that ignore EXIF write this, e.g. LabelImg): "
+                            "clear the tag without rotating the pixels (exiftool -n -Orientation=1 FILE) or re-export "
+                            "the annotation on the displayed image")
                 )
                 continue
             if (w, h) != (width, height):
@@ -538,7 +588,13 @@ class VOCDataset(torch.utils.data.Dataset):
     * ``on_error="skip"``: an image-level problem (missing/unreadable image or annotation, malformed
       XML, bad size) drops the image; an object-level problem (degenerate/out-of-image box, unknown
       class, bad field in one ``<object>``) drops only that object and keeps the rest of the image.
-      ``self.skipped`` lists the error problems that caused drops; a summary is logged.
+      ``self.skipped`` lists the error problems that caused drops; one warning lists them.
+    * ``evaluation=True`` marks a split used for evaluation: dropping its images or boxes changes
+      the benchmark, so ``on_error="skip"`` raises like ``"raise"`` unless ``skip_bad_eval_images``.
+
+    A training split (``evaluation=False``) whose objects are all difficult while
+    ``use_difficult=False`` raises :class:`DataError` (no positive would be left to train on).
+    ``image_cache`` selects the cache of the image checks (see :func:`validate_voc_split`).
 
     ``classes=None`` collects the class names present in the split (sorted). Label ``i + 1`` is
     ``classes[i]``. With ``use_difficult=False`` difficult objects are left out of training targets
@@ -560,6 +616,9 @@ class VOCDataset(torch.utils.data.Dataset):
         transforms: Callable | None = None,
         on_error: str = "raise",
         check_images: bool = True,
+        evaluation: bool = False,
+        skip_bad_eval_images: bool = False,
+        image_cache: str | Path | bool | None = None,
     ):
         if on_error not in ("raise", "skip"):
             raise ConfigError(f"VOCDataset: on_error={on_error!r}: must be 'raise' or 'skip'")
@@ -574,32 +633,30 @@ class VOCDataset(torch.utils.data.Dataset):
         self.split = split
         self.use_difficult = bool(use_difficult)
         self.transforms = transforms
-        records, problems = validate_voc_split(self.root, split, classes, check_images)
+        records, problems = validate_voc_split(self.root, split, classes, check_images, image_cache=image_cache)
         self.problems: list[Problem] = problems
         errors = [p for p in problems if p.severity == "error"]
         where = f"{self.root} split {split!r}"
-        if errors and (on_error == "raise" or not records):
-            hint = " (pass on_error='skip' to drop bad images/boxes)" if on_error == "raise" and records else ""
-            raise DataError(f"{where}: {len(errors)} problem(s) in the VOC data{hint}:\n" + format_problems(errors))
+        apply_on_error(where, errors, on_error, bool(records), evaluation, skip_bad_eval_images, "VOC data")
         warnings = [p for p in problems if p.severity == "warning"]
         for p in warnings[:20]:
             logger.warning("%s", p)
         if len(warnings) > 20:
             logger.warning("... and %d more warning(s)", len(warnings) - 20)
         self.skipped: list[Problem] = errors
-        if errors:
-            n_img = sum(1 for p in errors if p.object_index is None)
-            n_obj = len(errors) - n_img
-            logger.warning(
-                "%s: skipped %d image(s) and %d object(s) with errors (see dataset.skipped):\n%s",
-                where, n_img, n_obj, format_problems(errors, limit=10),
-            )
         if not records:
             raise DataError(f"{where}: split: no usable images")
         if classes is None:
             classes = sorted({o["name"] for rec in records for o in rec.objects})
             if not classes:
                 raise DataError(f"{where}: object/name: no objects in the split, cannot infer classes")
+        if not evaluation and not self.use_difficult:
+            n_obj = sum(len(rec.objects) for rec in records)
+            if n_obj and not any(not o["difficult"] for rec in records for o in rec.objects):
+                raise DataError(
+                    f"{where}: object/difficult: all {n_obj} object(s) of this training split are marked difficult, "
+                    "so with use_difficult=false there is nothing to learn (set data.use_difficult=true, fix the "
+                    "<difficult> flags, or use another split)")
         self.classes: list[str] = list(classes)
         self.class_to_label = {c: i + 1 for i, c in enumerate(self.classes)}
         self.records: list[VOCRecord] = records

@@ -68,7 +68,9 @@ DETECTION = {
         "test_split": "test",
         "classes": None,       # null: collected from the training split's annotations
         "use_difficult": False,
-        "on_error": "raise",   # raise | skip
+        "on_error": "raise",   # raise | skip (bad images/boxes of the training split; see skip_bad_eval_images)
+        "skip_bad_eval_images": False,  # on_error=skip also drops bad test images (changes the benchmark)
+        "image_cache": None,   # image-check verdicts: null = user cache dir, false = off, or a folder
         "augment": {"hflip": 0.5, "scale_jitter": None, "brightness_contrast": 0.0, "hue_saturation": 0.0,
                     "resize": None, "min_visibility": 0.3, "seed": None},
     },
@@ -110,8 +112,10 @@ CLASSIFICATION = {
         "train_split": "train",
         "val_split": "val",
         "image_size": 224,     # train: RandomResizedCrop(size); val: Resize(size / 0.875) + CenterCrop(size)
-        "on_error": "raise",   # raise | skip
-        "check_images": True,  # open + verify every image up front (slow on ImageNet: set false there)
+        "on_error": "raise",   # raise | skip (bad images of the training split; see skip_bad_eval_images)
+        "skip_bad_eval_images": False,  # on_error=skip also drops bad val images (changes the benchmark)
+        "check_images": True,  # fully decode every image up front, verdicts cached (first run slow on ImageNet)
+        "image_cache": None,   # image-check verdicts: null = user cache dir, false = off, or a folder
     },
     "model": {
         "name": "resnet50",

@@ -72,10 +72,11 @@ class ClassificationTask:
             raise ConfigError("data.root is not set: pass --data-root DIR or data.root=DIR")
         size = d["image_size"]
         self.dist = dist
-        kw = dict(image_size=size, on_error=d["on_error"], check_images=d["check_images"])
+        kw = dict(image_size=size, on_error=d["on_error"], check_images=d["check_images"], image_cache=d["image_cache"])
         self.train_set = build_imagefolder(d["root"], d["train_split"], train=True, **kw)
         self.classes = list(self.train_set.classes)
-        self.val_set = build_imagefolder(d["root"], d["val_split"], train=False, **kw)
+        self.val_set = build_imagefolder(d["root"], d["val_split"], train=False, evaluation=True,
+                                         skip_bad_eval_images=d["skip_bad_eval_images"], **kw)
         if len(self.train_set) == 0:
             raise ConfigError(f"{d['root']}/{d['train_split']}: no usable training images")
         logger.info("classification data: %d classes, %d train / %d val images", len(self.classes),

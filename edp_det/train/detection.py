@@ -57,10 +57,12 @@ class DetectionTask:
         self.dist = dist
         self.train_set = VOCDataset(d["root"], d["train_split"], classes=d["classes"],
                                     use_difficult=d["use_difficult"], on_error=d["on_error"],
-                                    transforms=build_transforms(d["augment"], train=True))
+                                    transforms=build_transforms(d["augment"], train=True),
+                                    image_cache=d["image_cache"])
         self.classes = list(self.train_set.classes)
         self.test_set = VOCDataset(d["root"], d["test_split"], classes=self.classes, use_difficult=True,
-                                   on_error=d["on_error"], transforms=None)
+                                   on_error=d["on_error"], transforms=None, evaluation=True,
+                                   skip_bad_eval_images=d["skip_bad_eval_images"], image_cache=d["image_cache"])
 
     def iters_per_epoch(self, dist) -> int:
         bs = self.cfg["train"]["batch_size"]
