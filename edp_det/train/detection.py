@@ -62,6 +62,11 @@ class DetectionTask:
         self.test_set = VOCDataset(d["root"], d["test_split"], classes=self.classes, use_difficult=True,
                                    on_error=d["on_error"], transforms=None)
 
+    def split_sizes(self) -> dict[str, int]:
+        """Images per split this run reads (for the start banner)."""
+        d = self.cfg["data"]
+        return {f"train ({d['train_split']})": len(self.train_set), f"test ({d['test_split']})": len(self.test_set)}
+
     def iters_per_epoch(self, dist) -> int:
         bs = self.cfg["train"]["batch_size"]
         per_rank = -(-len(self.train_set) // dist.world_size)
