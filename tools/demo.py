@@ -47,8 +47,7 @@ def main(args):
         cfgs[name] = cfg
         done = run / "metrics.json"
         if not done.exists():
-            resume = "auto" if (run / "last_checkpoint").exists() else None
-            Trainer(cfg, DetectionTask(cfg), run, resume=resume).run()
+            Trainer(cfg, DetectionTask(cfg), run, resume="auto").run()
         metrics[name] = json.loads(done.read_text())
         metrics[name]["config"] = cfg
     from edp_det import load_compressed

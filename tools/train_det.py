@@ -23,10 +23,12 @@ def main(args):
     from edp_det.runtime.distributed import get_rank
     from edp_det.train.engine import Trainer
     from edp_det.runtime.logs import setup_logging
+    from edp_det.runtime.rundir import check_run_dir
 
     cfg, out = resolve_run_config(args, "detection")
+    check_run_dir(out, resume=bool(args.resume), overwrite=args.overwrite)   # before log.txt is opened there
     setup_logging(out, rank=int(os.environ.get("RANK", get_rank())), level=args.log_level)
-    return Trainer(cfg, DetectionTask(cfg), out, resume=args.resume).run()
+    return Trainer(cfg, DetectionTask(cfg), out, resume=args.resume, overwrite=args.overwrite).run()
 
 
 if __name__ == "__main__":

@@ -23,6 +23,8 @@ def add_run_args(parser, data_help: str = "dataset root (overrides data.root)"):
     parser.add_argument("--output-dir", default=None, help="output directory (default: runs/<config name>)")
     parser.add_argument("--resume", default=None, nargs="?", const="auto",
                         help="resume from a checkpoint file, or the latest in --output-dir ('auto')")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="clear the run already in --output-dir (its checkpoints, logs and results) before starting")
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("overrides", nargs="*", help="config overrides key=value (e.g. train.epochs=2)")
     return parser

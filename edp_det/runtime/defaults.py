@@ -30,6 +30,7 @@ COMMON = {
         "checkpoint_keep": 2,
         "num_workers": 2,
         "threads": None,       # torch.set_num_threads on CPU
+        "tensorboard": False,  # also write scalars to <output_dir>/tb (needs the tensorboard extra)
     },
     "compress": {
         "scope": "backbone",   # backbone | detector (also FPN + RPN head, low-rank only)

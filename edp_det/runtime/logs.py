@@ -17,7 +17,8 @@ from typing import Any
 
 from edp_det.runtime.errors import DataError
 
-__all__ = ["setup_logging", "MetricsLogger", "read_metrics", "progress", "format_metrics", "format_value"]
+__all__ = ["setup_logging", "MetricsLogger", "read_metrics", "progress", "format_metrics", "format_value",
+           "format_duration", "ProgressMeter", "console_logging_above", "open_tensorboard"]
 
 _HANDLER_MARK = "_edp_det_handler"
 _FORMAT = "[%(asctime)s %(levelname)s %(name)s]{rank} %(message)s"
@@ -37,8 +38,9 @@ def _level(level: int | str) -> int:
 def setup_logging(output_dir: str | os.PathLike | None = None, rank: int = 0, level: int | str = "INFO") -> logging.Logger:
     """Configure the root logger for a tool (idempotent: replaces handlers installed by an earlier call).
 
-    A stderr handler at ``level`` (WARNING on non-main ranks, whose lines carry ``[rankN]``) and, on the main
-    rank with ``output_dir`` given, ``output_dir/log.txt`` (appended). Returns the root logger.
+    A stdout handler at ``level`` (WARNING on non-main ranks, whose lines carry ``[rankN]``) and, on the main
+    rank with ``output_dir`` given, ``output_dir/log.txt`` (appended). Progress lines are plain log lines, so they
+    reach both whether or not stdout is a terminal (nohup, SLURM, ``| tee``). Returns the root logger.
     """
     lvl = _level(level) if rank == 0 else max(_level(level), logging.WARNING)
     root = logging.getLogger()
@@ -47,7 +49,7 @@ def setup_logging(output_dir: str | os.PathLike | None = None, rank: int = 0, le
             root.removeHandler(h)
             h.close()
     formatter = logging.Formatter(_FORMAT.format(rank="" if rank == 0 else f" [rank{rank}]"), _DATEFMT)
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
     if output_dir is not None and rank == 0:
         Path(output_dir).mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(Path(output_dir) / "log.txt", mode="a", encoding="utf-8"))
@@ -263,3 +265,96 @@ def format_metrics(d: Mapping[str, Any], sep: str = " ") -> str:
 
     walk("", d)
     return sep.join(parts)
+
+
+# ------------------------------------------------------------------------------------------- progress lines
+def format_duration(seconds: float) -> str:
+    """``h:mm:ss`` (``d days, h:mm:ss`` past a day) for ETAs and epoch times."""
+    if not math.isfinite(seconds) or seconds < 0:
+        return "?"
+    s = int(round(seconds))
+    days, s = divmod(s, 86400)
+    h, s = divmod(s, 3600)
+    m, s = divmod(s, 60)
+    core = f"{h}:{m:02d}:{s:02d}"
+    return f"{days} day{'s' if days > 1 else ''}, {core}" if days else core
+
+
+class ProgressMeter:
+    """Running averages and ETAs for the progress lines the engine logs every ``train.log_interval`` iterations.
+
+    One line reads ``epoch 3/12  iter 40/500  loss 0.6123 (0.6410)  loss_classifier 0.21 (0.23) ...  lr 2.00e-02
+    0.531 s/it  eta 0:04:21 (run 1:02:11)``: current value and epoch average per loss term, seconds per iteration
+    (average over the epoch so far), and the time left in the epoch and in the whole run at that pace.
+    ``remaining_after``: iterations of the run that follow this epoch.
+    """
+
+    def __init__(self, iters: int, remaining_after: int = 0, clock=time.monotonic):
+        self.iters = int(iters)
+        self.remaining_after = int(remaining_after)
+        self._clock = clock
+        self._t0 = clock()
+        self.n = 0
+        self.loss = self.loss_sum = 0.0
+        self.terms: dict[str, float] = {}
+        self.term_sums: dict[str, float] = {}
+
+    def update(self, loss: float, terms: Mapping[str, float] | None = None) -> None:
+        self.n += 1
+        self.loss = float(loss)
+        self.loss_sum += self.loss
+        for k, v in (terms or {}).items():
+            self.terms[k] = float(v)
+            self.term_sums[k] = self.term_sums.get(k, 0.0) + float(v)
+
+    def seconds_per_iter(self) -> float:
+        return (self._clock() - self._t0) / self.n if self.n else float("nan")
+
+    def line(self, epoch: int, epochs: int, it: int, lr: float) -> str:
+        spi = self.seconds_per_iter()
+        left_epoch = max(self.iters - it, 0)
+        parts = [f"epoch {epoch}/{epochs}", f"iter {it}/{self.iters}",
+                 f"loss {self.loss:.4f} ({self.loss_sum / max(self.n, 1):.4f})"]
+        parts += [f"{k} {v:.4f} ({self.term_sums[k] / self.n:.4f})" for k, v in self.terms.items()]
+        parts += [f"lr {lr:.2e}", f"{spi:.3f} s/it",
+                  f"eta {format_duration(left_epoch * spi)} (run {format_duration((left_epoch + self.remaining_after) * spi)})"]
+        return "  ".join(parts)
+
+
+class console_logging_above:
+    """Context manager: while a tqdm ``bar`` is shown, console log lines are written above it (no torn bar);
+    with the silent stand-in (no terminal) it does nothing. Log files are never touched."""
+
+    def __init__(self, bar: Any):
+        self._cm = None
+        if not isinstance(bar, _NullProgress):
+            from tqdm.contrib.logging import logging_redirect_tqdm
+
+            self._cm = logging_redirect_tqdm()
+
+    def __enter__(self) -> console_logging_above:
+        if self._cm is not None:
+            self._cm.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._cm is not None:
+            self._cm.__exit__(*exc)
+
+
+def open_tensorboard(output_dir: str | os.PathLike, enabled: bool):
+    """A TensorBoard ``SummaryWriter`` on ``output_dir/tb`` when ``enabled`` (``train.tensorboard``), else None.
+
+    TensorBoard is an optional dependency (``pip install 'edp-det[tensorboard]'``); asking for it without the
+    package installed is a :class:`~edp_det.runtime.errors.ConfigError` raised before training starts.
+    """
+    if not enabled:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        from edp_det.runtime.errors import ConfigError
+
+        raise ConfigError("train.tensorboard=true needs the tensorboard package: "
+                          "pip install 'edp-det[tensorboard]' (or set train.tensorboard=false)") from None
+    return SummaryWriter(log_dir=str(Path(output_dir) / "tb"))

@@ -85,6 +85,11 @@ class ClassificationTask:
     def _per_rank(self, dist) -> int:
         return -(-len(self.train_set) // dist.world_size)
 
+    def split_sizes(self) -> dict[str, int]:
+        """Images per split this run reads (for the start banner)."""
+        d = self.cfg["data"]
+        return {f"train ({d['train_split']})": len(self.train_set), f"val ({d['val_split']})": len(self.val_set)}
+
     def iters_per_epoch(self, dist) -> int:
         bs = self.cfg["train"]["batch_size"]
         per_rank = self._per_rank(dist)

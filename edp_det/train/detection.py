@@ -64,6 +64,11 @@ class DetectionTask:
                                    on_error=d["on_error"], transforms=None, evaluation=True,
                                    skip_bad_eval_images=d["skip_bad_eval_images"], image_cache=d["image_cache"])
 
+    def split_sizes(self) -> dict[str, int]:
+        """Images per split this run reads (for the start banner)."""
+        d = self.cfg["data"]
+        return {f"train ({d['train_split']})": len(self.train_set), f"test ({d['test_split']})": len(self.test_set)}
+
     def iters_per_epoch(self, dist) -> int:
         bs = self.cfg["train"]["batch_size"]
         per_rank = -(-len(self.train_set) // dist.world_size)

@@ -30,7 +30,9 @@ from edp_det.runtime.config import dump_config
 from edp_det.runtime.distributed import barrier, init_distributed, seed_everything
 from edp_det.runtime.errors import EDPError
 from edp_det.ops.graph import unwrap_model
-from edp_det.runtime.logs import MetricsLogger, format_metrics, progress
+from edp_det.runtime.logs import (MetricsLogger, ProgressMeter, console_logging_above, format_duration, format_metrics,
+                                  open_tensorboard, progress)
+from edp_det.runtime.rundir import check_run_dir, start_run_dir, truncate_metrics_log
 from edp_det.methods import build_method
 from edp_det.models import describe_model
 from edp_det.edp.pruning import transfer_optimizer_state
@@ -72,13 +74,24 @@ def lr_at(step: int, iters_per_epoch: int, tcfg: dict) -> float:
 
 
 class Trainer:
-    """Runs one training job. ``task`` implements the task protocol (see :mod:`edp_det.train.detection`)."""
+    """Runs one training job. ``task`` implements the task protocol (see :mod:`edp_det.train.detection`).
 
-    def __init__(self, cfg: dict, task, output_dir, resume=None):
+    ``resume``: None (start a new run), ``"auto"`` (the latest checkpoint in ``output_dir``, or a new run when
+    there is none) or a checkpoint path. A new run refuses an ``output_dir`` that holds another run unless
+    ``overwrite`` (clears that run's files first; see :func:`edp_det.runtime.rundir.prepare_run_dir`).
+
+    :meth:`run` is three phases: :meth:`setup` (device, data, model, method, resume, optimizer; the output
+    folder is written only once all of it succeeded), then per epoch :meth:`train_epoch` (the steps) and
+    :meth:`end_epoch` (compaction, PM, evaluation, checks, log, checkpoint), then :meth:`finalize`
+    (final model, evaluation, metrics.json).
+    """
+
+    def __init__(self, cfg: dict, task, output_dir, resume=None, overwrite: bool = False):
         self.cfg = cfg
         self.task = task
         self.out = Path(output_dir)
         self.resume = resume
+        self.overwrite = bool(overwrite)
         self.tcfg = cfg["train"]
 
     # ------------------------------------------------------------------ helpers
@@ -98,35 +111,45 @@ class Trainer:
         ids = [dist.device.index] if dist.device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=False)
 
-    def _checkpoint_state(self, model, optimizer, scaler, method, epoch, step) -> dict:
-        root = unwrap_model(model)
+    def _checkpoint_state(self, epoch) -> dict:
+        root = unwrap_model(self.model)
         return {"model": {k: v.detach().cpu() for k, v in root.state_dict().items()},
                 "spec": architecture_spec(root), "arch": describe_model(root),
-                "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else {},
-                "method": method.state_dict(), "epoch": epoch, "global_step": step, "config": self.cfg,
-                "classes": list(getattr(self.task, "classes", []) or [])}
+                "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
+                "method": self.method.state_dict(), "epoch": epoch, "global_step": self.step, "config": self.cfg,
+                "classes": list(getattr(self.task, "classes", []) or []), "train_time_s": self._train_time()}
+
+    def _train_time(self) -> float:
+        return self.train_time_before + (time.time() - self.t_start)
 
     # ------------------------------------------------------------------ run
     def run(self) -> dict:
+        self.setup()
+        for epoch in range(self.start_epoch, self.tcfg["epochs"]):
+            epoch_rec = self.train_epoch(epoch)
+            self.end_epoch(epoch, epoch_rec)
+        return self.finalize()
+
+    def setup(self) -> None:
+        """Everything before the first step. Raises on bad input before the output folder is written to."""
         cfg, tcfg = self.cfg, self.tcfg
-        dist = init_distributed()
-        device = self._device(dist)
+        self.dist = dist = init_distributed()
+        self.device = device = self._device(dist)
         if device.type == "cpu" and tcfg.get("threads"):
             torch.set_num_threads(int(tcfg["threads"]))
-        main = dist.is_main
+        self.main = main = dist.is_main
         if main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            dump_config(cfg, self.out / "config.yaml")
+            check_run_dir(self.out, resume=bool(self.resume), overwrite=self.overwrite)
         seed_everything(cfg["seed"], dist.rank)
         task = self.task
         task.setup(dist)
         model = task.build_model()
-        method = build_method(cfg["method"], cfg["compress"], tcfg["epochs"])
+        self.method = method = build_method(cfg["method"], cfg["compress"], tcfg["epochs"])
         model = method.prepare(model)
-        input_size = task.input_size()
-        method.input_size = input_size
-        ckpt_mgr = CheckpointManager(self.out, keep_last=tcfg["checkpoint_keep"]) if main else None
-        start_epoch, step = 0, 0
+        self.input_size = task.input_size()
+        method.input_size = self.input_size
+        self.start_epoch, self.step, self.train_time_before = 0, 0, 0.0
         resume_path = resolve_resume(self.resume, self.out) if self.resume else None
         ckpt = None
         if resume_path is not None:
@@ -136,42 +159,82 @@ class Trainer:
             method.load_state_dict(ckpt.get("method", {}))
             apply_spec(model, ckpt["spec"])
             model.load_state_dict(ckpt["model"])
-            start_epoch, step = int(ckpt["epoch"]) + 1, int(ckpt["global_step"])
-            logger.info("resumed from %s (epoch %d, step %d)", resume_path, start_epoch, step)
+            self.start_epoch, self.step = int(ckpt["epoch"]) + 1, int(ckpt["global_step"])
+            self.train_time_before = float(ckpt.get("train_time_s", 0.0))
+            logger.info("resumed from %s (epoch %d, step %d)", resume_path, self.start_epoch, self.step)
         model.to(device)
-        optimizer = build_optimizer(model, tcfg)
-        use_amp = bool(tcfg["amp"]) and device.type == "cuda"
-        scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+        self.optimizer = build_optimizer(model, tcfg)
+        self.use_amp = bool(tcfg["amp"]) and device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
         if ckpt is not None:
-            optimizer.load_state_dict(ckpt["optimizer"])
-            if use_amp and ckpt.get("scaler"):
-                scaler.load_state_dict(ckpt["scaler"])
-        method.attach(model, optimizer)
-        ddp_model = self._wrap(model, dist)
-        log = MetricsLogger(self.out / "metrics_log.jsonl", enabled=main)
-        iters_per_epoch = task.iters_per_epoch(dist)
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            if self.use_amp and ckpt.get("scaler"):
+                self.scaler.load_state_dict(ckpt["scaler"])
+        method.attach(model, self.optimizer)
+        self.model = model
+        self.ddp_model = self._wrap(model, dist)
+        self.iters_per_epoch = task.iters_per_epoch(dist)
         if tcfg["max_iters_per_epoch"]:
-            iters_per_epoch = min(iters_per_epoch, int(tcfg["max_iters_per_epoch"]))
-        t_start = time.time()
-        for epoch in range(start_epoch, tcfg["epochs"]):
-            seed_everything(cfg["seed"] * 100003 + epoch, dist.rank)
-            ddp_model.train()
-            loader = task.train_loader(epoch, dist)
-            bar = progress(loader, total=iters_per_epoch, desc=f"epoch {epoch + 1}/{tcfg['epochs']}", enabled=main)
-            t_epoch, n_done, loss_sum = time.time(), 0, 0.0
+            self.iters_per_epoch = min(self.iters_per_epoch, int(tcfg["max_iters_per_epoch"]))
+        # every check passed: only now does the run write into its folder
+        self.ckpt_mgr = CheckpointManager(self.out, keep_last=tcfg["checkpoint_keep"]) if main else None
+        if main:
+            start_run_dir(self.out, resume=bool(self.resume), overwrite=self.overwrite)
+            dump_config(cfg, self.out / "config.yaml")
+            if self.resume:   # the interrupted epoch is trained again (all of them without a checkpoint): its records go
+                truncate_metrics_log(self.out / "metrics_log.jsonl", int(ckpt["epoch"]) + 1 if ckpt is not None else 0)
+        self.log = MetricsLogger(self.out / "metrics_log.jsonl", enabled=main)
+        if ckpt is not None:
+            self.log.log({"phase": "resume", "epoch": self.start_epoch + 1, "step": self.step,
+                          "checkpoint": str(resume_path)})
+        self.tb = open_tensorboard(self.out, enabled=main and bool(tcfg.get("tensorboard")))
+        if main:
+            logger.info("%s", self._banner())
+        self.t_start = time.time()
+
+    def _banner(self) -> str:
+        cfg, tcfg, task = self.cfg, self.tcfg, self.task
+        sizes = ", ".join(f"{k} {v}" for k, v in task.split_sizes().items())
+        classes = list(getattr(task, "classes", []) or [])
+        shown = ", ".join(classes[:10]) + (f" ... ({len(classes)})" if len(classes) > 10 else "")
+        threads = torch.get_num_threads() if self.device.type == "cpu" else None
+        target = cfg["compress"].get("flops_target") if cfg["method"] != "baseline" else None
+        lines = [f"run: {cfg['task']} / method {cfg['method']}"
+                 + (f", {cfg['compress'].get('scope', 'backbone')} FLOPs target {target:.0%}" if target else ""),
+                 f"data: {sizes}; classes: {shown}",
+                 f"device: {self.device}" + (f", {threads} threads" if threads else "")
+                 + (f", {self.dist.world_size} processes" if self.dist.distributed else ""),
+                 f"schedule: {tcfg['epochs']} epochs x {self.iters_per_epoch} iterations, batch {tcfg['batch_size']}"
+                 + (f" per process" if self.dist.distributed else "")
+                 + (f"; resuming at epoch {self.start_epoch + 1}" if self.start_epoch else ""),
+                 f"output: {self.out}"]
+        return "\n  ".join(lines)
+
+    def train_epoch(self, epoch: int) -> dict:
+        """One epoch of optimizer steps (task loss + method penalty, then the method's step hook)."""
+        cfg, tcfg, method, task = self.cfg, self.tcfg, self.method, self.task
+        device, model, optimizer, scaler = self.device, self.model, self.optimizer, self.scaler
+        seed_everything(cfg["seed"] * 100003 + epoch, self.dist.rank)
+        self.ddp_model.train()
+        loader = task.train_loader(epoch, self.dist)
+        n_iter, epochs = self.iters_per_epoch, tcfg["epochs"]
+        bar = progress(loader, total=n_iter, desc=f"epoch {epoch + 1}/{epochs}", enabled=self.main)
+        meter = ProgressMeter(n_iter, remaining_after=(epochs - epoch - 1) * n_iter)
+        t_epoch, n_done, loss_sum = time.time(), 0, 0.0
+        with console_logging_above(bar):
             for it, batch in enumerate(bar):
-                if it >= iters_per_epoch:
+                if it >= n_iter:
                     break
-                lr = lr_at(step, iters_per_epoch, tcfg)
+                lr = lr_at(self.step, n_iter, tcfg)
                 for g in optimizer.param_groups:
                     g["lr"] = lr
-                with torch.autocast(device_type=device.type, enabled=use_amp):
-                    loss, parts = task.loss(ddp_model, batch, device)
+                with torch.autocast(device_type=device.type, enabled=self.use_amp):
+                    loss, parts = task.loss(self.ddp_model, batch, device)
                     extra = method.extra_loss(model, epoch)
                     if extra is not None:
                         loss = loss + extra
                 if not torch.isfinite(loss).all():
-                    last = ckpt_mgr.latest() if ckpt_mgr else None
+                    last = self.ckpt_mgr.latest() if self.ckpt_mgr else None
                     raise TrainingError(
                         f"non-finite loss {loss.item()} at epoch {epoch + 1}, iteration {it + 1} "
                         f"({format_metrics({k: float(v) for k, v in parts.items()})}); lr={lr:.3g}. "
@@ -181,71 +244,99 @@ class Trainer:
                 if tcfg["grad_clip"]:
                     scaler.unscale_(optimizer)
                     torch.nn.utils.clip_grad_norm_(model.parameters(), float(tcfg["grad_clip"]))
-                scale_before = scaler.get_scale() if use_amp else None
+                scale_before = scaler.get_scale() if self.use_amp else None
                 scaler.step(optimizer)
                 scaler.update()
-                if not use_amp or scaler.get_scale() >= scale_before:   # the step was not skipped
+                if not self.use_amp or scaler.get_scale() >= scale_before:   # the step was not skipped
                     method.after_step(model, lr, epoch)
-                step += 1
+                self.step += 1
                 n_done += 1
-                loss_sum += float(loss.detach())
-                if main and (it % tcfg["log_interval"] == 0 or it + 1 == iters_per_epoch):
-                    rec = {"epoch": epoch + 1, "iter": it + 1, "step": step, "lr": lr, "loss": float(loss.detach()),
-                           **{k: float(v) for k, v in parts.items()}}
-                    log.log(rec)
-                    bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{lr:.2e}")
-            if dist.distributed:
-                # BatchNorm running statistics drift apart after the last step (DDP broadcasts rank 0's buffers
-                # only at the start of a forward): take rank 0's, which the checkpoint holds, so that PM,
-                # evaluation and the final model are the same on every rank
-                for buf in unwrap_model(model).buffers():
-                    torch.distributed.broadcast(buf, src=0)
-            epoch_rec = {"epoch": epoch + 1, "phase": "end_epoch", "loss_mean": loss_sum / max(n_done, 1),
-                         "epoch_time_s": time.time() - t_epoch, "regularized": method.regularizing(epoch)}
-            epoch_rec.update(method.epoch_stats(model, input_size))
-            if method.compacts(epoch):
-                # groups already exactly zero leave the blocks now (exact): the rest of the regularised phase
-                # trains smaller convolutions; the checkpoint below stores the compacted architecture
-                comp = method.compact(model, optimizer)
-                if comp is not None and comp.changed:
-                    ddp_model = self._wrap(model, dist)
-                    epoch_rec.update(compacted_columns=comp.removed_columns, compacted_channels=comp.removed_channels,
-                                     params_compacted=comp.params_after)
-            if method.prune_epoch is not None and epoch + 1 == method.prune_epoch:
-                model, optimizer, ddp_model = self._prune(model, optimizer, method, input_size, dist,
-                                                          epoch=epoch, device=device)
-                epoch_rec["pruned"] = True
-            if tcfg["eval_interval"] and (epoch + 1) % tcfg["eval_interval"] == 0 and epoch + 1 < tcfg["epochs"]:
-                epoch_rec.update({f"eval_{k}": v for k, v in task.evaluate(model, device).items()
-                                  if isinstance(v, (int, float))})
-            bad = [n for n, p in unwrap_model(model).named_parameters() if not torch.isfinite(p).all()]
-            if bad:
-                last = ckpt_mgr.latest() if ckpt_mgr else None
-                raise TrainingError(f"non-finite parameters after epoch {epoch + 1} (e.g. {bad[:3]}); not "
-                                    f"checkpointed. Lower train.lr. Last good checkpoint: {last or 'none'}")
-            if main:
-                log.log(epoch_rec)
-                logger.info("epoch %d/%d %s", epoch + 1, tcfg["epochs"],
-                            format_metrics({k: v for k, v in epoch_rec.items() if k not in ("epoch", "phase")}))
-                ckpt_mgr.save(self._checkpoint_state(model, optimizer, scaler, method, epoch, step), epoch + 1)
-            barrier()
-        train_time = time.time() - t_start
-        # ---------------------------------------------------------------- final
-        model = unwrap_model(model)
+                loss_value = float(loss.detach())
+                loss_sum += loss_value
+                terms = {k: float(v) for k, v in parts.items()}
+                meter.update(loss_value, terms)
+                if self.main and (it % tcfg["log_interval"] == 0 or it + 1 == n_iter):
+                    rec = {"epoch": epoch + 1, "iter": it + 1, "step": self.step, "lr": lr, "loss": loss_value,
+                           **terms}
+                    self.log.log(rec)
+                    logger.info("%s", meter.line(epoch + 1, epochs, it + 1, lr))
+                    if self.tb is not None:
+                        for k, v in {"loss": loss_value, **terms, "lr": lr}.items():
+                            self.tb.add_scalar(f"train/{k}", v, self.step)
+                    bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}")
+        if self.main and n_done:
+            took = time.time() - t_epoch
+            logger.info("epoch %d/%d: %d iterations in %s (%.3f s/it)", epoch + 1, epochs, n_done,
+                        format_duration(took), took / n_done)
+        return {"epoch": epoch + 1, "phase": "end_epoch", "loss_mean": loss_sum / max(n_done, 1),
+                "epoch_time_s": time.time() - t_epoch, "regularized": method.regularizing(epoch)}
+
+    def end_epoch(self, epoch: int, epoch_rec: dict) -> None:
+        """After the steps of ``epoch``: compaction, PM, periodic evaluation, checks, log line and checkpoint."""
+        tcfg, method, dist = self.tcfg, self.method, self.dist
+        if dist.distributed:
+            # BatchNorm running statistics drift apart after the last step (DDP broadcasts rank 0's buffers
+            # only at the start of a forward): take rank 0's, which the checkpoint holds, so that PM,
+            # evaluation and the final model are the same on every rank
+            for buf in unwrap_model(self.model).buffers():
+                torch.distributed.broadcast(buf, src=0)
+        epoch_rec.update(method.epoch_stats(self.model, self.input_size))
+        if method.compacts(epoch):
+            # groups already exactly zero leave the blocks now (exact): the rest of the regularised phase
+            # trains smaller convolutions; the checkpoint below stores the compacted architecture
+            comp = method.compact(self.model, self.optimizer)
+            if comp is not None and comp.changed:
+                self.ddp_model = self._wrap(self.model, dist)
+                epoch_rec.update(compacted_columns=comp.removed_columns, compacted_channels=comp.removed_channels,
+                                 params_compacted=comp.params_after)
+        if method.prune_epoch is not None and epoch + 1 == method.prune_epoch:
+            self.model, self.optimizer, self.ddp_model = self._prune(self.model, self.optimizer, method,
+                                                                     self.input_size, dist, epoch=epoch,
+                                                                     device=self.device)
+            epoch_rec["pruned"] = True
+        if tcfg["eval_interval"] and (epoch + 1) % tcfg["eval_interval"] == 0 and epoch + 1 < tcfg["epochs"]:
+            epoch_rec.update({f"eval_{k}": v for k, v in self.task.evaluate(self.model, self.device).items()
+                              if isinstance(v, (int, float))})
+        bad = [n for n, p in unwrap_model(self.model).named_parameters() if not torch.isfinite(p).all()]
+        if bad:
+            last = self.ckpt_mgr.latest() if self.ckpt_mgr else None
+            raise TrainingError(f"non-finite parameters after epoch {epoch + 1} (e.g. {bad[:3]}); not "
+                                f"checkpointed. Lower train.lr. Last good checkpoint: {last or 'none'}")
+        if self.main:
+            self.log.log(epoch_rec)
+            logger.info("epoch %d/%d %s", epoch + 1, tcfg["epochs"],
+                        format_metrics({k: v for k, v in epoch_rec.items() if k not in ("epoch", "phase")}))
+            if self.tb is not None:
+                for k, v in epoch_rec.items():
+                    if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("epoch",):
+                        self.tb.add_scalar(f"epoch/{k}", v, epoch + 1)
+            self.ckpt_mgr.save(self._checkpoint_state(epoch), epoch + 1)
+        barrier()
+
+    def finalize(self) -> dict:
+        """Save the final model, evaluate it and write metrics.json (main rank)."""
+        cfg, task = self.cfg, self.task
+        train_time = self._train_time()
+        model = unwrap_model(self.model)
         model.eval()
         self.model = model
         metrics = {}
-        if main:
+        if self.main:
             meta = {"config": cfg, "classes": list(getattr(task, "classes", []) or []), "method": cfg["method"]}
             save_compressed(model, self.out / "model_final.pt", meta=meta)
-            metrics.update(task.evaluate(model, device))
-            metrics.update(task.summary(model, device))
+            metrics.update(task.evaluate(model, self.device))
+            metrics.update(task.summary(model, self.device))
             metrics["train_time_s"] = train_time
             metrics["method"] = cfg["method"]
             atomic_write_text(json.dumps(metrics, indent=2, default=float), self.out / "metrics.json")
             logger.info("final: %s", format_metrics({k: v for k, v in metrics.items()
                                                        if isinstance(v, (int, float))}))
-        log.close()
+            if self.tb is not None:
+                for k, v in metrics.items():
+                    if isinstance(v, (int, float)) and not isinstance(v, bool):
+                        self.tb.add_scalar(f"final/{k}", v, self.step)
+                self.tb.close()
+        self.log.close()
         barrier()
         return metrics
 
