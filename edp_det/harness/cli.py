@@ -1,7 +1,9 @@
-"""Shared command-line plumbing for tools/: config resolution and the top-level error boundary.
+"""Shared command-line plumbing for tools/: config resolution, the top-level error boundary, the device default,
+help layout and JSON output.
 
 Every tool's ``main`` is wrapped by :func:`cli_main` so that bad input ends with one clear line naming the file,
-field and value, and exit status 2 (training failures: 1) — never a traceback from deep inside torch.
+field and value, and exit status 2 (a failed training or export: 1; Ctrl-C: 130) — never a traceback from deep
+inside torch. This module imports torch only inside the functions that need it, so that ``--help`` answers at once.
 """
 from __future__ import annotations
 
