@@ -8,14 +8,34 @@ Layered API:
     :func:`load_compressed`; :func:`measure_time_per_flop` for the latency-aware budget.
 Importing this package has no side effects.
 """
-from edp_det.ops.block import CompressedAwareConv2d
-from edp_det.edp.decompose import decompose, is_decomposed, iter_blocks
-from edp_det.ops.flops import FlopsReport, count_flops
-from edp_det.deploy.latency import measure_time_per_flop
-from edp_det.models import build_model
-from edp_det.edp.pruning import PMReport, prune_and_merge
-from edp_det.edp.regularizer import EDPRegularizer
-from edp_det.deploy.serialization import load_compressed, save_compressed
+import importlib
+
+# public name -> module that defines it; imported on first use so that ``import edp_det`` (and the command-line
+# tools' ``--help``) does not load torch
+_PUBLIC = {
+    "CompressedAwareConv2d": "edp_det.ops.block",
+    "decompose": "edp_det.edp.decompose", "is_decomposed": "edp_det.edp.decompose",
+    "iter_blocks": "edp_det.edp.decompose",
+    "FlopsReport": "edp_det.ops.flops", "count_flops": "edp_det.ops.flops",
+    "measure_time_per_flop": "edp_det.deploy.latency",
+    "build_model": "edp_det.models",
+    "PMReport": "edp_det.edp.pruning", "prune_and_merge": "edp_det.edp.pruning",
+    "EDPRegularizer": "edp_det.edp.regularizer",
+    "load_compressed": "edp_det.deploy.serialization", "save_compressed": "edp_det.deploy.serialization",
+}
+
+
+def __getattr__(name):
+    if name in _PUBLIC:
+        value = getattr(importlib.import_module(_PUBLIC[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'edp_det' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_PUBLIC))
+
 
 __version__ = "0.1.0"
 

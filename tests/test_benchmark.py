@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import edp_det
+from edp_det.harness.cli import cli_main
 from edp_det.deploy.benchmark import (benchmark_detector, compare_side_by_side, default_input_size, format_comparison,
                                measure_latency)
 
@@ -140,7 +141,7 @@ def test_benchmark_cli_bad_input_exit_2(tmp_path, capsys):
     torch.save({"weight": torch.zeros(2)}, foreign)
     for path, msg in ((tmp_path / "missing.pt", "file not found"), (foreign, "not an edp-det compressed model")):
         with pytest.raises(SystemExit) as e:
-            tool.main(tool.get_args_parser().parse_args(["--model", str(path), "--baseline", str(path)]))
+            cli_main(tool.main, tool.get_args_parser().parse_args(["--model", str(path), "--baseline", str(path)]), "benchmark")
         assert e.value.code == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and msg in err and path.name in err

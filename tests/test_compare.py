@@ -82,14 +82,16 @@ def test_report_from_stored_runs(stored_runs):
     text = path.read_text()
     for name in ("baseline", "edp_0.4", "slimming_0.6", "svd_0.4", "lrs_0.4"):
         assert f"| {name} |" in text
-    assert "R_FLOPs bb dense" in text and "**Not finished:** admm_lrs_0.4" in text
+    assert "bb dense" in text and "**Not finished:** admm_lrs_0.4" in text
     assert "abs(gamma) &#124; global" in text          # a '|' in a detail cannot break the table
     for fig in ("fig4_map_vs_flops.png", "fig5_layers_0.4.png", "fig5_layers_0.6.png", "fig3_sparsity.png"):
         assert (stored_runs / fig).stat().st_size > 1000, fig
         assert f"]({fig})" in text
     rows = json.loads((stored_runs / "report_rows.json").read_text())
     edp = next(r for r in rows if r["run"] == "edp_0.4")
-    assert edp["r_flops_requested"] == 0.4 and edp["mAP_drop"] == pytest.approx(0.70 - 0.65)
+    assert edp["r_flops_requested"] == 0.4 and edp["mAP_delta"] == pytest.approx(0.65 - 0.70)
+    # figure captions name only the methods that ran at that target (no lrs, which Fig. 5 does not show)
+    assert "R_FLOPs 40%, edp vs slimming vs svd (cf. Fig. 5" in text
     # merged layers report their full rank min(c_out, c_in·k·k)
     assert [c["rank"] for c in layer_counts(runs["slimming_0.4"].pm)] == [50, 30]
 
@@ -100,7 +102,58 @@ def test_comparison_rows_read_side_by_side_speedups():
                                  "detector_ideal": 1.2}}}
     rows = comparison_rows({"baseline": {"method": "baseline"}, "edp": {"method": "edp"}}, bench)
     assert rows[1]["fps"] == 15.0 and rows[1]["speedup"] == 1.5 and rows[1]["backbone_ideal_speedup"] == 1.6
-    assert "1.40/1.60" in format_comparison_table(rows)
+    assert "1.40 / 1.60" in format_comparison_table(rows)
+
+
+def _table_rows(with_speed=True, dense=False):
+    metrics = {"baseline": {"method": "baseline", "mAP_voc07": 0.70, "params": 28.3e6, "flops_backbone": 4.1e9,
+                            "flops_detector": 31.2e9, "r_flops_backbone": 0.0, "r_flops_detector": 0.0},
+               "edp": {"method": "edp", "config": {"compress": {"flops_target": 0.4}}, "mAP_voc07": 0.65,
+                       "params": 21.0e6, "flops_backbone": 2.45e9, "flops_detector": 29.5e9,
+                       "r_flops_backbone": 0.402, "r_flops_detector": 0.054},
+               "slimming_0.6": {"method": "slimming", "config": {"compress": {"flops_target": 0.6}},
+                                "mAP_voc07": 0.72, "r_flops_backbone": 0.61}}
+    if dense:
+        metrics["edp"]["r_flops_backbone_dense"] = 0.1
+    bench = None
+    if with_speed:
+        bench = {"models": {n: {"fps": 10.0 + i, "backbone_fps": 30.0 + i, "peak_memory_mb": 120.0 - i,
+                                "model_memory_mb": 100.0 - i} for i, n in enumerate(metrics)},
+                 "speedup": {n: {"backbone_measured": 1.4, "backbone_ideal": 1.6, "detector_measured": 1.1,
+                                 "detector_ideal": 1.05} for n in ("edp", "slimming_0.6")}}
+    rows = comparison_rows(metrics, bench)
+    for row in comparison_rows(metrics, bench):   # the demo's second set of rows
+        row["run"] += " (inference form)"
+        rows.append(row)
+    return rows
+
+
+@pytest.mark.parametrize("with_speed, dense", [(True, False), (True, True), (False, False)])
+def test_comparison_table_is_readable(with_speed, dense):
+    """Plain-text tables fit 120 columns; the compressed rows are named; Δ mAP is signed (negative = worse); the
+    notes say what peak MB measures."""
+    text = format_comparison_table(_table_rows(with_speed, dense))
+    lines = text.splitlines()
+    assert max(len(line) for line in lines) <= 120
+    for title in ("Accuracy", "Size") + (("Speed",) if with_speed else ()):
+        assert title in lines
+    assert ("Speed" in lines) == with_speed
+    row = next(line for line in lines if line.startswith("edp ") and "compressed" in line)
+    assert "compressed: edp, 40% FLOPs target" in row and "-0.050" in row    # 0.65 - 0.70: worse, negative
+    slim = next(line for line in lines if line.startswith("slimming_0.6 ") and "compressed" in line)
+    assert "+0.020" in slim                                                   # better than the baseline: positive
+    assert "original (uncompressed)" in next(line for line in lines if line.startswith("baseline "))
+    assert "Δ mAP" in text and "negative = less accurate" in text
+    for col in ("mAP_voc07", "R_FLOPs bb req/got", "params M", "GFLOPs bb", "GFLOPs det", "weights MB"):
+        assert col in text
+    assert "40% / 40.2%" in text
+    assert ("bb dense" in text) == dense
+    if with_speed:
+        for col in ("FPS det", "FPS bb", "speedup det meas / ideal", "speedup bb meas / ideal", "peak MB"):
+            assert col in text
+        assert "peak MB: extra memory" in text and "1.40 / 1.60" in text
+    md = format_comparison_table(_table_rows(with_speed, dense), markdown=True)
+    assert "| edp | compressed: edp, 40% FLOPs target | 0.650 | -0.050 |" in md
 
 
 def _tool():
@@ -141,7 +194,7 @@ def test_compare_tool_end_to_end(synthetic_voc, tmp_path, capsys, restore_loggin
     assert pm["method"] == "slimming" and 0.40 <= pm["achieved_r_flops"] <= 0.41
     text = report.read_text()
     assert "| baseline |" in text and "| slimming_0.4 |" in text and "fig4_map_vs_flops.png" in text
-    assert "40%/40." in capsys.readouterr().out
+    assert "40% / 40." in capsys.readouterr().out
     # finished runs are skipped; an interrupted one (no metrics.json) resumes from its last checkpoint
     stamp = (out / "baseline" / "metrics.json").stat().st_mtime_ns
     (out / "slimming_0.4" / "metrics.json").unlink()

@@ -77,7 +77,8 @@ def test_detections_mode_end_to_end(voc_root, tmp_path, capsys):
     run_dir.mkdir()
     (run_dir / "detections.json").write_text(json.dumps(dets))
     m = eval_det.main(_args(detections=run_dir / "detections.json", data_root=voc_root, split="test"))
-    on_disk = json.loads((run_dir / "metrics.json").read_text())  # default output dir: the input's folder
+    on_disk = json.loads((run_dir / "eval_test" / "metrics.json").read_text())  # default: eval_<split>/ beside input
+    assert not (run_dir / "metrics.json").exists()
     assert on_disk == m
     assert m["mAP_voc07"] == pytest.approx(0.75) and m["mAP_area"] == pytest.approx(0.75)
     assert m["coco_ap50"] == pytest.approx(0.75) and m["coco_ap"] == pytest.approx(0.75)
@@ -97,8 +98,10 @@ def test_detections_mode_end_to_end(voc_root, tmp_path, capsys):
 
 
 def _expect_exit2(capsys, args, *needles):
+    from edp_det.harness.cli import cli_main
+
     with pytest.raises(SystemExit) as ei:
-        eval_det.main(args)
+        cli_main(eval_det.main, args, "eval_det")
     assert ei.value.code == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and err.startswith("eval_det: error:")
@@ -180,11 +183,36 @@ def test_model_mode_with_fake_model(voc_root, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(edp_det, "load_compressed", lambda path: FakeDetector(), raising=False)
     m = eval_det.main(_args(model=model_path, data_root=voc_root))
     assert m["mAP_voc07"] == pytest.approx(1.0) and m["coco_ap"] == pytest.approx(1.0)
-    dets = json.loads((model_path.parent / "detections.json").read_text())
+    dets = json.loads((model_path.parent / "eval_test" / "detections.json").read_text())
     got = sorted((d["image_id"], d["category"], d["bbox"]) for d in dets)
     want = sorted((i, n, [float(v) for v in b]) for i, (_, _, objs) in IMAGES.items() for n, b, d in objs if not d)
     assert got == want  # continuous xyxy converted back to VOC 1-based boxes exactly
-    assert json.loads((model_path.parent / "metrics.json").read_text())["num_images"] == 3
+    assert json.loads((model_path.parent / "eval_test" / "metrics.json").read_text())["num_images"] == 3
+
+
+def test_evaluation_never_overwrites_a_training_run(voc_root, tmp_path, monkeypatch, capsys):
+    """``--model RUN/model_final.pt`` without --output-dir leaves the run's own metrics.json / detections.json
+    untouched and writes RUN/eval_<split>/; an --output-dir holding a training run, or naming a file, is refused."""
+    import edp_det
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "model_final.pt").write_bytes(b"placeholder")
+    (run / "config.yaml").write_text("method: edp\n")
+    training = {"mAP_voc07": 0.5, "params": 123, "flops_backbone": 456, "r_flops_backbone": 0.4, "fps": 7.0}
+    (run / "metrics.json").write_text(json.dumps(training))
+    (run / "detections.json").write_text("[]")
+    monkeypatch.setattr(edp_det, "load_compressed", lambda path: FakeDetector(), raising=False)
+    m = eval_det.main(_args(model=run / "model_final.pt", data_root=voc_root, split="test", device="cpu"))
+    assert json.loads((run / "metrics.json").read_text()) == training
+    assert (run / "detections.json").read_text() == "[]"
+    assert json.loads((run / "eval_test" / "metrics.json").read_text()) == m and m["mAP_voc07"] == pytest.approx(1.0)
+    assert json.loads((run / "eval_test" / "detections.json").read_text())
+    _expect_exit2(capsys, _args(model=run / "model_final.pt", data_root=voc_root, output_dir=run),
+                  "--output-dir", "training run", "config.yaml")
+    assert json.loads((run / "metrics.json").read_text()) == training
+    _expect_exit2(capsys, _args(model=run / "model_final.pt", data_root=voc_root, output_dir=run / "config.yaml"),
+                  "--output-dir", "not a directory")
 
 
 @pytest.mark.slow
@@ -201,7 +229,7 @@ def test_model_mode_real_serialization(synthetic_voc, tmp_path, capsys):
                         box_score_thresh=0.0)
     path = edp_det.save_compressed(model, tmp_path / "run" / "model_final.pt")
     m = eval_det.main(_args(model=path, data_root=synthetic_voc, split="test"))
-    dets = json.loads((tmp_path / "run" / "detections.json").read_text())
+    dets = json.loads((tmp_path / "run" / "eval_test" / "detections.json").read_text())
     assert dets and {d["category"] for d in dets} <= {"circle", "square", "triangle"}
     for d in dets:  # VOC 1-based boxes inside the 128 px images
         xmin, ymin, xmax, ymax = d["bbox"]

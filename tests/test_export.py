@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import edp_det
+from edp_det.harness.cli import cli_main
 from edp_det.deploy.export import (BACKBONE_OUTPUTS, example_inputs, export_model, export_onnx, export_torchscript,
                             run_pytorch, verify_torchscript)
 
@@ -152,7 +153,7 @@ def test_export_cli_bad_input_exit_2(tmp_path, capsys):
     torch.save({"weight": torch.zeros(2)}, foreign)
     for path in (tmp_path / "missing.pt", foreign):
         with pytest.raises(SystemExit) as e:
-            tool.main(tool.get_args_parser().parse_args(["--model", str(path), "--format", "onnx"]))
+            cli_main(tool.main, tool.get_args_parser().parse_args(["--model", str(path), "--format", "onnx"]), "export")
         assert e.value.code == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and str(path.name) in err

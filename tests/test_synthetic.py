@@ -105,6 +105,8 @@ def test_cli(tmp_path, capsys):
     assert summary["num_train"] == 2 and len(list((tmp_path / "cli/JPEGImages").glob("*.jpg"))) == 3
     bad = tool.get_args_parser().parse_args(["--out", str(tmp_path / "x"), "--num-train", "1", "--num-test", "1",
                                              "--classes", "blob"])
+    from edp_det.harness.cli import cli_main
+
     with pytest.raises(SystemExit) as ei:
-        tool.main(bad)
+        cli_main(tool.main, bad, "make_synthetic_voc")
     assert ei.value.code == 2 and "blob" in capsys.readouterr().err

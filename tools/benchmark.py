@@ -1,42 +1,36 @@
-"""Benchmark a compressed detector, side by side with its baseline: latency / FPS (backbone body and full detector
-with pre/post-processing), params, FLOPs, peak inference memory, and the measured speedup next to the
-FLOPs-ideal speedup.
+"""Benchmark a compressed detector side by side with its baseline: latency and FPS (backbone body, and the full
+detector with pre- and post-processing), params, FLOPs, peak inference memory, and the measured speedup next to
+the FLOPs-ideal speedup.
 
-    python tools/benchmark.py --model runs/x/model_final.pt --baseline runs/base/model_final.pt
-    python tools/benchmark.py --model runs/x/model_final.pt --input-size 512 512 --device cuda --output-json b.json
+examples:
+  python tools/benchmark.py --model runs/x/model_final.pt --baseline runs/base/model_final.pt
+  python tools/benchmark.py --model runs/x/model_final.pt --input-size 512 512 --device cuda --output-json b.json
+  python tools/benchmark.py --model runs/x/model_final.pt --baseline runs/base/model_final.pt --optimize
 
-Models are measured alternately (round-robin) so machine noise hits each equally. ``--input-size`` is the size of
-the image *as the network sees it* (default: the model's ``min_size`` square, which the detector's transform leaves
-unresized). Bad input (missing file, not an edp-det model file) prints one error line and exits with status 2.
+Runs on CUDA when available, else on the CPU (--device chooses). Models are measured alternately (round-robin)
+so that machine noise hits each equally. --input-size is the size of the image as the network sees it (default:
+the model's min_size square, which the detector's transform leaves unresized). Bad input (missing file, not an edp-det model file) prints one error line and exits with status 2.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import math
 import os
-import sys
-from pathlib import Path
 
-try:
-    import edp_det  # noqa: F401
-except ImportError:  # running from a checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from edp_det.harness.cli import cli_main, tool_parser
 
 logger = logging.getLogger("benchmark")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = tool_parser(__doc__)
     p.add_argument("--model", required=True, help="compressed model file (edp_det.save_compressed format)")
     p.add_argument("--baseline", default=None,
                    help="baseline model file (e.g. the uncompressed detector, saved with save_compressed); the "
                         "speedups are relative to it")
     p.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"), default=None,
                    help="network input size (default: min_size x min_size of the model's transform)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
+    p.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda if available, else cpu)")
     p.add_argument("--iters", type=int, default=10, help="timed calls per model per round")
     p.add_argument("--rounds", type=int, default=5, help="round-robin rounds")
     p.add_argument("--warmup", type=int, default=5, help="untimed calls per model before the first round")
@@ -49,21 +43,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _json_safe(obj):
-    if isinstance(obj, float) and (math.isnan(obj) or math.isinf(obj)):
-        return None
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    return obj
-
-
-def _run(args: argparse.Namespace) -> dict:
+def main(args: argparse.Namespace) -> dict:
+    """Run the benchmark; prints the table and returns the result dict."""
     import torch
 
     from edp_det import load_compressed
     from edp_det.deploy.benchmark import compare_side_by_side, default_input_size, format_comparison
+    from edp_det.harness.cli import resolve_device, write_json
     from edp_det.runtime.errors import ConfigError
 
     for flag, v, lo in (("--iters", args.iters, 1), ("--rounds", args.rounds, 1), ("--warmup", args.warmup, 0)):
@@ -71,12 +57,7 @@ def _run(args: argparse.Namespace) -> dict:
             raise ConfigError(f"{flag}: must be >= {lo}, got {v}")
     if args.input_size is not None and min(args.input_size) < 1:
         raise ConfigError(f"--input-size: must be positive, got {args.input_size}")
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        raise ConfigError(f"--device: not a torch device: {args.device!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {args.device}: CUDA is not available on this machine")
+    device = resolve_device(args.device)
     if args.threads is not None:
         if args.threads < 1:
             raise ConfigError(f"--threads: must be >= 1, got {args.threads}")
@@ -106,25 +87,10 @@ def _run(args: argparse.Namespace) -> dict:
     for name, path in paths.items():
         print(f"  {name}: {path}")
     if args.output_json:
-        out = Path(args.output_json)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(_json_safe(result), indent=2) + "\n")
-        print(f"wrote {out}")
+        print(f"wrote {write_json(result, args.output_json)}")
     return result
-
-
-def main(args: argparse.Namespace) -> dict:
-    """Run the benchmark; returns the result dict. Bad input -> one line on stderr and SystemExit(2)."""
-    from edp_det.runtime.errors import EDPError
-
-    try:
-        return _run(args)
-    except (EDPError, ValueError, OSError) as e:
-        msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        print(f"benchmark: error: {msg}", file=sys.stderr)
-        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    main(get_args_parser().parse_args())
+    cli_main(main, get_args_parser().parse_args(), "benchmark")

@@ -1,22 +1,26 @@
-"""Compare compression methods on one harness: every method × FLOPs target trained with the same detector, data,
-schedule and seed, then one report (table, mAP-vs-FLOPs curves, layer-wise channels/ranks, sparsity curves).
+"""Compare compression methods on one harness: every method at every FLOPs target is trained with the same
+detector, data, schedule and seed, then one report is written (tables, mAP-vs-FLOPs curves, layer-wise channels
+and ranks, sparsity curves).
 
-    python tools/compare.py --config configs/<base>.yaml --methods baseline,edp,l1_filter,slimming,svd,lrs,admm_lrs
-                            --flops-targets 0.4,0.6 [--data-root DIR] [--output-dir DIR] [--report-only]
-                            [key=value ...]
+examples:
+  python tools/compare.py --config configs/raccoon_frcnn_r50_edp.yaml --data-root DIR \
+      --methods baseline,edp,l1_filter,slimming,svd,lrs,admm_lrs --flops-targets 0.4,0.6
+  python tools/compare.py --config configs/tiny_synthetic.yaml --data-root DIR --methods baseline,edp \
+      --flops-targets 0.4 --output-dir runs/cmp train.epochs=2
+  python tools/compare.py --config configs/tiny_synthetic.yaml --output-dir runs/cmp --report-only
 
-Runs go to ``<output-dir>/<method>_<target>/`` (the baseline once, ``<output-dir>/baseline/``); finished runs
-(metrics.json present) are skipped, interrupted ones resume from their latest checkpoint. ``--report-only``
-rebuilds ``<output-dir>/report.md`` and the figures from the finished runs without training.
+Runs go to <output-dir>/<method>_<target>/ (the baseline once, <output-dir>/baseline/); finished runs
+(metrics.json present) are skipped, interrupted ones resume from their latest checkpoint. --report-only rebuilds
+<output-dir>/report.md and the figures from the finished runs without training.
 """
 import argparse
 from pathlib import Path
 
-from edp_det.harness.cli import cli_main
+from edp_det.harness.cli import cli_main, tool_parser
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = tool_parser(__doc__)
     p.add_argument("--config", required=True, help="YAML detection config shared by every run")
     p.add_argument("--methods", default="baseline,edp,l1_filter,slimming,svd,lrs,admm_lrs",
                    help="comma-separated methods (see edp_det.methods.METHODS)")
@@ -24,7 +28,7 @@ def get_args_parser():
     p.add_argument("--data-root", default=None, help="dataset root (overrides data.root)")
     p.add_argument("--output-dir", default=None, help="default: runs/compare_<config name>")
     p.add_argument("--report-only", action="store_true", help="only rebuild the report from finished runs")
-    p.add_argument("--log-level", default="INFO")
+    p.add_argument("--log-level", default="INFO", help="logging level (DEBUG, INFO, WARNING)")
     p.add_argument("overrides", nargs="*", help="config overrides for every run, key=value")
     return p
 

@@ -1,81 +1,78 @@
 """The main job on the built-in synthetic dataset: generate it, train the baseline detector and its EDP version
-at a 40% backbone FLOPs target with the same schedule, benchmark both side by side and print one before/after
-table. Finished runs are reused (delete the output directory to start over).
+at a 40% backbone FLOPs target with the same schedule, benchmark both side by side and print the before/after
+tables.
 
-    python tools/demo.py [--output-dir runs/demo] [--num-train 300 --num-test 100] [key=value ...]
+examples:
+  python tools/demo.py
+  python tools/demo.py --output-dir runs/demo --num-train 300 --num-test 100
+  python tools/demo.py --output-dir runs/demo_quick --num-train 8 --num-test 4 train.epochs=2 \
+      train.max_iters_per_epoch=2 benchmark.iters=1
+
+The two runs are a comparison (edp_det.harness.compare) of configs/demo_synthetic_edp.yaml with methods baseline
+and edp, in <output-dir>/baseline/ and <output-dir>/edp/. Finished runs are reused and interrupted ones resume
+(delete the output directory to start over). Trains and measures on CUDA when available, else on the CPU
+(--device chooses). Writes <output-dir>/demo_report.md and demo_bench.json.
 """
+from __future__ import annotations
+
 import argparse
 import json
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from edp_det.harness.cli import cli_main, tool_parser
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo_synthetic_edp.yaml"
 
 
-def get_args_parser():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--output-dir", default="runs/demo")
-    p.add_argument("--num-train", type=int, default=300)
-    p.add_argument("--num-test", type=int, default=100)
-    p.add_argument("--image-size", type=int, default=192)
-    p.add_argument("--device", default="cpu")
+def get_args_parser() -> argparse.ArgumentParser:
+    p = tool_parser(__doc__)
+    p.add_argument("--output-dir", default="runs/demo", help="folder of the dataset, both runs and the report")
+    p.add_argument("--num-train", type=int, default=300, help="synthetic training images")
+    p.add_argument("--num-test", type=int, default=100, help="synthetic test images")
+    p.add_argument("--image-size", type=int, default=192, help="square image side in pixels")
+    p.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda if available, else cpu)")
     p.add_argument("overrides", nargs="*", help="config overrides for both runs, key=value")
     return p
 
 
-def main(args):
-    from edp_det.runtime.config import load_config
+def main(args: argparse.Namespace) -> list[dict]:
     from edp_det.data.synthetic import make_synthetic_voc
-    from edp_det.runtime.defaults import defaults_for
-    from edp_det.train.detection import DetectionTask
-    from edp_det.train.engine import Trainer
+    from edp_det.harness.cli import resolve_device
+    from edp_det.harness.compare import (collect_runs, comparison_config, measure_side_by_side, report_rows,
+                                         run_comparison)
+    from edp_det.harness.report import format_comparison_table
     from edp_det.runtime.logs import setup_logging
-    from edp_det.harness.report import comparison_rows, format_comparison_table
 
     out = Path(args.output_dir)
+    device = resolve_device(args.device)
     setup_logging(out)
     data = out / "data"
     if not (data / "ImageSets" / "Main" / "test.txt").exists():
         make_synthetic_voc(data, num_train=args.num_train, num_test=args.num_test, image_size=args.image_size, seed=0)
-    metrics = {}
-    cfgs = {}
-    for name in ("baseline", "edp"):
-        cfg = load_config(REPO / "configs" / f"demo_synthetic_{name}.yaml",
-                          [*args.overrides, f"data.root={data}", f"device={args.device}"],
-                          defaults=defaults_for("detection"))
-        run = out / name
-        cfg["output_dir"] = str(run)
-        cfgs[name] = cfg
-        done = run / "metrics.json"
-        if not done.exists():
-            Trainer(cfg, DetectionTask(cfg), run, resume="auto").run()
-        metrics[name] = json.loads(done.read_text())
-        metrics[name]["config"] = cfg
-    from edp_det import load_compressed
-    from edp_det.deploy.benchmark import compare_side_by_side
-
-    models = {n: load_compressed(out / n / "model_final.pt") for n in ("baseline", "edp")}
-    size = tuple(metrics["baseline"]["input_size"])
-    bench = compare_side_by_side(models, input_size=size, device=args.device, peak_memory=True,
-                                 model_paths={n: str(out / n / "model_final.pt") for n in models})
+    overrides = [*args.overrides, f"device={device}"]
+    cfg = comparison_config(CONFIG, "baseline", None, data, overrides)
+    target = cfg["compress"]["flops_target"]
+    run_comparison(CONFIG, ["baseline", "edp"], [target], out, data_root=data, overrides=overrides, build=False,
+                   name_by_method=True)
+    runs = {n: r for n, r in collect_runs(out).items() if n in ("baseline", "edp")}
+    bench = measure_side_by_side(runs, cfg, cache=out / "demo_bench_as_trained.json")
     # the inference form: norm layers folded, low-rank pairs merged where measured faster (same weights)
-    bench_opt = compare_side_by_side(models, input_size=size, device=args.device, optimize=True)
-    rows = comparison_rows(metrics, bench)
-    for row in comparison_rows(metrics, bench_opt):
-        row["run"] += " (inference form)"
-        rows.append(row)
-    table = format_comparison_table(rows)
-    (out / "demo_report.md").write_text(format_comparison_table(rows, markdown=True) + "\n")
+    bench_opt = measure_side_by_side(runs, cfg, cache=out / "demo_bench_inference_form.json", optimize=True)
+    rows = report_rows(runs, bench)
+    if bench_opt:
+        for row in report_rows(runs, bench_opt):
+            row["run"] += " (inference form)"
+            rows.append(row)
+    (out / "demo_report.md").write_text(format_comparison_table(rows, markdown=True) + "\n", encoding="utf-8")
     (out / "demo_bench.json").write_text(json.dumps({"as_trained": bench, "inference_form": bench_opt}, indent=2,
-                                                    default=float))
-    print("\nEDP demo (synthetic shapes, Faster R-CNN R18-FPN from scratch, CPU):")
-    print(table)
-    b, e = metrics["baseline"]["mAP_voc07"], metrics["edp"]["mAP_voc07"]
-    print(f"\nbaseline mAP_voc07 {b:.3f}, EDP {e:.3f} ({e - b:+.3f}); backbone FLOPs cut "
-          f"{metrics['edp']['r_flops_backbone']:.1%}. Report: {out / 'demo_report.md'}")
+                                                    default=float), encoding="utf-8")
+    print(f"\nEDP demo (synthetic shapes, Faster R-CNN R18-FPN from scratch, {device}):")
+    print(format_comparison_table(rows))
+    b, e = runs["baseline"].metrics["mAP_voc07"], runs["edp"].metrics["mAP_voc07"]
+    print(f"\nbaseline mAP_voc07 {b:.3f}, EDP {e:.3f} (Δ {e - b:+.3f}); backbone FLOPs cut "
+          f"{runs['edp'].metrics['r_flops_backbone']:.1%}. Report: {out / 'demo_report.md'}")
     return rows
 
 
 if __name__ == "__main__":
-    from edp_det.harness.cli import cli_main
-
     cli_main(main, get_args_parser().parse_args(), "demo")

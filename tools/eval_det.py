@@ -1,49 +1,51 @@
-"""Evaluate a (compressed) detector or a detections.json file on a VOC-format split.
+"""Evaluate a (compressed) detector, or a detections.json file, on a VOC-format split: VOC07 mAP (11-point and
+area) and COCO AP, written to metrics.json in an evaluation folder of its own.
 
-Two modes:
-  * ``--model model_final.pt``: load with ``edp_det.load_compressed``, run it over the split, write
-    ``detections.json`` and ``metrics.json``;
-  * ``--detections dets.json``: evaluate an existing detections file (VOC 1-based inclusive boxes).
+examples:
+  python tools/eval_det.py --model runs/x/model_final.pt --data-root data/VOC2007 --split test
+      -> runs/x/eval_test/metrics.json and runs/x/eval_test/detections.json
+  python tools/eval_det.py --detections dets.json --data-root data/VOC2007 --split test --output-dir evals/dets
+  python tools/eval_det.py --model runs/x/model_final.pt --data-root data/VOC2007 --device cpu --no-coco
 
-``metrics.json`` holds ``mAP_voc07``, ``mAP_area``, ``ap_per_class``, ``coco_ap``, ``coco_ap50``, ``iou_thresh``,
-``split``, ``num_images`` (undefined values are ``null``). Conventions: see ``edp_det/evaluation/voc_eval.py``.
+modes:
+  --model FILE       load with edp_det.load_compressed, run it over the split (on CUDA when available, else CPU),
+                     write detections.json and metrics.json
+  --detections FILE  evaluate an existing detections file: a JSON list of {image_id, category, bbox, score} with
+                     VOC 1-based inclusive boxes
 
-Examples::
-
-    python tools/eval_det.py --detections runs/x/detections.json --data-root data/VOC2007 --split test
-    python tools/eval_det.py --model runs/x/model_final.pt --data-root data/VOC2007 --split test --output-dir runs/x
-
-Bad input (missing file, malformed JSON, unknown category, image id not in the split) prints one error line and exits
-with status 2.
+The output folder defaults to eval_<split>/ next to the input file; evaluation never writes into a training run's
+own files (a --output-dir holding a training run is refused). metrics.json holds mAP_voc07, mAP_area,
+ap_per_class, coco_ap, coco_ap50, iou_thresh, split, num_images (undefined values are null). Bad input (missing
+file, malformed JSON, unknown category, image id not in the split) prints one error line and exits with status 2.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import math
 import os
-import sys
-import tempfile
+from pathlib import Path
 from typing import Any
+
+from edp_det.harness.cli import cli_main, tool_parser
 
 logger = logging.getLogger("eval_det")
 
+# files a training run (tools/train_det.py, tools/compare.py) writes into its output folder
+_TRAINING_RUN_FILES = ("config.yaml", "metrics_log.jsonl", "model_final.pt", "last_checkpoint")
+
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description="VOC07 mAP (11-point and area) + COCO AP of a detector or a detections.json on a VOC split.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    p = tool_parser(__doc__)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="compressed model file (model_final.pt) loaded with edp_det.load_compressed")
     src.add_argument("--detections", help="detections.json: list of {image_id, category, bbox (VOC 1-based), score}")
     p.add_argument("--data-root", required=True, help="VOC-format root (Annotations/, ImageSets/Main/, JPEGImages/)")
     p.add_argument("--split", default="test", help="image set name (ImageSets/Main/<split>.txt)")
     p.add_argument("--output-dir", default=None,
-                   help="where metrics.json (and detections.json in --model mode) go; default: the input file's folder")
+                   help="where metrics.json (and detections.json in --model mode) go; default: eval_<split>/ in the "
+                        "input file's folder")
     p.add_argument("--iou-thresh", type=float, default=0.5, help="VOC match threshold (IoU strictly greater)")
-    p.add_argument("--device", default="cpu", help="torch device for --model mode")
+    p.add_argument("--device", default=None, help="torch device for --model mode (default: cuda if available, else cpu)")
     p.add_argument("--classes", default=None, help="comma-separated class names (label order); default: dataset's")
     p.add_argument("--batch-size", type=int, default=1, help="images per forward pass in --model mode")
     p.add_argument("--num-workers", type=int, default=0, help="data loader workers in --model mode")
@@ -52,33 +54,20 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _json_safe(obj: Any) -> Any:
-    if isinstance(obj, float) and (math.isnan(obj) or math.isinf(obj)):
-        return None
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    return obj
+def output_dir(args: argparse.Namespace) -> Path:
+    """``--output-dir``, or ``eval_<split>/`` next to the input file; a folder holding a training run is refused."""
+    from edp_det.runtime.errors import ConfigError
 
-
-def _write_json_atomic(obj: Any, path: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".metrics.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, allow_nan=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    src = args.model if args.model is not None else args.detections
+    if args.output_dir is None:
+        return Path(os.path.abspath(src)).parent / f"eval_{args.split}"
+    out = Path(args.output_dir)
+    held = [f for f in _TRAINING_RUN_FILES if (out / f).exists()]
+    if held:
+        raise ConfigError(f"--output-dir {out}: holds a training run ({', '.join(held)}); evaluation does not write "
+                          f"into it: omit --output-dir (results go to eval_{args.split}/ next to the input) or give "
+                          "another folder")
+    return out
 
 
 def _check_num_classes(model, classes, path) -> None:
@@ -93,11 +82,13 @@ def _check_num_classes(model, classes, path) -> None:
         )
 
 
-def _run(args: argparse.Namespace) -> dict[str, Any]:
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the evaluation; returns the metrics dict (also written to ``<output dir>/metrics.json``)."""
     from edp_det.data.voc import VOCDataset
+    from edp_det.evaluation import evaluate_detections, evaluate_detector, load_detections_json
+    from edp_det.evaluation.predict import save_detections_json
+    from edp_det.harness.cli import json_safe, resolve_device, write_json
     from edp_det.runtime.errors import ConfigError, DataError
-    from edp_det.evaluation import evaluate_coco, evaluate_voc, load_detections_json
-    from edp_det.evaluation.predict import predict_detections, save_detections_json
 
     classes = None
     if args.classes is not None:
@@ -109,12 +100,13 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     src = args.model if args.model is not None else args.detections
     if not os.path.isfile(src):
         raise DataError(f"{src}: file not found ({'--model' if args.model is not None else '--detections'})")
-    out_dir = args.output_dir if args.output_dir is not None else (os.path.dirname(os.path.abspath(src)) or ".")
+    out_dir = output_dir(args)
 
     model = None
     if args.model is not None:
         from edp_det import load_compressed
 
+        device = resolve_device(args.device)
         model = load_compressed(args.model)
         if classes is None and getattr(model, "classes", None):
             classes = [str(c) for c in model.classes]  # label order the model was trained with, if it records it
@@ -125,18 +117,18 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     dataset = VOCDataset(args.data_root, args.split, classes=classes, check_images=model is not None,
                          evaluation=True)
     classes = list(dataset.classes)
-    annotations = dataset.annotations()
 
     if model is not None:
         _check_num_classes(model, classes, args.model)
-        dets = predict_detections(
-            model, dataset, device=args.device, batch_size=args.batch_size, num_workers=args.num_workers,
-            progress=args.progress, classes=classes,
-        )
-        det_path = os.path.join(out_dir, "detections.json")
-        save_detections_json(dets, det_path)
-        logger.info("wrote %s (%d detections)", det_path, len(dets))
+        res = evaluate_detector(model, dataset, classes, device=device, batch_size=args.batch_size,
+                                iou_thresh=args.iou_thresh, coco=not args.no_coco, num_workers=args.num_workers,
+                                progress=args.progress)
+        det_path = out_dir / "detections.json"
+        save_detections_json(res.detections, det_path)
+        logger.info("wrote %s (%d detections)", det_path, len(res.detections))
+        num_images = len(dataset)
     else:
+        annotations = dataset.annotations()
         dets = load_detections_json(args.detections, classes=classes)
         for i, d in enumerate(dets):
             if d["image_id"] not in annotations:
@@ -144,43 +136,24 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
                     f"{args.detections}: detections[{i}].image_id={d['image_id']!r} is not in split "
                     f"{args.split!r} of {args.data_root}"
                 )
+        res = evaluate_detections(dets, annotations, classes, iou_thresh=args.iou_thresh, coco=not args.no_coco)
+        num_images = len(annotations)
 
-    voc = evaluate_voc(dets, annotations, classes, iou_thresh=args.iou_thresh)
-    if args.no_coco:
-        coco = {"coco_ap": None, "coco_ap50": None}
-    else:
-        coco = evaluate_coco(dets, annotations, classes)
-    metrics = voc.to_dict()
-    metrics.update(coco)
-    metrics["split"] = args.split
-    metrics["num_images"] = len(annotations)
-    metrics = _json_safe(metrics)
-    metrics_path = os.path.join(out_dir, "metrics.json")
-    _write_json_atomic(metrics, metrics_path)
-
-    print(voc.format_table())
+    metrics = dict(res.metrics)
+    for key in ("coco_ap", "coco_ap50"):   # null with --no-coco
+        metrics.setdefault(key, None)
+    metrics.update(split=args.split, num_images=num_images)
+    metrics_path = write_json(metrics, out_dir / "metrics.json")
+    print(res.voc.format_table())
 
     def fmt(v):
         return "-" if v is None else f"{v:.4f}"
 
     print(f"COCO AP@[.5:.95] {fmt(metrics['coco_ap'])}  AP50 {fmt(metrics['coco_ap50'])}")
     print(f"wrote {metrics_path}")
-    return metrics
-
-
-def main(args: argparse.Namespace) -> dict[str, Any]:
-    """Run the evaluation; returns the metrics dict. Bad input -> one line on stderr and SystemExit(2)."""
-    from edp_det.runtime.errors import EDPError
-
-    try:
-        return _run(args)
-    except (EDPError, ValueError, OSError) as e:
-        # one line; a dataset validation error may append its list of problems on the following lines
-        msg = str(e).strip() or type(e).__name__
-        print(f"eval_det: error: {msg}", file=sys.stderr)
-        raise SystemExit(2) from None
+    return json_safe(metrics)
 
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    main(get_args_parser().parse_args())
+    cli_main(main, get_args_parser().parse_args(), "eval_det")

@@ -1,26 +1,24 @@
-"""Export a compressed detector to ONNX or TorchScript (see docs/EXPORT.md).
+"""Export a compressed detector to ONNX or TorchScript for deployment (see docs/EXPORT.md).
 
-    python tools/export.py --model runs/x/model_final.pt --format onnx
-    python tools/export.py --model runs/x/model_final.pt --format torchscript --part backbone --output bb.pt
-    python tools/export.py --model runs/x/model_final.pt --format onnx --dynamic --verify
+examples:
+  python tools/export.py --model runs/x/model_final.pt --format onnx
+  python tools/export.py --model runs/x/model_final.pt --format torchscript --part backbone --output bb.pt
+  python tools/export.py --model runs/x/model_final.pt --format onnx --dynamic --verify
 
-``--part detector`` (default) exports the whole Faster R-CNN with pre- and post-processing (one image [C, H, W] in;
+--part detector (default) exports the whole Faster R-CNN with pre- and post-processing (one image [C, H, W] in;
 boxes, labels, scores out); if that fails the backbone + FPN is exported instead and the output says so.
-``--part backbone`` exports ``model.backbone`` (ResNet body + FPN). ``--verify`` compares the exported file with
-PyTorch on a random image (ONNX via onnxruntime). Bad input prints one error line and exits with status 2.
+--part backbone exports model.backbone (ResNet body + FPN). --verify compares the exported file with PyTorch on a
+random image (ONNX via onnxruntime), on CUDA when available, else on the CPU (--device chooses). Bad input prints
+one error line and exits with status 2; a model that cannot be exported, or a failed --verify, exits with 1.
 """
 from __future__ import annotations
 
 import argparse
 import logging
 import os
-import sys
 from pathlib import Path
 
-try:
-    import edp_det  # noqa: F401
-except ImportError:  # running from a checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from edp_det.harness.cli import cli_main, tool_parser
 
 logger = logging.getLogger("export")
 
@@ -28,8 +26,7 @@ _SUFFIX = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = tool_parser(__doc__)
     p.add_argument("--model", required=True, help="compressed model file (edp_det.save_compressed format)")
     p.add_argument("--format", required=True, choices=["onnx", "torchscript"])
     p.add_argument("--output", default=None,
@@ -44,12 +41,16 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="fail instead of exporting the backbone + FPN when the detector cannot be exported")
     p.add_argument("--verify", action="store_true",
                    help="compare the exported file with PyTorch on a random image (rtol 1e-3, atol 1e-4)")
+    p.add_argument("--device", default=None,
+                   help="device the model is traced and verified on (default: cuda if available, else cpu)")
     return p
 
 
-def _run(args: argparse.Namespace):
+def main(args: argparse.Namespace):
+    """Export; prints the summary and returns the ExportResult."""
     from edp_det import load_compressed
     from edp_det.deploy.benchmark import default_input_size
+    from edp_det.harness.cli import resolve_device
     from edp_det.runtime.errors import ConfigError
     from edp_det.deploy.export import export_onnx, export_torchscript, verify_onnx, verify_torchscript
 
@@ -59,7 +60,8 @@ def _run(args: argparse.Namespace):
         raise ConfigError(f"--input-size: must be positive, got {args.input_size}")
     if args.opset < 11:
         raise ConfigError(f"--opset: must be >= 11 for detection models, got {args.opset}")
-    model = load_compressed(args.model)
+    device = resolve_device(args.device)
+    model = load_compressed(args.model).to(device)
     if not all(hasattr(model, a) for a in ("backbone", "rpn", "roi_heads", "transform")):
         raise ConfigError(f"{args.model}: a {model.edp_arch['name']!r} model, not a detector")
     input_size = (3, *args.input_size) if args.input_size is not None else default_input_size(model)
@@ -85,24 +87,6 @@ def _run(args: argparse.Namespace):
     return res
 
 
-def main(args: argparse.Namespace):
-    """Export; returns the ExportResult. Bad input -> one line on stderr and SystemExit(2); export failure ->
-    one line and SystemExit(1)."""
-    from edp_det.runtime.errors import EDPError
-    from edp_det.deploy.export import ExportError
-
-    try:
-        return _run(args)
-    except (EDPError, ValueError, OSError) as e:
-        msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        print(f"export: error: {msg}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except ExportError as e:   # nothing could be exported
-        msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        print(f"export: failed: {msg}", file=sys.stderr)
-        raise SystemExit(1) from None
-
-
 if __name__ == "__main__":
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    main(get_args_parser().parse_args())
+    cli_main(main, get_args_parser().parse_args(), "export")

@@ -198,8 +198,9 @@ def prune_and_merge(model: nn.Module, flops_target: float | None = None, input_s
             lc.flops_after = after.module(lc.name).flops
         except KeyError:  # unmerged: two convs
             lc.flops_after = sum(after.module(f"{lc.name}.{c}").flops for c in ("basis", "coeff"))
-    logger.info("PM: R_FLOPs achieved %.4f (requested %s), params %d -> %d", report.achieved_r_flops,
-                flops_target, report.params_before, report.params_after)
+    logger.info("PM: R_FLOPs achieved %.4f (requested %s), params %d (decomposed; original %d) -> %d",
+                report.achieved_r_flops, flops_target, report.params_before, report.params_original,
+                report.params_after)
     return report
 
 

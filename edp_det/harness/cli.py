@@ -1,20 +1,26 @@
-"""Shared command-line plumbing for tools/: config resolution and the top-level error boundary.
+"""Shared command-line plumbing for tools/: config resolution, the top-level error boundary, the device default,
+help layout and JSON output.
 
 Every tool's ``main`` is wrapped by :func:`cli_main` so that bad input ends with one clear line naming the file,
-field and value, and exit status 2 (training failures: 1) — never a traceback from deep inside torch.
+field and value, and exit status 2 (a failed training or export: 1; Ctrl-C: 130) — never a traceback from deep
+inside torch. This module imports torch only inside the functions that need it, so that ``--help`` answers at once.
 """
 from __future__ import annotations
 
+import argparse
+import json
 import logging
+import math
 import os
 import sys
 from pathlib import Path
 
 from edp_det.runtime.config import load_config
 from edp_det.runtime.defaults import defaults_for
-from edp_det.runtime.errors import EDPError
+from edp_det.runtime.errors import ConfigError, EDPError
 
-__all__ = ["add_run_args", "resolve_run_config", "cli_main"]
+__all__ = ["add_run_args", "resolve_run_config", "cli_main", "check_output_dir", "default_device", "resolve_device",
+           "tool_parser", "json_safe", "write_json"]
 
 
 def add_run_args(parser, data_help: str = "dataset root (overrides data.root)"):
@@ -46,21 +52,135 @@ def resolve_run_config(args, task: str) -> tuple[dict, Path]:
     return cfg, Path(out)
 
 
-def cli_main(fn, args, prog: str) -> None:
-    """Run ``fn(args)``; map our errors and bad input to one line on stderr and a non-zero exit."""
-    from edp_det.train.engine import TrainingError
+# argparse destinations that name an output folder; checked by cli_main before the tool runs
+_OUTPUT_DIR_ARGS = {"output_dir": "--output-dir", "out": "--out"}
 
+
+def check_output_dir(path, flag: str = "--output-dir") -> Path:
+    """``path`` as a Path; ConfigError (one line naming ``flag``) when it exists and is not a folder."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise ConfigError(f"{flag} {path}: exists and is not a directory; give a folder (new or existing)")
+    return p
+
+
+def default_device() -> str:
+    """``"cuda"`` when a GPU is available, else ``"cpu"`` (the training engine's default)."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_device(name: str | None, flag: str = "--device"):
+    """The torch device a tool runs on: ``name`` validated, or :func:`default_device` when None."""
+    import torch
+
+    if name is None:
+        return torch.device(default_device())
     try:
-        fn(args)
-    except TrainingError as e:
-        logging.getLogger(prog).error("%s", e)
-        print(f"{prog}: training stopped: {e}", file=sys.stderr)
-        raise SystemExit(1) from None
-    except (EDPError, ValueError, TypeError, FileNotFoundError) as e:
-        if os.environ.get("EDP_DEBUG"):
-            raise
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"{flag}: not a torch device: {name!r} (use cpu, cuda or cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"{flag} {name}: CUDA is not available on this machine")
+    return device
+
+
+def _interrupted(exc: BaseException) -> bool:
+    """True when ``exc`` is, or was raised while handling, a KeyboardInterrupt (torch wraps a Ctrl-C during a
+    checkpoint write into a RuntimeError chained from it)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
+        return f"{exc.filename}: {exc.strerror}"
+    return str(exc).strip() or type(exc).__name__
+
+
+def cli_main(fn, args, prog: str):
+    """The error boundary of every tool: run ``fn(args)`` and return its result, mapping failures to one line on
+    stderr and an exit status.
+
+    * bad input (:class:`EDPError`, ``ValueError``, ``TypeError``, ``OSError`` such as a missing file, an output
+      folder that is a file): ``<prog>: error: ...``, exit 2 (``EDP_DEBUG=1`` re-raises for a traceback);
+    * a failed run (:class:`edp_det.train.engine.TrainingError`, :class:`edp_det.deploy.export.ExportError`):
+      ``<prog>: failed: ...``, exit 1;
+    * Ctrl-C, also while torch writes a checkpoint (checkpoint writes are atomic: the previous one stays intact):
+      one line, exit 130.
+
+    Every ``args.output_dir`` / ``args.out`` that exists as a file is refused before ``fn`` runs.
+    """
+    try:
+        for dest, flag in _OUTPUT_DIR_ARGS.items():
+            if getattr(args, dest, None) is not None:
+                check_output_dir(getattr(args, dest), flag)
+        return fn(args)
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; checkpoints written so far are intact", file=sys.stderr)
         raise SystemExit(130) from None
+    except Exception as e:  # noqa: BLE001 - classified below, anything else propagates unchanged
+        if _interrupted(e):
+            print(f"{prog}: interrupted; checkpoints written so far are intact", file=sys.stderr)
+            raise SystemExit(130) from None
+        if _run_failure(e):
+            logging.getLogger(prog).error("%s", e)
+            print(f"{prog}: failed: {_one_line(e)}", file=sys.stderr)
+            raise SystemExit(1) from None
+        if isinstance(e, (EDPError, ValueError, TypeError, OSError)):
+            if os.environ.get("EDP_DEBUG"):
+                raise
+            print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
+            raise SystemExit(2) from None
+        raise
+
+
+def _run_failure(exc: BaseException) -> bool:
+    """A training or export run that could not finish (exit 1). Only modules already imported are consulted: an
+    error raised before training or export started cannot be one of theirs."""
+    kinds = [getattr(sys.modules.get(mod), name, None) for mod, name in
+             (("edp_det.train.engine", "TrainingError"), ("edp_det.deploy.export", "ExportError"))]
+    return any(k is not None and isinstance(exc, k) for k in kinds)
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Description and examples laid out as written; a non-empty default is appended to the argument help."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if all(action.default is not v for v in (None, False, argparse.SUPPRESS)) and not action.required \
+                and "%(default)" not in text and (action.option_strings or action.nargs == argparse.OPTIONAL):
+            text += " (default: %(default)s)"
+        return text
+
+
+def tool_parser(doc: str, prog: str | None = None) -> argparse.ArgumentParser:
+    """An argument parser whose description is the first paragraph of a tool's docstring ``doc`` (whole
+    sentences) and whose epilog is the rest (usage examples, notes), both laid out as written."""
+    paragraphs = doc.strip().split("\n\n", 1)
+    epilog = paragraphs[1] if len(paragraphs) > 1 else None
+    return argparse.ArgumentParser(prog=prog, description=paragraphs[0], epilog=epilog, formatter_class=_HelpFormatter)
+
+
+def json_safe(obj):
+    """``obj`` with every NaN / ±inf float replaced by None (strict JSON has no such values)."""
+    if isinstance(obj, float) and (math.isnan(obj) or math.isinf(obj)):
+        return None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def write_json(obj, path) -> Path:
+    """Write ``obj`` as indented strict JSON (NaN/inf as null) to ``path`` atomically; returns the path."""
+    from edp_det.runtime.checkpoint import atomic_write_text
+
+    return atomic_write_text(json.dumps(json_safe(obj), indent=2, allow_nan=False) + "\n", path)

@@ -30,8 +30,8 @@ from edp_det.harness.report import comparison_rows, format_comparison_table
 logger = logging.getLogger(__name__)
 
 __all__ = ["RunRecord", "run_name", "plan_runs", "comparison_config", "run_comparison", "collect_runs",
-           "build_report", "measure_side_by_side", "plot_map_vs_flops", "plot_layerwise", "plot_sparsity_curves",
-           "DEFAULT_METHODS", "FIG5_METHODS"]
+           "build_report", "report_rows", "measure_side_by_side", "plot_map_vs_flops", "layerwise_methods",
+           "plot_layerwise", "plot_sparsity_curves", "DEFAULT_METHODS", "FIG5_METHODS"]
 
 DEFAULT_METHODS = ("baseline", "edp", "l1_filter", "slimming", "svd", "lrs", "admm_lrs")
 FIG5_METHODS = ("edp", "slimming", "svd")
@@ -43,8 +43,9 @@ def run_name(method: str, target: float | None) -> str:
     return BASELINE if method == BASELINE or target is None else f"{method}_{float(target):g}"
 
 
-def plan_runs(methods, targets) -> list[tuple[str, str, float | None]]:
-    """``[(run name, method, target)]``: the baseline once (if listed), every other method at every target."""
+def plan_runs(methods, targets, name_by_method: bool = False) -> list[tuple[str, str, float | None]]:
+    """``[(run name, method, target)]``: the baseline once (if listed), every other method at every target.
+    ``name_by_method`` (one target only): runs are named by their method alone (``edp`` instead of ``edp_0.4``)."""
     from edp_det.methods import METHODS
 
     methods = [m.strip() for m in methods if m.strip()]
@@ -61,12 +62,14 @@ def plan_runs(methods, targets) -> list[tuple[str, str, float | None]]:
         raise ValueError(f"--flops-targets: every target must be in (0, 1), got {bad}")
     if any(m != BASELINE for m in methods) and not targets:
         raise ValueError("--flops-targets: give at least one target")
+    if name_by_method and len(targets) > 1:
+        raise ValueError(f"runs named by method need a single FLOPs target, got {targets}")
     plan = []
     for m in methods:
         if m == BASELINE:
             plan.append((BASELINE, BASELINE, None))
         else:
-            plan.extend((run_name(m, t), m, t) for t in targets)
+            plan.extend((m if name_by_method else run_name(m, t), m, t) for t in targets)
     return plan
 
 
@@ -86,16 +89,17 @@ def comparison_config(config, method: str, target: float | None, data_root=None,
     return cfg
 
 
-def run_comparison(config, methods, targets, output_dir, data_root=None, overrides=(), build: bool = True) -> dict:
-    """Train every planned run that has no ``metrics.json`` yet (resuming interrupted ones), then (``build``)
-    write the report. Returns ``{"runs": {name: "done"|"skipped"}, "report": path or None}``."""
+def run_comparison(config, methods, targets, output_dir, data_root=None, overrides=(), build: bool = True,
+                   name_by_method: bool = False) -> dict:
+    """Train every planned run (:func:`plan_runs`) that has no ``metrics.json`` yet (resuming interrupted ones),
+    then (``build``) write the report. Returns ``{"runs": {name: "done"|"skipped"}, "report": path or None}``."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     from edp_det.train.detection import DetectionTask
     from edp_det.train.engine import Trainer
 
     status = {}
-    plan = plan_runs(methods, targets)
+    plan = plan_runs(methods, targets, name_by_method)
     for name, method, target in plan:
         cfg = comparison_config(config, method, target, data_root, overrides)
         run_dir = out / name
@@ -187,10 +191,12 @@ def collect_runs(output_dir) -> dict[str, RunRecord]:
 
 
 # ------------------------------------------------------------------------------------------------ speed
-def measure_side_by_side(runs: dict[str, RunRecord], cfg: dict, cache: Path | None = None) -> dict | None:
+def measure_side_by_side(runs: dict[str, RunRecord], cfg: dict, cache: Path | None = None,
+                         optimize: bool = False) -> dict | None:
     """FPS of every run's ``model_final.pt`` measured alternately (baseline first) with the config's benchmark
-    settings; reused from ``cache`` when it covers the same model files. None when ``benchmark.enabled`` is
-    false or no model file exists."""
+    settings (``optimize``: of their inference form, see :func:`edp_det.deploy.inference.optimize_for_inference`);
+    reused from ``cache`` when it covers the same model files. None when ``benchmark.enabled`` is false or no
+    model file exists."""
     b = cfg["benchmark"]
     if not b["enabled"]:
         return None
@@ -206,19 +212,19 @@ def measure_side_by_side(runs: dict[str, RunRecord], cfg: dict, cache: Path | No
                 return cached
         except ValueError:
             pass
-    import torch
-
     from edp_det.deploy.benchmark import compare_side_by_side
     from edp_det.deploy.serialization import load_compressed
 
     first = next(iter(runs.values()))
     size = tuple(first.metrics.get("input_size") or (3, cfg["model"]["min_size"], cfg["model"]["min_size"]))
-    device = b["device"] or cfg.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
+    from edp_det.harness.cli import default_device
+
+    device = b["device"] or cfg.get("device") or default_device()
     models = {n: load_compressed(p) for n, p in files.items()}
     logger.info("side-by-side speed of %d models on %s at %s", len(models), device, size)
     res = compare_side_by_side(models, input_size=size, device=device, rounds=5, iters_per_round=max(1, b["iters"]),
-                               warmup=b["warmup"], peak_memory=b["peak_memory"],
-                               model_paths={n: str(p) for n, p in files.items()})
+                               warmup=b["warmup"], peak_memory=b["peak_memory"] and not optimize,
+                               model_paths={n: str(p) for n, p in files.items()}, optimize=optimize)
     res["files"] = stamp
     if cache is not None:
         cache.write_text(json.dumps(res, indent=2, default=float), encoding="utf-8")
@@ -293,9 +299,17 @@ def layer_counts(pm: dict) -> list[dict]:
     return out
 
 
+def layerwise_methods(runs: dict[str, RunRecord], target: float, methods=FIG5_METHODS) -> list[str]:
+    """The methods of ``methods`` that have a finished run with a PM report at ``target`` (the curves
+    :func:`plot_layerwise` draws), in run order."""
+    shown = [r.method for r in runs.values() if r.method in methods and r.target == target and r.pm]
+    return list(dict.fromkeys(shown))
+
+
 def plot_layerwise(runs: dict[str, RunRecord], path, target: float, methods=FIG5_METHODS) -> Path | None:
     """Live output channels (a) and ranks (b) per backbone layer after pruning, for ``methods`` at ``target``."""
-    sel = [r for r in runs.values() if r.method in methods and r.target == target and r.pm]
+    sel = [r for r in runs.values() if r.method in layerwise_methods(runs, target, methods) and r.target == target
+           and r.pm]
     if not sel:
         return None
     order: list[str] = []
@@ -362,6 +376,12 @@ def plot_sparsity_curves(runs: dict[str, RunRecord], path) -> Path | None:
 
 
 # ------------------------------------------------------------------------------------------------ report
+def report_rows(runs: dict[str, RunRecord], bench: dict | None = None) -> list[dict]:
+    """The table rows (:func:`edp_det.harness.report.comparison_rows`) of finished runs, with the side-by-side
+    speed figures of ``bench`` where given."""
+    return comparison_rows(_metrics_for_table(runs), bench)
+
+
 def _metrics_for_table(runs: dict[str, RunRecord]) -> dict[str, dict]:
     out = {}
     for n, r in runs.items():
@@ -390,11 +410,11 @@ def build_report(output_dir, cfg: dict | None = None, expected=None, bench: dict
     if bench is None and cfg is not None:
         bench = measure_side_by_side(runs, cfg, cache=out / "bench.json")
     bench = bench or None
-    rows = comparison_rows(_metrics_for_table(runs), bench)
+    rows = report_rows(runs, bench)
     figs = {"fig4": plot_map_vs_flops(runs, out / "fig4_map_vs_flops.png"),
             "fig3": plot_sparsity_curves(runs, out / "fig3_sparsity.png")}
     targets = sorted({r.target for r in runs.values() if r.target is not None})
-    fig5 = [(t, plot_layerwise(runs, out / f"fig5_layers_{t:g}.png", t)) for t in targets]
+    fig5 = [(t, plot_layerwise(runs, out / f"fig5_layers_{t:g}.png", t), layerwise_methods(runs, t)) for t in targets]
     first = next(iter(runs.values()))
     c = first.config or {}
     tr, cp = c.get("train") or {}, c.get("compress") or {}
@@ -410,9 +430,8 @@ def build_report(output_dir, cfg: dict | None = None, expected=None, bench: dict
              "model (convs and linears, 2 FLOPs per multiply-add); req = `compress.flops_target`."]
     if any(r.method in ("lrs", "admm_lrs") for r in runs.values()):
         notes.append("`lrs` / `admm_lrs`: R_FLOPs counts only the non-zero (unmasked) weights of the sparse part, "
-                     "as a sparse kernel would execute them; `R_FLOPs bb dense` is the cut as these models actually "
-                     "run here (one dense conv per layer with the effective kernel), and their FPS is that dense "
-                     "speed.")
+                     "as a sparse kernel would execute them; their FPS is the speed of the dense execution "
+                     "(`bb dense`).")
     if bench:
         notes.append(f"FPS measured side by side (round-robin, {bench.get('rounds')}×{bench.get('iters_per_round')} "
                      f"calls, medians) on {bench.get('device')} ({bench.get('threads')} threads) at input "
@@ -430,9 +449,9 @@ def build_report(output_dir, cfg: dict | None = None, expected=None, bench: dict
     if figs["fig4"]:
         lines += ["mAP vs backbone FLOPs cut, one curve per method (cf. Fig. 4):", "",
                   f"![mAP vs FLOPs]({figs['fig4'].name})", ""]
-    for t, p in fig5:
+    for t, p, shown in fig5:
         if p:
-            lines += [f"Per-layer output channels and ranks at R_FLOPs {t:.0%}, EDP vs Slimming vs SVD "
+            lines += [f"Per-layer output channels and ranks at R_FLOPs {t:.0%}, {' vs '.join(shown)} "
                       "(cf. Fig. 5; dotted: original):", "", f"![layers {t:g}]({p.name})", ""]
     if figs["fig3"]:
         lines += ["Sparse ratios of params and FLOPs per epoch during regularised training, ES epoch dashed "

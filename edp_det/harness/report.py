@@ -1,4 +1,9 @@
-"""Before/after and method-comparison tables (the paper's Table XII layout), built from run metrics."""
+"""Before/after and method-comparison tables (the figures of the paper's Table XII), built from run metrics.
+
+:func:`format_comparison_table` lays the figures out as three tables that each fit 120 columns — accuracy
+(mAP and its change against the baseline), size (FLOPs cut, params, FLOPs, weights) and speed (FPS, measured and
+FLOPs-ideal speedups, peak inference memory) — followed by notes that say what the less obvious columns measure.
+"""
 from __future__ import annotations
 
 __all__ = ["comparison_rows", "format_comparison_table"]
@@ -22,7 +27,8 @@ def _speed(bench: dict | None, name: str) -> dict:
 
 
 def comparison_rows(metrics: dict[str, dict], bench: dict | None = None, baseline: str = "baseline") -> list[dict]:
-    """One row per run: requested/achieved R_FLOPs, params, FLOPs, FPS, measured vs ideal speedup, mAP, drop.
+    """One row per run: requested/achieved R_FLOPs, params, FLOPs, FPS, measured vs ideal speedup, mAP and
+    ``mAP_delta`` = mAP − baseline mAP (negative: worse than the baseline).
 
     ``metrics``: run name -> its metrics.json; ``bench``: the result of
     :func:`edp_det.deploy.benchmark.compare_side_by_side` over the same runs (optional).
@@ -45,7 +51,7 @@ def comparison_rows(metrics: dict[str, dict], bench: dict | None = None, baselin
                "model_memory_mb": _first(s.get("model_memory_mb"), m.get("model_memory_mb")),
                "mAP_voc07": m.get("mAP_voc07")}
         if base.get("mAP_voc07") is not None and m.get("mAP_voc07") is not None:
-            row["mAP_drop"] = base["mAP_voc07"] - m["mAP_voc07"]
+            row["mAP_delta"] = m["mAP_voc07"] - base["mAP_voc07"]
         rows.append(row)
     return rows
 
@@ -59,32 +65,82 @@ def _f(v, fmt):
     return "-" if v is None else format(v, fmt)
 
 
+MAX_WIDTH = 120
+
+NOTES = {
+    "delta": "Δ mAP: mAP_voc07 of the run minus that of the baseline; negative = less accurate than the baseline.",
+    "r_flops": "R_FLOPs: FLOPs cut vs the uncompressed detector (bb: ResNet backbone body, det: whole detector), "
+               "requested / achieved.",
+    "dense": "bb dense: the backbone FLOPs cut as the model actually runs (one dense conv per layer), for methods whose "
+             "counted FLOPs assume sparse kernels (lrs, admm_lrs).",
+    "speedup": "speedup: latency of the baseline / latency of the run, measured next to the FLOPs-ideal ratio "
+               "(meas / ideal).",
+    "peak": "peak MB: extra memory (MiB) one inference of one image needs on top of the loaded model (CUDA: "
+            "peak allocated; CPU: peak resident set of a fresh process); weights MB: parameters and buffers.",
+}
+
+
+def describe_run(row: dict) -> str:
+    """What a row is: ``original (uncompressed)`` for the baseline, else ``compressed: <method>, <R>% FLOPs
+    target``."""
+    if row.get("method") in (None, "baseline"):
+        return "original (uncompressed)"
+    req = row.get("r_flops_requested")
+    return f"compressed: {row.get('method')}" + ("" if req is None else f", {req:.0%} FLOPs target")
+
+
+def _speedup(r: dict, measured: str, ideal: str) -> str:
+    return f"{_f(r.get(measured), '.2f')} / {_f(r.get(ideal), '.2f')}"
+
+
+def _table(title: str, head: list[str], body: list[list[str]], markdown: bool) -> list[str]:
+    if markdown:
+        return [f"**{title}**", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + \
+            ["| " + " | ".join(b) + " |" for b in body]
+    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
+    fmt = "  ".join("{:<%d}" % w for w in widths)
+    return [title] + [fmt.format(*b).rstrip() for b in [head, ["-" * w for w in widths], *body]]
+
+
+def _wrap(text: str, width: int = MAX_WIDTH) -> list[str]:
+    import textwrap
+
+    return textwrap.wrap(text, width=width, subsequent_indent="  ")
+
+
 def format_comparison_table(rows: list[dict], markdown: bool = False) -> str:
-    """Table XII layout. A column ``R_FLOPs bb dense`` (the cut as executed densely, for methods whose counted
-    FLOPs assume sparse kernels: ``lrs``, ``admm_lrs``) is added when any row has that figure."""
+    """The rows as an accuracy, a size and a speed table (each at most :data:`MAX_WIDTH` characters wide in plain
+    text; the speed table only when some row has a speed figure), followed by notes on the columns. A column
+    ``bb dense`` (the backbone cut as executed densely) is added to the size table when any row has that figure."""
     dense_col = any(r.get("r_flops_backbone_dense") is not None for r in rows)
-    head = ["run", "R_FLOPs bb (req/got)", "R_FLOPs det", "params (M)", "GFLOPs bb", "GFLOPs det", "FPS det",
-            "FPS bb", "speedup bb (meas/ideal)", "speedup det (meas/ideal)", "weights MB", "peak MB", "mAP_voc07", "drop"]
-    if dense_col:
-        head.insert(2, "R_FLOPs bb dense")
-    body = []
+    acc = [[r["run"], describe_run(r), _f(r.get("mAP_voc07"), ".3f"), _f(r.get("mAP_delta"), "+.3f")]
+           for r in rows]
+    size_head = ["run", "R_FLOPs bb req/got", "R_FLOPs det", "params M", "GFLOPs bb", "GFLOPs det", "weights MB"]
+    size = []
     for r in rows:
         req = "-" if r.get("r_flops_requested") is None else f"{r['r_flops_requested']:.0%}"
-        body.append([r["run"], f"{req}/{_f(r.get('r_flops_backbone'), '.1%')}", _f(r.get("r_flops_detector"), ".1%"),
+        size.append([r["run"], f"{req} / {_f(r.get('r_flops_backbone'), '.1%')}", _f(r.get("r_flops_detector"), ".1%"),
                      _f(None if r.get("params") is None else r["params"] / 1e6, ".2f"),
                      _f(None if r.get("flops_backbone") is None else r["flops_backbone"] / 1e9, ".3f"),
                      _f(None if r.get("flops_detector") is None else r["flops_detector"] / 1e9, ".3f"),
-                     _f(r.get("fps"), ".1f"), _f(r.get("backbone_fps"), ".1f"),
-                     f"{_f(r.get('backbone_speedup'), '.2f')}/{_f(r.get('backbone_ideal_speedup'), '.2f')}",
-                     f"{_f(r.get('speedup'), '.2f')}/{_f(r.get('ideal_speedup'), '.2f')}",
-                     _f(r.get("model_memory_mb"), ".1f"), _f(r.get("peak_memory_mb"), ".0f"),
-                     _f(r.get("mAP_voc07"), ".3f"), _f(r.get("mAP_drop"), "+.3f")])
+                     _f(r.get("model_memory_mb"), ".1f")])
         if dense_col:
-            body[-1].insert(2, _f(r.get("r_flops_backbone_dense"), ".1%"))
-    if markdown:
-        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        lines += ["| " + " | ".join(b) + " |" for b in body]
-        return "\n".join(lines)
-    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
-    fmt = "  ".join("{:<%d}" % w for w in widths)
-    return "\n".join([fmt.format(*head), fmt.format(*("-" * w for w in widths))] + [fmt.format(*b) for b in body])
+            size[-1].insert(2, _f(r.get("r_flops_backbone_dense"), ".1%"))
+    if dense_col:
+        size_head.insert(2, "bb dense")
+    speed_keys = ("fps", "backbone_fps", "speedup", "backbone_speedup", "peak_memory_mb")
+    has_speed = any(r.get(k) is not None for r in rows for k in speed_keys)
+    speed = [[r["run"], _f(r.get("fps"), ".1f"), _f(r.get("backbone_fps"), ".1f"),
+              _speedup(r, "speedup", "ideal_speedup"), _speedup(r, "backbone_speedup", "backbone_ideal_speedup"),
+              _f(r.get("peak_memory_mb"), ".0f")] for r in rows]
+    blank = [""]
+    lines = _table("Accuracy", ["run", "model", "mAP_voc07", "Δ mAP"], acc, markdown) + blank
+    lines += _table("Size", size_head, size, markdown) + blank
+    if has_speed:
+        lines += _table("Speed", ["run", "FPS det", "FPS bb", "speedup det meas / ideal",
+                                  "speedup bb meas / ideal", "peak MB"], speed, markdown) + blank
+    notes = [NOTES["delta"], NOTES["r_flops"]] + ([NOTES["dense"]] if dense_col else []) + \
+        ([NOTES["speedup"], NOTES["peak"]] if has_speed else [])
+    for n in notes:
+        lines += [f"* {n}"] if markdown else _wrap(f"* {n}")
+    return "\n".join(lines)

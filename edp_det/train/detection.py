@@ -125,21 +125,14 @@ class DetectionTask:
 
     # ------------------------------------------------------------------ eval
     def evaluate(self, model, device) -> dict:
-        from edp_det.evaluation.coco_eval import evaluate_coco
-        from edp_det.evaluation.predict import predict_detections
-        from edp_det.evaluation.voc_eval import evaluate_voc
+        from edp_det.evaluation.detection import evaluate_detector
 
-        model = unwrap_model(model)
-        dets = predict_detections(model, self.test_set, device=device, batch_size=self.cfg["eval"]["batch_size"],
-                                  classes=self.classes)
-        ann = self.test_set.annotations()
-        res = evaluate_voc(dets, ann, self.classes, iou_thresh=self.cfg["eval"]["iou_thresh"])
-        out = res.to_dict()
-        logger.info("VOC evaluation:\n%s", res.format_table())
-        if self.cfg["eval"]["coco"]:
-            out.update(evaluate_coco(dets, ann, self.classes))
-        self.last_detections = dets
-        return out
+        e = self.cfg["eval"]
+        res = evaluate_detector(unwrap_model(model), self.test_set, self.classes, device=device,
+                                batch_size=e["batch_size"], iou_thresh=e["iou_thresh"], coco=e["coco"])
+        logger.info("VOC evaluation:\n%s", res.voc.format_table())
+        self.last_detections = res.detections
+        return res.metrics
 
     def original_model(self) -> nn.Module:
         """The uncompressed detector skeleton of this config (for FLOPs ratios)."""
