@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import machine_info, table, time_variants  # noqa: E402
 from edp_det import EDPRegularizer, decompose  # noqa: E402
-from edp_det.edp.regularizer import _shrink, _zero_momentum  # noqa: E402
+from edp_det.edp.regularizer import _shrink, zero_momentum  # noqa: E402
 
 
 @torch.no_grad()
@@ -37,7 +37,7 @@ def reference_prox(reg: EDPRegularizer, lr: float) -> None:
             scale = _shrink(beta.norm(dim=0), lr * e.lam_col)
             beta.mul_(scale)
             if state is not None:
-                _zero_momentum(state, e.block.coeff.weight, (scale == 0).view(1, -1, 1, 1))
+                zero_momentum(state, e.block.coeff.weight, (scale == 0).view(1, -1, 1, 1))
         if e.lam_row > 0:
             sq = beta.pow(2).sum(dim=1)
             for p in e.row_params:
@@ -48,9 +48,9 @@ def reference_prox(reg: EDPRegularizer, lr: float) -> None:
                 p.mul_(scale)
             if state is not None:
                 dead = scale == 0
-                _zero_momentum(state, e.block.coeff.weight, dead.view(-1, 1, 1, 1))
+                zero_momentum(state, e.block.coeff.weight, dead.view(-1, 1, 1, 1))
                 for p in e.row_params:
-                    _zero_momentum(state, p, dead)
+                    zero_momentum(state, p, dead)
 
 
 def get_args_parser():
