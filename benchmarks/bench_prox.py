@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from _common import machine_info, table
 from edp_det import EDPRegularizer, decompose
 from edp_det.deploy.timing import time_alternating
-from edp_det.edp.regularizer import _shrink, _zero_momentum
+from edp_det.edp.regularizer import _shrink, zero_momentum
 
 
 @torch.no_grad()
@@ -33,7 +33,7 @@ def reference_prox(reg: EDPRegularizer, lr: float) -> None:
             scale = _shrink(beta.norm(dim=0), lr * e.lam_col)
             beta.mul_(scale)
             if state is not None:
-                _zero_momentum(state, e.block.coeff.weight, (scale == 0).view(1, -1, 1, 1))
+                zero_momentum(state, e.block.coeff.weight, (scale == 0).view(1, -1, 1, 1))
         if e.lam_row > 0:
             sq = beta.pow(2).sum(dim=1)
             for p in e.row_params:
@@ -44,9 +44,9 @@ def reference_prox(reg: EDPRegularizer, lr: float) -> None:
                 p.mul_(scale)
             if state is not None:
                 dead = scale == 0
-                _zero_momentum(state, e.block.coeff.weight, dead.view(-1, 1, 1, 1))
+                zero_momentum(state, e.block.coeff.weight, dead.view(-1, 1, 1, 1))
                 for p in e.row_params:
-                    _zero_momentum(state, p, dead)
+                    zero_momentum(state, p, dead)
 
 
 def get_args_parser():

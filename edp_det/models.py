@@ -1,4 +1,4 @@
-"""Model registry and the detector adapter.
+"""Model registry (where the parts of a detector live: :mod:`edp_det.ops.adapter`).
 
 Models are built by registered name (never ``eval``): ``build_model("resnet50", num_classes=10)``,
 ``build_model("fasterrcnn", depth=50, num_classes=21, min_size=256, max_size=256)``. The builder name and its
@@ -21,10 +21,12 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from edp_det.ops.adapter import body_of
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["MODEL_REGISTRY", "register_model", "build_model", "describe_model", "load_backbone_weights",
-           "load_detector_weights", "is_detector"]
+           "load_detector_weights", "read_state_dict"]
 
 MODEL_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
@@ -143,10 +145,6 @@ def build_model(name: str, **kwargs) -> nn.Module:
     return model
 
 
-def is_detector(model: nn.Module) -> bool:
-    return isinstance(model, FasterRCNN) or all(hasattr(model, a) for a in ("backbone", "rpn", "roi_heads"))
-
-
 def describe_model(model: nn.Module) -> dict:
     """``{"name", "kwargs"}`` to rebuild the skeleton of ``model`` (stamped by build_model, or inferred for
     plain torchvision ResNets)."""
@@ -168,7 +166,9 @@ def describe_model(model: nn.Module) -> dict:
                      "edp_det.build_model(...) or pass arch={'name': ..., 'kwargs': {...}}")
 
 
-def _read_state_dict(path, what: str) -> dict:
+def read_state_dict(path, what: str) -> dict:
+    """The state dict in a local file (plain, or under 'model' / 'state_dict' / 'model_state'); ``what`` names
+    the config field in the error message."""
     from edp_det.runtime.checkpoint import load_checkpoint
 
     obj = load_checkpoint(path)
@@ -183,14 +183,14 @@ def _read_state_dict(path, what: str) -> dict:
 
 
 def load_backbone_weights(model: nn.Module, path: str | Path) -> list[str]:
-    """Load a torchvision ImageNet ResNet checkpoint (local file) into the detector's ``backbone.body``.
+    """Load a torchvision ImageNet ResNet checkpoint (local file) into the detector's ResNet body.
 
     The classifier ``fc`` is dropped. Returns the body keys that were not in the file. Shape mismatches raise a
     ValueError naming the key.
     """
-    sd = _read_state_dict(path, "model.weights_backbone")
+    sd = read_state_dict(path, "model.weights_backbone")
     sd = {k: v for k, v in sd.items() if not k.startswith("fc.")}
-    body = model.backbone.body
+    body = body_of(model)
     own = body.state_dict()
     for k, v in sd.items():
         if k in own and own[k].shape != v.shape:
@@ -208,7 +208,7 @@ def load_backbone_weights(model: nn.Module, path: str | Path) -> list[str]:
 def load_detector_weights(model: nn.Module, path: str | Path) -> None:
     """Load a full Faster R-CNN checkpoint (e.g. torchvision's COCO one, local file). If the class count differs
     the box predictor is re-initialised (and logged); any other mismatch raises a ValueError naming the key."""
-    sd = _read_state_dict(path, "model.weights")
+    sd = read_state_dict(path, "model.weights")
     own = model.state_dict()
     head_keys = [k for k in sd if k.startswith("roi_heads.box_predictor.")]
     if head_keys and any(k in own and own[k].shape != sd[k].shape for k in head_keys):

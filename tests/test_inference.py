@@ -13,6 +13,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from edp_det import EDPRegularizer, decompose, prune_and_merge
 from edp_det.deploy.inference import fold_batchnorms, optimize_for_inference
+from edp_det.ops.surgery import LowRankConv2d
 
 from _core_helpers import one_thread, randomize_norms  # noqa: F401
 
@@ -46,7 +47,7 @@ def _rel(a, b):
 
 def _lowrank_pairs(model):
     return [n for n, m in model.named_modules()
-            if isinstance(m, nn.Sequential) and list(m._modules) == ["basis", "coeff"]]
+            if isinstance(m, LowRankConv2d)]
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.float64, 1e-9)])

@@ -12,6 +12,7 @@ from torch import nn
 
 import edp_det
 from edp_det import CompressedAwareConv2d, count_flops, iter_blocks, prune_and_merge
+from edp_det.ops.surgery import LowRankConv2d
 
 from _core_helpers import (DET_KW, assert_det_close, build, cached, det_image, one_thread, rel_err,  # noqa: F401
                            sparsify, zero_row)
@@ -67,7 +68,7 @@ def _check_structure(model, report, expected: dict, norms_after: dict) -> None:
         if l.merged:
             assert type(mod) is nn.Conv2d and tuple(mod.weight.shape) == (co, ci, *k), l.name
         else:
-            assert isinstance(mod, nn.Sequential) and list(mod._modules) == ["basis", "coeff"], l.name
+            assert isinstance(mod, LowRankConv2d) and list(mod._modules) == ["basis", "coeff"], l.name
             assert tuple(mod.basis.weight.shape) == (r, ci, *k), l.name
             assert tuple(mod.coeff.weight.shape) == (co, r, 1, 1), l.name
         norm = norms_after.get(l.name)
@@ -292,7 +293,7 @@ def test_merge_never_keeps_two_convs():
     assert not any(l.merged for l in report.layers)
     for l in report.layers:
         assert l.after == expected[l.name][:3]
-        assert isinstance(model.get_submodule(l.name), nn.Sequential)
+        assert isinstance(model.get_submodule(l.name), LowRankConv2d)
     assert rel_err(ref, model(x)) <= 1e-10
 
 

@@ -143,3 +143,36 @@ def test_missing_and_empty_file(tmp_path):
     p = tmp_path / "empty.pt"
     p.write_bytes(b"")
     _expect_error(p)
+
+
+def test_file_with_the_former_sequential_pair_loads(tmp_path):
+    """Files written when PM's unmerged pairs were ``nn.Sequential(basis, coeff)``: same ``lowrank`` spec entry,
+    same state-dict keys; they load into :class:`LowRankConv2d` and compute the same outputs."""
+    from collections import OrderedDict
+
+    from edp_det.deploy.serialization import VERSION, architecture_spec
+    from edp_det.models import build_model
+    from edp_det.ops.surgery import LowRankConv2d
+
+    torch.manual_seed(3)
+    model = build_model("resnet18", num_classes=10)
+    basis = nn.Conv2d(64, 12, 3, stride=1, padding=1, bias=False)
+    coeff = nn.Conv2d(12, 64, 1, bias=True)
+    model.layer1[0].conv2 = nn.Sequential(OrderedDict([("basis", basis), ("coeff", coeff)]))
+    model.eval()
+    spec = {k: v for k, v in architecture_spec(model).items() if not k.startswith("layer1.0.conv2")}
+    conv = {"stride": [1, 1], "dilation": [1, 1]}
+    spec["layer1.0.conv2"] = {"type": "lowrank",     # the entry the former writer made for the Sequential pair
+                              "basis": {"in": 64, "out": 12, "kernel": [3, 3], "padding": [1, 1], "bias": False, **conv},
+                              "coeff": {"in": 12, "out": 64, "kernel": [1, 1], "padding": [0, 0], "bias": True, **conv}}
+    sd = model.state_dict()
+    assert {"layer1.0.conv2.basis.weight", "layer1.0.conv2.coeff.weight", "layer1.0.conv2.coeff.bias"} <= set(sd)
+    torch.save({"format": FORMAT, "version": VERSION, "arch": {"name": "resnet18", "kwargs": {"num_classes": 10}},
+                "spec": spec, "state_dict": sd, "meta": {}}, tmp_path / "old.pt")
+    back = load_compressed(tmp_path / "old.pt")
+    assert isinstance(back.layer1[0].conv2, LowRankConv2d)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(back(x), model(x))
+    # and it is written back with the same spec entry
+    assert architecture_spec(back)["layer1.0.conv2"] == spec["layer1.0.conv2"]

@@ -2,7 +2,7 @@
 
 * :func:`measure_latency` times any callable (CUDA-synchronised when the device is CUDA).
 * :func:`benchmark_detector` measures one detector: the full detector with pre/post-processing
-  (``model([img])`` in eval mode) and the backbone body alone (``model.backbone.body(x)``), beside params, FLOPs
+  (``model([img])`` in eval mode) and the backbone body alone (``body_of(model)(x)``), beside params, FLOPs
   (:func:`edp_det.count_flops`) and peak inference memory.
 * :func:`compare_side_by_side` measures several models *alternately* (round-robin, the order rotated every round)
   so that machine noise (other processes, frequency scaling, thermal drift) hits every model equally, and puts the
@@ -49,6 +49,7 @@ import torch
 from torch import nn
 
 from edp_det.deploy.timing import synchronize, time_alternating
+from edp_det.ops.adapter import BODY, body_of, is_detector
 
 logger = logging.getLogger(__name__)
 
@@ -77,9 +78,8 @@ def _check_input_size(input_size) -> tuple[int, int, int]:
 
 
 def _check_detector(model: nn.Module, what: str = "model") -> None:
-    if not all(hasattr(model, a) for a in ("backbone", "rpn", "roi_heads", "transform")) or \
-            not hasattr(model.backbone, "body"):
-        raise ValueError(f"{what}: expected a torchvision Faster R-CNN (backbone.body, rpn, roi_heads, transform), "
+    if not is_detector(model) or not hasattr(model.backbone, "body"):
+        raise ValueError(f"{what}: expected a torchvision Faster R-CNN ({BODY}, rpn, roi_heads, transform), "
                          f"got a {type(model).__name__}")
 
 
@@ -118,14 +118,14 @@ def _network_size(model: nn.Module, img: torch.Tensor) -> tuple[int, int]:
 
 
 def _flops(model: nn.Module, input_size) -> tuple[int, int, int]:
-    """(params, flops of backbone.body, flops of the whole detector) at ``input_size``."""
+    """(params, flops of the ResNet body, flops of the whole detector) at ``input_size``."""
     from edp_det.ops.flops import count_flops
 
     rep = count_flops(model, input_size=tuple(input_size))
     parts = rep.parts
-    if "backbone.body" not in parts:
-        raise ValueError("count_flops reported no 'backbone.body' part; is this a torchvision detector?")
-    return rep.params, int(parts["backbone.body"]["flops"]), int(sum(d["flops"] for d in parts.values()))
+    if BODY not in parts:
+        raise ValueError(f"count_flops reported no {BODY!r} part; is this a torchvision detector?")
+    return rep.params, int(parts[BODY]["flops"]), int(sum(d["flops"] for d in parts.values()))
 
 
 def _stats(samples_ms: list[float]) -> dict:
@@ -319,7 +319,7 @@ class _Prepared:
 
             self.model = copy.deepcopy(model)
             self.model.eval()
-            _, rep = optimize_for_inference(self.model.backbone.body, self.batch, inplace=True, return_report=True)
+            _, rep = optimize_for_inference(body_of(self.model), self.batch, inplace=True, return_report=True)
             self.inference_report = {"folded": len(rep.folded), "memory_format": rep.memory_format,
                                      "merged": len(rep.merged), "kept_split": len(rep.kept_split),
                                      "max_rel_err": rep.max_rel_err, "text": rep.format().splitlines()[0]}
@@ -330,7 +330,7 @@ class _Prepared:
 
     @torch.no_grad()
     def backbone(self):
-        return self.model.backbone.body(self.batch)
+        return body_of(self.model)(self.batch)
 
     def restore(self):
         self.model.train(self.was_training)

@@ -7,7 +7,7 @@ pairs PM left, measured memory format.
 What it does (on a copy unless ``inplace=True``; the result is in eval mode with ``requires_grad=False``):
   (a) ``fold_bn``: every ``BatchNorm2d`` (eval statistics) / ``FrozenBatchNorm2d`` that directly consumes the output
       of a convolution is folded into it — ``W ← W·s``, ``b ← b·s + t`` with ``s = γ/√(σ²+ε)``, ``t = β − μ·s``
-      (float64, then cast) — and replaced by ``nn.Identity``. For PM's ``Sequential(basis, coeff)`` low-rank pairs
+      (float64, then cast) — and replaced by ``nn.Identity``. For PM's ``LowRankConv2d(basis, coeff)`` low-rank pairs
       (and CompressedAwareConv2d blocks) the fold goes into ``coeff``. Pairs are found by running the model once
       on ``example_input`` with hooks: a norm is folded only if *every* call of it reads the output of the
       convolution called just before it, and every call of that convolution is read by it. Exact up to rounding;
@@ -38,6 +38,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 from edp_det.deploy.timing import time_alternating
 from edp_det.ops.block import CompressedAwareConv2d
 from edp_det.ops.graph import set_submodule, unwrap_model
+from edp_det.ops.surgery import LowRankConv2d, is_lowrank_pair, merged_conv
 
 logger = logging.getLogger(__name__)
 
@@ -67,11 +68,6 @@ class InferenceReport:
         return "\n".join(lines)
 
 
-def _is_lowrank(m: nn.Module) -> bool:
-    return (isinstance(m, nn.Sequential) and list(m._modules) == ["basis", "coeff"]
-            and all(isinstance(c, nn.Conv2d) for c in m))
-
-
 def _conv_like(model: nn.Module) -> dict[str, nn.Module]:
     """name -> module for every Conv2d, low-rank pair and CompressedAwareConv2d (not the convs inside them)."""
     out: dict[str, nn.Module] = {}
@@ -79,7 +75,7 @@ def _conv_like(model: nn.Module) -> dict[str, nn.Module]:
     for name, m in model.named_modules():
         if any(name.startswith(p) for p in inside):
             continue
-        if _is_lowrank(m) or isinstance(m, CompressedAwareConv2d):
+        if is_lowrank_pair(m) or isinstance(m, CompressedAwareConv2d):
             out[name] = m
             inside.append(name + ".")
         elif isinstance(m, nn.Conv2d):
@@ -199,7 +195,7 @@ def fold_batchnorms(model: nn.Module, example_input) -> list[tuple[str, str]]:
     for conv_name, norm_name in pairs:
         conv = root.get_submodule(conv_name)
         scale, shift = _norm_affine(root.get_submodule(norm_name))
-        if _is_lowrank(conv) or isinstance(conv, CompressedAwareConv2d):
+        if is_lowrank_pair(conv) or isinstance(conv, CompressedAwareConv2d):
             conv.coeff = _fold_into_conv(conv.coeff, scale, shift)
             if isinstance(conv, CompressedAwareConv2d):
                 conv.norm_name = None
@@ -209,18 +205,8 @@ def fold_batchnorms(model: nn.Module, example_input) -> list[tuple[str, str]]:
     return pairs
 
 
-def _merged_conv(pair: nn.Sequential, channels_last: bool) -> nn.Conv2d:
-    basis, coeff = pair.basis, pair.coeff
-    r, ci, kh, kw = basis.weight.shape
-    co = coeff.out_channels
-    new = nn.Conv2d(ci, co, (kh, kw), stride=basis.stride, padding=basis.padding, dilation=basis.dilation,
-                    bias=coeff.bias is not None)
-    new.to(device=basis.weight.device, dtype=basis.weight.dtype)
-    with torch.no_grad():
-        w = coeff.weight.reshape(co, r).double() @ basis.weight.reshape(r, -1).double()
-        new.weight.copy_(w.view(co, ci, kh, kw).to(new.weight.dtype))
-        if coeff.bias is not None:
-            new.bias.copy_(coeff.bias)
+def _merged_conv(pair: LowRankConv2d, channels_last: bool) -> nn.Conv2d:
+    new = merged_conv(pair.basis.weight, pair.coeff.weight, pair.coeff.bias, pair.basis)
     if channels_last:
         new.to(memory_format=torch.channels_last)
     return new.requires_grad_(False)
@@ -229,7 +215,7 @@ def _merged_conv(pair: nn.Sequential, channels_last: bool) -> nn.Conv2d:
 @torch.no_grad()
 def _measure_merges(root: nn.Module, example_input, report: InferenceReport, rounds: int, iters: int,
                     margin: float) -> None:
-    pairs = {n: m for n, m in _conv_like(root).items() if _is_lowrank(m)}
+    pairs = {n: m for n, m in _conv_like(root).items() if is_lowrank_pair(m)}
     decisions: dict[str, nn.Conv2d] = {}
     hooks = []
 
@@ -269,7 +255,7 @@ def optimize_for_inference(model: nn.Module, example_input, *, fold_bn: bool = T
     """Return a faster, numerically equivalent eval-mode version of ``model`` for inputs like ``example_input``.
 
     Args:
-        model: any module; the steps apply to ResNet-like conv/norm models, PM output (``Sequential(basis, coeff)``
+        model: any module; the steps apply to ResNet-like conv/norm models, PM output (``LowRankConv2d``
             pairs) and decomposed models. DDP wrappers are stripped.
         example_input: a tensor (or tuple of positional args) of the shape, dtype and device you will serve.
         fold_bn: (a) fold norm layers into the preceding convolutions.

@@ -43,13 +43,14 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from edp_det.deploy.timing import time_alternating
+from edp_det.ops.adapter import body_of
 from edp_det.ops.block import CompressedAwareConv2d
 from edp_det.edp.budget import check_layer_weights, structure_from_model
 from edp_det.edp.decompose import iter_blocks
 from edp_det.ops.flops import count_flops
 from edp_det.ops.graph import unwrap_model
 from edp_det.deploy.inference import optimize_for_inference
-from edp_det.edp.pruning import PMReport, _apply
+from edp_det.edp.pruning import PMReport, apply_structure
 
 logger = logging.getLogger(__name__)
 
@@ -111,10 +112,6 @@ def _unit_of(root: nn.Module, name: str) -> str:
     return name
 
 
-def _runner(root: nn.Module) -> nn.Module:
-    return root.backbone.body if hasattr(root, "backbone") and hasattr(root.backbone, "body") else root
-
-
 @torch.no_grad()
 def _surgery_variant(root: nn.Module, thin: float | None) -> nn.Module:
     """An eval-mode copy of a decomposed ``root`` after PM's surgery with every group kept (``thin=None``: each
@@ -132,7 +129,7 @@ def _surgery_variant(root: nn.Module, thin: float | None) -> nn.Module:
             l.col_live[max(1, math.ceil(thin * b.rank)):] = False
             if l.prunable:
                 l.row_live[max(1, math.ceil(thin * b.out_channels)):] = False
-    _apply(m, struct, PMReport(), "eq14")
+    apply_structure(m, struct, PMReport(), "eq14")
     return m
 
 
@@ -147,7 +144,7 @@ def _unit_inputs(root: nn.Module, units, x: torch.Tensor) -> dict[str, torch.Ten
 
     hooks = [root.get_submodule(u).register_forward_pre_hook(pre_hook(u)) for u in units]
     try:
-        _runner(root)(x)
+        body_of(root)(x)
     finally:
         for h in hooks:
             h.remove()
@@ -160,7 +157,7 @@ def _marginal_profile(root, blocks, x, channels_last: bool, thin: float, rounds:
     variants = []
     for frac in (None, thin):
         v = _surgery_variant(root, frac)
-        optimize_for_inference(_runner(v), x, measure_merge=False, channels_last=channels_last, check=False,
+        optimize_for_inference(body_of(v), x, measure_merge=False, channels_last=channels_last, check=False,
                                inplace=True)
         variants.append(v)
     dense, thinned = variants
@@ -206,7 +203,7 @@ def _average_profile(root, blocks, x, channels_last: bool, rounds: int, iters: i
 
     hooks = [b.register_forward_pre_hook(pre_hook(n, b)) for n, b in blocks.items()]
     try:
-        _runner(root)(x)
+        body_of(root)(x)
     finally:
         for h in hooks:
             h.remove()
@@ -225,7 +222,7 @@ def measure_time_per_flop(model: nn.Module, example_input: torch.Tensor | None =
     """Relative time per FLOP of every :class:`CompressedAwareConv2d` of a decomposed ``model``.
 
     Args:
-        model: a decomposed classifier, or a decomposed torchvision detector (then ``backbone.body`` is run on
+        model: a decomposed classifier, or a decomposed torchvision detector (then its ResNet body is run on
             ``example_input``; blocks outside it, e.g. FPN/RPN with ``scope="detector"``, get no entry).
         example_input: ``(N, C, H, W)`` images in the model's dtype/device (detector: the size after its
             transform, e.g. ``(1, 3, 800, 800)``); default ``zeros(batch_size, *input_size)``.
@@ -258,7 +255,7 @@ def measure_time_per_flop(model: nn.Module, example_input: torch.Tensor | None =
     if not isinstance(example_input, torch.Tensor) or example_input.dim() != 4:
         raise ValueError(f"example_input must be an (N, C, H, W) tensor, got "
                          f"{getattr(example_input, 'shape', type(example_input).__name__)}")
-    runner = _runner(root)
+    runner = body_of(root)
     was_training = runner.training
     try:
         runner.eval()

@@ -5,11 +5,12 @@ File content (a dict of plain types and tensors; loads with ``torch.load(weights
 
     {"format": "edp-det/compressed", "version": 1,
      "arch":  {"name": "fasterrcnn", "kwargs": {...}},        # registry builder of the unpruned skeleton
-     "spec":  {"backbone.body.layer1.0.conv1": {"type": "conv2d", "in": 64, "out": 23, "kernel": [1, 1], ...},
-               "backbone.body.layer1.0.conv2": {"type": "lowrank", ...}, ...},
+     "spec":  {"layer1.0.conv1": {"type": "conv2d", "in": 64, "out": 23, "kernel": [1, 1], ...},
+               "layer1.0.conv2": {"type": "lowrank", ...}, ...},     # a detector's: prefixed by its body
      "state_dict": {...}, "meta": {...}}
 
-Spec types: ``conv2d``, ``lowrank`` (Sequential(basis, coeff)), ``edp_block``, ``batchnorm2d``, ``frozenbn``,
+Spec types: ``conv2d``, ``lowrank`` (:class:`~edp_det.ops.surgery.LowRankConv2d`, state-dict keys
+``basis.weight``, ``coeff.weight``, ``coeff.bias``), ``edp_block``, ``batchnorm2d``, ``frozenbn``,
 ``linear``, ``identity`` and, for the comparison methods (:mod:`edp_det.ops.layers`), ``masked_conv2d`` (its bool
 ``mask`` travels in the state dict), ``lowrank_sparse`` (basis + coeff + masked sparse conv) and ``fixedstat_bn``.
 
@@ -18,7 +19,6 @@ module of the recorded shape, and loads the state dict strictly, so the result i
 """
 from __future__ import annotations
 
-from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -28,6 +28,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 from edp_det.ops.block import CompressedAwareConv2d
 from edp_det.ops.graph import set_submodule, unwrap_model
 from edp_det.ops.layers import FixedStatBatchNorm2d, LowRankSparseConv2d, MaskedConv2d
+from edp_det.ops.surgery import LowRankConv2d, is_lowrank_pair
 from edp_det.models import build_model, describe_model
 
 __all__ = ["save_compressed", "load_compressed", "architecture_spec", "apply_spec", "FORMAT"]
@@ -41,11 +42,6 @@ def _conv_spec(m: nn.Conv2d) -> dict:
         raise TypeError("only groups=1, zero-padded convolutions with integer padding can be saved")
     return {"in": m.in_channels, "out": m.out_channels, "kernel": list(m.kernel_size), "stride": list(m.stride),
             "padding": list(m.padding), "dilation": list(m.dilation), "bias": m.bias is not None}
-
-
-def _is_lowrank(m: nn.Module) -> bool:
-    return (isinstance(m, nn.Sequential) and list(m._modules) == ["basis", "coeff"]
-            and all(isinstance(c, nn.Conv2d) for c in m))
 
 
 def architecture_spec(model: nn.Module) -> dict:
@@ -63,7 +59,7 @@ def architecture_spec(model: nn.Module) -> dict:
                           "orig_out": m.orig_out_channels, "channel_prunable": m.channel_prunable,
                           "norm_name": m.norm_name, "forward_mode": m.forward_mode}
             skip_prefixes.append(name + ".")
-        elif _is_lowrank(m):
+        elif is_lowrank_pair(m):
             spec[name] = {"type": "lowrank", "basis": _conv_spec(m.basis), "coeff": _conv_spec(m.coeff)}
             skip_prefixes.append(name + ".")
         elif isinstance(m, LowRankSparseConv2d):
@@ -98,7 +94,7 @@ def _build(d: dict) -> nn.Module:
     if t == "conv2d":
         return _make_conv(d)
     if t == "lowrank":
-        return nn.Sequential(OrderedDict([("basis", _make_conv(d["basis"])), ("coeff", _make_conv(d["coeff"]))]))
+        return LowRankConv2d(_make_conv(d["basis"]), _make_conv(d["coeff"]))
     if t == "masked_conv2d":
         return MaskedConv2d(d["in"], d["out"], tuple(d["kernel"]), stride=tuple(d["stride"]),
                             padding=tuple(d["padding"]), dilation=tuple(d["dilation"]), bias=d["bias"])

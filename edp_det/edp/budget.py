@@ -41,6 +41,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from edp_det.ops import adapter
 from edp_det.ops.block import CompressedAwareConv2d
 from edp_det.edp.decompose import iter_blocks
 from edp_det.ops.graph import build_channel_graph, get_submodule, unwrap_model
@@ -95,19 +96,11 @@ def check_layer_weights(layer_weights, known_names) -> dict[str, float]:
 def scope_prefixes(model: nn.Module) -> list[str]:
     """Module-name prefixes whose FLOPs a ``flops_target`` refers to.
 
-    Classifier: the whole model (``""``). Detector: ``backbone.body``; plus ``backbone.fpn`` and ``rpn`` when
-    those were decomposed too (``compress.scope: detector``).
+    Classifier: the whole model (``""``). Detector: its ResNet body; plus the FPN and the RPN when those were
+    decomposed too (``compress.scope: detector``); see :func:`edp_det.ops.adapter.scope_prefixes`.
     """
     model = unwrap_model(model)
-    if not (hasattr(model, "backbone") and hasattr(model, "rpn")):
-        return [""]
-    names = [n for n, _ in iter_blocks(model)]
-    prefixes = ["backbone.body"]
-    if any(n.startswith("backbone.fpn.") for n in names):
-        prefixes.append("backbone.fpn")
-    if any(n.startswith("rpn.") for n in names):
-        prefixes.append("rpn")
-    return prefixes
+    return adapter.scope_prefixes(model, (n for n, _ in iter_blocks(model)))
 
 
 @dataclass
@@ -385,7 +378,7 @@ def structure_from_model(model: nn.Module, input_size=None, example_inputs=None,
     blocks = list(iter_blocks(root))
     if not blocks:
         raise ValueError("model was never decomposed (no CompressedAwareConv2d): call edp_det.edp.decompose first")
-    scope = "detector" if any(n.startswith(("backbone.fpn.", "rpn.")) for n, _ in blocks) else "backbone"
+    scope = adapter.scope_of(root, [n for n, _ in blocks])
     try:
         graph = build_channel_graph(root, scope=scope)
         nodes = graph.nodes
@@ -418,13 +411,10 @@ def structure_from_model(model: nn.Module, input_size=None, example_inputs=None,
     other = original = None
     if report is not None:
         prefixes = scope_prefixes(root)
-        in_scope = [m for m in report.modules if any(_under(m.name, p) for p in prefixes)]
+        in_scope = [m for m in report.modules if adapter.in_scope(m.name, prefixes)]
         other = sum(m.flops for m in in_scope if m.kind != "edp_block")
         original = sum(m.orig_flops if m.orig_flops is not None else m.flops for m in in_scope)
     s = Structure(root, layers, other, original)
     s.refresh()
     return s
 
-
-def _under(name: str, prefix: str) -> bool:
-    return not prefix or name == prefix or name.startswith(prefix + ".")

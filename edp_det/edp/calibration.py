@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from edp_det.ops.adapter import body_input, body_of, is_detector
 from edp_det.runtime.distributed import all_reduce_mean
 
 logger = logging.getLogger(__name__)
@@ -27,14 +28,13 @@ def forward_batch(model: nn.Module, batch, device, *, body_only: bool = False) -
 
     ``batch`` is what the task's loader yields: ``(images, targets)`` with ``images`` a list of (3, H, W) float
     tensors (detection) or an (N, 3, H, W) tensor (classification), or the images alone. ``body_only=True`` runs a
-    detector only through its transform and ``backbone.body`` (enough when only body layers are observed).
+    detector only through its transform and its ResNet body (enough when only body layers are observed).
     """
     images = batch[0] if isinstance(batch, (list, tuple)) else batch
     if isinstance(images, (list, tuple)):
         images = [im.to(device) for im in images]
-        if body_only and hasattr(model, "transform") and hasattr(model, "backbone"):
-            image_list, _ = model.transform(images)
-            getattr(model.backbone, "body", model.backbone)(image_list.tensors)
+        if body_only and is_detector(model):
+            body_of(model)(body_input(model, images))
         else:
             model(images)
     else:

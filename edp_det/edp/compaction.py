@@ -43,7 +43,7 @@ from torch import nn
 from edp_det.ops.block import CompressedAwareConv2d
 from edp_det.edp.budget import structure_from_model
 from edp_det.ops.graph import set_submodule, unwrap_model
-from edp_det.edp.pruning import _kept, _slice_norm
+from edp_det.ops.surgery import kept_indices, remap_optimizer, select, slice_norm
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ def compact_zero_groups(model: nn.Module, optimizer: torch.optim.Optimizer | Non
         # hooks registered on a block would be lost silently with the replaced module: refuse up front
         if l.block._forward_hooks or l.block._forward_pre_hooks or l.block._backward_hooks:
             raise ValueError(f"{l.name!r} has hooks registered; remove them before compact_zero_groups")
-    rows = [_kept(l.row_live) for l in struct.layers]
+    rows = [kept_indices(l.row_live) for l in struct.layers]
     full_rows = [len(rows[i]) == l.block.out_channels for i, l in enumerate(struct.layers)]
     old_names = {id(p): n for n, p in root.named_parameters()}
     remap: dict[int, tuple[torch.Tensor, list]] = {}   # id(old param) -> (new param, index per dim)
@@ -109,7 +109,7 @@ def compact_zero_groups(model: nn.Module, optimizer: torch.optim.Optimizer | Non
             in_idx = rows[l.producer]
         else:
             in_idx = None
-        col_idx = _kept(l.col_live)
+        col_idx = kept_indices(l.col_live)
         row_idx = rows[i] if not full_rows[i] else None
         ci = b.in_channels if in_idx is None else len(in_idx)
         r = len(col_idx)
@@ -125,8 +125,8 @@ def compact_zero_groups(model: nn.Module, optimizer: torch.optim.Optimizer | Non
         new.norm_name = b.norm_name
         new.to(device=dev, dtype=b.coeff.weight.dtype)
         new.train(b.training)
-        new.basis.weight.copy_(b.basis.weight.index_select(0, col_idx).index_select(1, all_in))
-        new.coeff.weight.copy_(b.coeff.weight.index_select(0, all_out).index_select(1, col_idx))
+        new.basis.weight.copy_(select(b.basis.weight, col_idx, all_in))
+        new.coeff.weight.copy_(select(b.coeff.weight, all_out, col_idx))
         new.basis.weight.requires_grad_(b.basis.weight.requires_grad)
         new.coeff.weight.requires_grad_(b.coeff.weight.requires_grad)
         remap[id(b.basis.weight)] = (new.basis.weight, [col_idx, all_in])
@@ -137,9 +137,7 @@ def compact_zero_groups(model: nn.Module, optimizer: torch.optim.Optimizer | Non
             remap[id(b.coeff.bias)] = (new.coeff.bias, [all_out])
         set_submodule(root, l.name, new)
         if row_idx is not None and l.norm is not None and b.norm_name is not None:
-            if not isinstance(l.norm, nn.BatchNorm2d):
-                raise TypeError(f"cannot slice normalisation layer {b.norm_name!r} of type {type(l.norm).__name__}")
-            new_norm = _slice_norm(l.norm, row_idx)
+            new_norm = slice_norm(l.norm, row_idx, name=b.norm_name)
             if l.norm.affine:
                 remap[id(l.norm.weight)] = (new_norm.weight, [row_idx])
                 remap[id(l.norm.bias)] = (new_norm.bias, [row_idx])
@@ -154,7 +152,7 @@ def compact_zero_groups(model: nn.Module, optimizer: torch.optim.Optimizer | Non
     for old_id, (new_p, idx) in remap.items():
         report.param_map[new_names[id(new_p)]] = (old_names[old_id], idx)
     if optimizer is not None:
-        _remap_optimizer(optimizer, remap)
+        remap_optimizer(optimizer, remap)
     if regularizer is not None:
         from edp_det.edp.regularizer import EDPRegularizer
 
@@ -165,27 +163,3 @@ def compact_zero_groups(model: nn.Module, optimizer: torch.optim.Optimizer | Non
     report.params_after = sum(p.numel() for p in root.parameters())
     logger.info("%s", report.summary())
     return report
-
-
-def _remap_optimizer(optimizer: torch.optim.Optimizer, remap: dict) -> None:
-    """Swap old parameters for new ones in ``optimizer`` and slice their per-parameter state."""
-    for group in optimizer.param_groups:
-        params = group["params"]
-        for k, p in enumerate(params):
-            hit = remap.get(id(p))
-            if hit is None:
-                continue
-            new_p, idx = hit
-            params[k] = new_p
-            st = optimizer.state.pop(p, None)
-            if not st:
-                continue
-            new_st = {}
-            for key, v in st.items():
-                if isinstance(v, torch.Tensor) and v.shape == p.shape and v.dim() > 0:
-                    for d, ix in enumerate(idx):
-                        v = v.index_select(d, ix.to(v.device))
-                    new_st[key] = v.clone()
-                else:
-                    new_st[key] = v.clone() if isinstance(v, torch.Tensor) else v
-            optimizer.state[new_p] = new_st

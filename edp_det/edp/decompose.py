@@ -12,7 +12,7 @@ from edp_det.ops.graph import build_channel_graph, get_submodule, set_submodule,
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["decompose", "iter_blocks", "is_decomposed"]
+__all__ = ["decompose", "iter_blocks", "is_decomposed", "fold_frozen_bn_into_block"]
 
 
 def iter_blocks(model: nn.Module):
@@ -26,7 +26,7 @@ def is_decomposed(model: nn.Module) -> bool:
     return any(True for _ in iter_blocks(model))
 
 
-def _fold_frozen_bn(block: CompressedAwareConv2d, bn: FrozenBatchNorm2d) -> None:
+def fold_frozen_bn_into_block(block: CompressedAwareConv2d, bn: FrozenBatchNorm2d) -> None:
     """Fold a FrozenBatchNorm2d (a fixed per-channel affine map) into β and the bias of ``block``.
 
     ``y = x·s + t`` with ``s = w / sqrt(rv + eps)`` and ``t = b − rm·s``; afterwards the BN is an Identity, and
@@ -54,7 +54,7 @@ def decompose(model: nn.Module, *, channel_prune="auto", init: str = "svd", scop
     """Decompose, in place, every conv of a supported model into a compressed-aware block; returns ``model``.
 
     Args:
-        model: a torchvision ResNet classifier, or a torchvision Faster R-CNN (its ``backbone.body`` is found
+        model: a torchvision ResNet classifier, or a torchvision Faster R-CNN (its ResNet body is found
             automatically). May be wrapped in DDP.
         channel_prune: ``"auto"``/``True`` — row pruning (λ2) on convs whose output channels are free (see
             :mod:`edp_det.ops.graph`); ``False``/``"none"`` — low-rank only everywhere.
@@ -85,7 +85,7 @@ def decompose(model: nn.Module, *, channel_prune="auto", init: str = "svd", scop
         block.forward_mode = forward_mode
         norm = get_submodule(root, node.norm) if node.norm else None
         if isinstance(norm, FrozenBatchNorm2d) and fold_frozen_bn:
-            _fold_frozen_bn(block, norm)
+            fold_frozen_bn_into_block(block, norm)
             set_submodule(root, node.norm, nn.Identity())
             norm = None
         if prunable and norm is not None:

@@ -1,10 +1,10 @@
 """Pruning & Merging (PM, §III-C): remove zero groups exactly, then merge θ'∘β into one conv where eq. (14) says
 the merged conv costs no more.
 
-After PM the model holds only ordinary modules: ``nn.Conv2d`` where merged, else an
-``nn.Sequential(basis=Conv2d k×k, coeff=Conv2d 1×1)``; norm layers are sliced to the surviving channels; the
-consumers of a pruned channel lose the matching input channels (for the stem: both ``layer1.0.conv1`` and
-``layer1.0.downsample.0``). Nothing masked, no zeros kept.
+After PM the model holds only ordinary modules: ``nn.Conv2d`` where merged, else a
+:class:`~edp_det.ops.surgery.LowRankConv2d` (``basis`` Conv2d k×k, ``coeff`` Conv2d 1×1); norm layers are
+sliced to the surviving channels; the consumers of a pruned channel lose the matching input channels (for the
+stem: both ``layer1.0.conv1`` and ``layer1.0.downsample.0``). Nothing masked, no zeros kept.
 
 Exactness: a removed column has a zero β column (or a θ' filter that is zero on live inputs); a removed row group
 is exactly zero (β row, bias, norm γ and β all zero — the output channel is exactly 0 in train and eval mode) or is
@@ -14,20 +14,22 @@ the rounding of the merged product (computed in float64).
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from edp_det.edp.budget import (BudgetError, Structure, _under, check_layer_weights, check_max_layer_cut, check_rank_layers,
+from edp_det.edp.budget import (BudgetError, Structure, check_layer_weights, check_max_layer_cut, check_rank_layers,
                      structure_from_model)
+from edp_det.ops import adapter
 from edp_det.ops.flops import count_flops
 from edp_det.ops.graph import set_submodule, unwrap_model
+from edp_det.ops.surgery import LowRankConv2d, kept_indices, merged_conv, select, slice_conv, slice_norm, \
+    slice_param_state
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["prune_and_merge", "PMReport", "LayerChange", "transfer_optimizer_state"]
+__all__ = ["prune_and_merge", "PMReport", "LayerChange", "transfer_optimizer_state", "apply_structure"]
 
 
 @dataclass
@@ -44,7 +46,7 @@ class LayerChange:
 @dataclass
 class PMReport:
     """What PM did. FLOPs are per image at ``input_size`` and refer to the compression scope
-    (classifier: whole model; detector: ``backbone.body`` [+ FPN + RPN head with scope=detector])."""
+    (classifier: whole model; detector: the ResNet body [+ FPN + RPN head with scope=detector])."""
 
     layers: list[LayerChange] = field(default_factory=list)
     params_before: int = 0             # whole model, decomposed, before PM
@@ -88,34 +90,6 @@ class PMReport:
                      f"R_FLOPs requested {req}, achieved {self.achieved_r_flops:.1%} "
                      f"(zero groups alone: {self.r_flops_from_zero_groups:.1%})")
         return "\n".join(lines)
-
-
-def _conv_like(ref: torch.Tensor, c_in: int, c_out: int, kernel, stride, padding, dilation, bias: bool) -> nn.Conv2d:
-    return nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=padding, dilation=dilation, bias=bias).to(
-        device=ref.device, dtype=ref.dtype)
-
-
-def _slice_norm(norm: nn.Module, keep: torch.Tensor) -> nn.Module:
-    """A BatchNorm2d holding only the channels in ``keep`` (a bool mask or an index tensor)."""
-    n = int(keep.sum()) if keep.dtype == torch.bool else len(keep)
-    if isinstance(norm, nn.BatchNorm2d):
-        new = nn.BatchNorm2d(n, eps=norm.eps, momentum=norm.momentum, affine=norm.affine,
-                             track_running_stats=norm.track_running_stats)
-        ref = norm.weight if norm.affine else norm.running_mean
-        new.to(device=ref.device, dtype=ref.dtype)
-        with torch.no_grad():
-            if norm.affine:
-                new.weight.copy_(norm.weight[keep])
-                new.bias.copy_(norm.bias[keep])
-                new.weight.requires_grad_(norm.weight.requires_grad)
-                new.bias.requires_grad_(norm.bias.requires_grad)
-            if norm.track_running_stats:
-                new.running_mean.copy_(norm.running_mean[keep])
-                new.running_var.copy_(norm.running_var[keep])
-                new.num_batches_tracked.copy_(norm.num_batches_tracked)
-        new.train(norm.training)
-        return new
-    raise TypeError(f"cannot slice normalisation layer of type {type(norm).__name__}")
 
 
 def prune_and_merge(model: nn.Module, flops_target: float | None = None, input_size=(3, 224, 224),
@@ -187,11 +161,11 @@ def prune_and_merge(model: nn.Module, flops_target: float | None = None, input_s
         orig_params_delta += b.orig_in_channels * b.orig_out_channels * l.kk + (
             b.coeff.bias.numel() if b.coeff.bias is not None else 0) - sum(p.numel() for p in b.parameters())
     report.params_original = report.params_before + orig_params_delta
-    _apply(root, struct, report, merge)
+    apply_structure(root, struct, report, merge)
     after = count_flops(root, input_size=input_size, example_inputs=example_inputs)
-    prefixes = scope_prefixes_after(root, struct)
+    prefixes = adapter.scope_prefixes(root, [l.name for l in struct.layers])
     report.params_after = after.params
-    report.flops_after = sum(m.flops for m in after.modules if any(_under(m.name, p) for p in prefixes))
+    report.flops_after = sum(m.flops for m in after.modules if adapter.in_scope(m.name, prefixes))
     report.achieved_r_flops = 1 - report.flops_after / report.flops_original
     for lc in report.layers:
         try:
@@ -204,67 +178,37 @@ def prune_and_merge(model: nn.Module, flops_target: float | None = None, input_s
     return report
 
 
-def scope_prefixes_after(root: nn.Module, struct: Structure) -> list[str]:
-    if not (hasattr(root, "backbone") and hasattr(root, "rpn")):
-        return [""]
-    prefixes = ["backbone.body"]
-    names = [l.name for l in struct.layers]
-    if any(n.startswith("backbone.fpn.") for n in names):
-        prefixes.append("backbone.fpn")
-    if any(n.startswith("rpn.") for n in names):
-        prefixes.append("rpn")
-    return prefixes
-
-
-def _kept(mask: torch.Tensor) -> torch.Tensor:
-    """Indices of live entries; a fully dead dimension keeps its first entry (all-zero, so still exact), because
-    torch convolutions cannot have zero output channels."""
-    idx = torch.nonzero(mask).flatten()
-    return idx if idx.numel() else torch.zeros(1, dtype=torch.long, device=mask.device)
-
-
 @torch.no_grad()
-def _apply(root: nn.Module, struct: Structure, report: PMReport, merge: str) -> None:
-    rows = [_kept(l.row_live) for l in struct.layers]
+def apply_structure(root: nn.Module, struct: Structure, report: PMReport, merge: str = "eq14") -> None:
+    """PM's surgery: replace every block of ``struct`` by its live part (dead rank columns, row groups and the
+    consumers' matching input channels removed, norm layers sliced), merged into one conv where ``merge="eq14"``
+    says it costs no more; in place. Appends a :class:`LayerChange` per block and fills ``report.param_map``."""
+    rows = [kept_indices(l.row_live) for l in struct.layers]
     for i, l in enumerate(struct.layers):
         b = l.block
         before = (b.in_channels, b.rank, b.out_channels)
         in_idx = rows[l.producer] if l.producer is not None else torch.arange(b.in_channels, device=rows[i].device)
-        col_idx, row_idx = _kept(l.col_live), rows[i]
+        col_idx, row_idx = kept_indices(l.col_live), rows[i]
         ci, r, co = len(in_idx), len(col_idx), len(row_idx)
         kh, kw = b.kernel_size
-        theta = b.basis.weight.index_select(0, col_idx).index_select(1, in_idx)   # (r, ci, kh, kw)
-        beta = b.coeff.weight.index_select(0, row_idx).index_select(1, col_idx)   # (co, r, 1, 1)
-        bias = b.coeff.bias[row_idx] if b.coeff.bias is not None else None
         do_merge = merge == "eq14" and ci * co * kh * kw <= r * (ci * kh * kw + co)
         grad = b.coeff.weight.requires_grad
-        bs = b.basis
         if do_merge:
-            new = _conv_like(bs.weight, ci, co, (kh, kw), bs.stride, bs.padding, bs.dilation, bias is not None)
-            w = (beta.reshape(co, r).double() @ theta.reshape(r, -1).double()).view(co, ci, kh, kw)
-            new.weight.copy_(w.to(new.weight.dtype))
-            if bias is not None:
-                new.bias.copy_(bias)
-            new.requires_grad_(grad)
+            bias = b.coeff.bias[row_idx] if b.coeff.bias is not None else None
+            new = merged_conv(select(b.basis.weight, col_idx, in_idx), select(b.coeff.weight, row_idx, col_idx),
+                              bias, b.basis, grad)
         else:
-            basis = _conv_like(bs.weight, ci, r, (kh, kw), bs.stride, bs.padding, bs.dilation, False)
-            basis.weight.copy_(theta)
-            coeff = _conv_like(bs.weight, r, co, 1, 1, 0, 1, bias is not None)
-            coeff.weight.copy_(beta)
-            if bias is not None:
-                coeff.bias.copy_(bias)
-            basis.requires_grad_(grad)
-            coeff.requires_grad_(grad)
-            new = nn.Sequential(OrderedDict([("basis", basis), ("coeff", coeff)]))
+            new = LowRankConv2d(slice_conv(b.basis, col_idx, in_idx, grad),
+                                slice_conv(b.coeff, row_idx, col_idx, grad))
             report.param_map[f"{l.name}.basis.weight"] = (f"{l.name}.basis.weight", [col_idx, in_idx])
             report.param_map[f"{l.name}.coeff.weight"] = (f"{l.name}.coeff.weight", [row_idx, col_idx])
-            if bias is not None:
+            if b.coeff.bias is not None:
                 report.param_map[f"{l.name}.coeff.bias"] = (f"{l.name}.coeff.bias", [row_idx])
         set_submodule(root, l.name, new)
         if l.norm is not None and b.norm_name is not None:
             keep = torch.zeros(b.out_channels, dtype=torch.bool, device=row_idx.device)
             keep[row_idx] = True
-            set_submodule(root, b.norm_name, _slice_norm(l.norm, keep))
+            set_submodule(root, b.norm_name, slice_norm(l.norm, keep))
             if l.norm.affine:
                 for p in ("weight", "bias"):
                     report.param_map[f"{b.norm_name}.{p}"] = (f"{b.norm_name}.{p}", [row_idx])
@@ -295,15 +239,7 @@ def transfer_optimizer_state(old_state: dict, old_names: dict, new_model: nn.Mod
         st = old_state.get(old_p) if old_p is not None else None
         if not st:
             continue
-        new_st = {}
-        for k, v in st.items():
-            if isinstance(v, torch.Tensor) and old_p is not None and v.shape == old_p.shape:
-                if idx is not None:
-                    for d, ix in enumerate(idx):
-                        v = v.index_select(d, ix.to(v.device))
-                new_st[k] = v.clone()
-            else:
-                new_st[k] = v.clone() if isinstance(v, torch.Tensor) else v
+        new_st = slice_param_state(st, old_p.shape, idx)
         if all(not isinstance(v, torch.Tensor) or v.shape == p.shape or v.dim() == 0 for v in new_st.values()):
             new_optimizer.state[p] = new_st
             carried += 1

@@ -30,7 +30,7 @@ from torch import nn
 from edp_det.edp.decompose import iter_blocks
 from edp_det.ops.graph import get_submodule, unwrap_model
 
-__all__ = ["EDPRegularizer", "LayerStats"]
+__all__ = ["EDPRegularizer", "LayerStats", "zero_momentum"]
 
 
 @dataclass
@@ -235,7 +235,9 @@ def _shrink(norms: torch.Tensor, thresh) -> torch.Tensor:
                        torch.zeros_like(norms))
 
 
-def _zero_momentum(state, param: torch.Tensor, dead_mask: torch.Tensor) -> None:
+def zero_momentum(state, param: torch.Tensor, dead_mask: torch.Tensor) -> None:
+    """Zero the momentum (SGD ``momentum_buffer``, Adam ``exp_avg``) of ``param`` in optimizer ``state`` where
+    ``dead_mask`` (broadcastable to the parameter) is True."""
     st = state.get(param)
     if not st:
         return
@@ -249,7 +251,7 @@ def _zero_momentum_groups(state, param: torch.Tensor, dim: int, dead: torch.Tens
     """Zero the optimizer buffers of ``param`` at the dead indices of dimension ``dim`` (``dead``: bool vector).
 
     On CPU only the dead slices are written (usually none: checking is free there); elsewhere a sync-free
-    full-buffer ``masked_fill_`` as in :func:`_zero_momentum`."""
+    full-buffer ``masked_fill_`` as in :func:`zero_momentum`."""
     st = state.get(param)
     if not st:
         return
@@ -264,4 +266,4 @@ def _zero_momentum_groups(state, param: torch.Tensor, dim: int, dead: torch.Tens
         return
     shape = [1] * param.dim()
     shape[dim] = -1
-    _zero_momentum(state, param, dead.view(shape))
+    zero_momentum(state, param, dead.view(shape))

@@ -22,6 +22,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from edp_det.ops.adapter import short_body_name
 from edp_det.runtime.config import load_config
 from edp_det.runtime.defaults import defaults_for
 from edp_det.runtime.logs import read_metrics
@@ -282,7 +283,7 @@ def plot_map_vs_flops(runs: dict[str, RunRecord], path) -> Path | None:
 
 
 def _short(name: str) -> str:
-    s = name.replace("backbone.body.", "").replace("layer", "L").replace("downsample.0", "ds").replace("conv", "c")
+    s = short_body_name(name).replace("layer", "L").replace("downsample.0", "ds").replace("conv", "c")
     return s
 
 

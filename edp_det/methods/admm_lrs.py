@@ -39,9 +39,9 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from edp_det.ops.block import _balanced_svd_factors
+from edp_det.ops.block import balanced_svd_factors
 from edp_det.edp.calibration import forward_batch
-from edp_det.edp.budget import _under
+from edp_det.ops.adapter import in_scope
 from edp_det.ops.graph import build_channel_graph, get_submodule, unwrap_model
 from edp_det.methods.common import PrunePointMethod
 from edp_det.methods.lrs import (MaskedFineTuneMixin, allocate_lowrank_sparse, finalize_lowrank_sparse, layer_entry,
@@ -102,7 +102,7 @@ def admm_lowrank_sparse(w: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: to
         from the previous right singular subspace ``v`` (n × r). Returns (β, θ, v) with L = β θ."""
         ak = l0 @ k_chol
         if v is None:
-            bl, tl = _balanced_svd_factors(ak, rank)
+            bl, tl = balanced_svd_factors(ak, rank)
             v = torch.linalg.qr(tl.to(dt).T).Q
         else:
             for _ in range(2):
@@ -223,7 +223,7 @@ class ADMMLRSMethod(MaskedFineTuneMixin, PrunePointMethod):
         rep, prefixes, _ = scope_flops(root, input_size)
         recs = {m.name: m for m in rep.modules}
         names = [n.name for n in graph if n.name in self._x]
-        other = sum(m.flops for m in rep.modules if any(_under(m.name, p) for p in prefixes) and m.name not in names)
+        other = sum(m.flops for m in rep.modules if in_scope(m.name, prefixes) and m.name not in names)
         infos = []
         orig = other
         for name in names:

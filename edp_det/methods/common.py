@@ -186,11 +186,11 @@ def channel_prune_to_target(model: nn.Module, scores: dict[str, torch.Tensor], f
 def refactor_blocks_svd(model: nn.Module) -> None:
     """Re-factorise every CompressedAwareConv2d as the balanced SVD of its *effective* kernel (after a folded
     FrozenBatchNorm2d scaled β's rows, β's columns are no longer singular directions of what the block computes)."""
-    from edp_det.ops.block import _balanced_svd_factors
+    from edp_det.ops.block import balanced_svd_factors
 
     for _, b in iter_blocks(model):
         w = b.effective_weight().detach().reshape(b.out_channels, -1)
-        beta, theta = _balanced_svd_factors(w, b.rank)
+        beta, theta = balanced_svd_factors(w, b.rank)
         b.coeff.weight.copy_(beta.to(b.coeff.weight.dtype).view_as(b.coeff.weight))
         b.basis.weight.copy_(theta.to(b.basis.weight.dtype).view_as(b.basis.weight))
 
@@ -208,7 +208,7 @@ def rank_truncate_to_target(model: nn.Module, flops_target: float, input_size, s
 
     Score of singular direction j of a layer: the fraction of the layer's energy that truncating at j loses,
     ``Σ_{k≥j} σ_k² / Σ_k σ_k²`` — removing directions in ascending score is a global per-layer energy threshold.
-    Each layer ends as one conv (where the rank left does not pay, eq. 14) or ``Sequential(basis, coeff)``.
+    Each layer ends as one conv (where the rank left does not pay, eq. 14) or ``LowRankConv2d(basis, coeff)``.
     """
     root = unwrap_model(model)
     decompose(root, channel_prune=False, init="svd", scope=scope, forward_mode="auto")

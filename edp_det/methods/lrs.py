@@ -30,11 +30,12 @@ import math
 import torch
 from torch import nn
 
-from edp_det.edp.budget import _under, scope_prefixes
+from edp_det.edp.budget import scope_prefixes
+from edp_det.ops.adapter import in_scope
 from edp_det.ops.flops import count_flops
 from edp_det.ops.graph import build_channel_graph, get_submodule, set_submodule, unwrap_model
 from edp_det.ops.layers import LowRankSparseConv2d
-from edp_det.edp.regularizer import _zero_momentum
+from edp_det.edp.regularizer import zero_momentum
 from edp_det.methods.common import PrunePointMethod
 
 logger = logging.getLogger(__name__)
@@ -122,7 +123,7 @@ def scope_flops(model, input_size) -> tuple[object, list[str], int]:
     """(FlopsReport, scope prefixes, scope FLOPs) of ``model`` at ``input_size``."""
     rep = count_flops(model, input_size=input_size)
     prefixes = scope_prefixes(model)
-    total = sum(m.flops for m in rep.modules if any(_under(m.name, p) for p in prefixes))
+    total = sum(m.flops for m in rep.modules if in_scope(m.name, prefixes))
     return rep, prefixes, total
 
 
@@ -230,7 +231,7 @@ class LRSMethod(MaskedFineTuneMixin, PrunePointMethod):
             s = m.sparse.weight
             s.copy_(torch.sign(s) * (s.abs() - t).clamp_min(0))
             if state is not None:
-                _zero_momentum(state, s, s == 0)
+                zero_momentum(state, s, s == 0)
 
     @torch.no_grad()
     def epoch_stats(self, model, input_size) -> dict:
@@ -270,15 +271,15 @@ class LRSMethod(MaskedFineTuneMixin, PrunePointMethod):
         other = 0
         lrs_names = {n for n, _ in mods}
         for m in rep.modules:
-            if any(_under(m.name, p) for p in prefixes) and m.name not in lrs_names:
+            if in_scope(m.name, prefixes) and m.name not in lrs_names:
                 other += m.flops
         orig = other
-        from edp_det.ops.block import _balanced_svd_factors
+        from edp_det.ops.block import balanced_svd_factors
         for name, m in mods:
             kk = m.kernel_size[0] * m.kernel_size[1]
             pos = recs[name].positions
             w_lr = m.lowrank_weight().detach().reshape(m.out_channels, -1).double()
-            beta, theta = _balanced_svd_factors(w_lr, m.rank)          # columns by singular value
+            beta, theta = balanced_svd_factors(w_lr, m.rank)          # columns by singular value
             s2 = (beta.norm(dim=0) * theta.norm(dim=1)).pow(2)
             s = (m.sparse.weight.detach() * m.sparse.mask).double().flatten()
             live = torch.nonzero(m.sparse.mask.flatten()).flatten()
@@ -324,7 +325,7 @@ def lowrank_sparse_report(root, input_size, method: str, target: float, layers: 
     rep, prefixes, flops_after = scope_flops(root, input_size)
     dense_exec = 0
     for m in rep.modules:
-        if not any(_under(m.name, p) for p in prefixes):
+        if not in_scope(m.name, prefixes):
             continue
         mod = root.get_submodule(m.name)
         if isinstance(mod, LowRankSparseConv2d):

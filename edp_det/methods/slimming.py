@@ -27,7 +27,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from edp_det.ops.graph import build_channel_graph, get_submodule, set_submodule, unwrap_model
 from edp_det.ops.layers import FixedStatBatchNorm2d
-from edp_det.edp.regularizer import _zero_momentum
+from edp_det.edp.regularizer import zero_momentum
 from edp_det.methods.common import PrunePointMethod, channel_prune_to_target, pm_report_dict
 
 
@@ -79,7 +79,7 @@ class SlimmingMethod(PrunePointMethod):
         for g in self.gammas:
             g.copy_(torch.sign(g) * (g.abs() - t).clamp_min(0))
             if state is not None:
-                _zero_momentum(state, g, g == 0)
+                zero_momentum(state, g, g == 0)
 
     def epoch_stats(self, model, input_size) -> dict:
         if self.pruned:

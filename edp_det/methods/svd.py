@@ -1,7 +1,7 @@
 """``svd`` — low-rank approximation by truncated SVD (the "SVD" baseline of the paper's Fig. 4/5).
 
 Schedule: train normally for ``compress.epoch_es`` epochs; at the prune point every conv in ``compress.scope``
-(default the backbone body) is replaced by its truncated SVD — two convs ``Sequential(basis k×k → r, coeff 1×1 →
+(default the backbone body) is replaced by its truncated SVD — two convs ``LowRankConv2d(basis k×k → r, coeff 1×1 →
 c_out)`` — with the ranks chosen globally by energy: singular directions are dropped in ascending order of the
 share of their layer's energy that truncating there loses (``Σ_{k≥j} σ_k² / Σ σ_k²``), i.e. one energy threshold
 for all layers, until the FLOPs cut reaches ``compress.flops_target``. A layer whose remaining rank does not pay

@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 FORWARD_MODES = ("auto", "two_conv", "effective")
 
 
-def _balanced_svd_factors(w2d: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+def balanced_svd_factors(w2d: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``β = U_r √S_r`` ``(c_out, r)`` and ``θ' = √S_r V_rᵀ`` ``(r, n)`` of ``w2d = U S Vᵀ``, in float64.
 
     Computed from the symmetric eigendecomposition of the smaller Gram matrix (``W Wᵀ`` or ``Wᵀ W``) rather than a
@@ -149,7 +149,7 @@ class CompressedAwareConv2d(LowRankShapes, nn.Module):
                 if init == "identity":
                     logger.debug("identity init impossible for %s (c_out=%d > c_in·k·k=%d); using svd",
                                  tuple(conv.weight.shape), c_out, c_in * kh * kw)
-                beta, theta = _balanced_svd_factors(w2d, r)
+                beta, theta = balanced_svd_factors(w2d, r)
                 block.coeff.weight.copy_(beta.to(w2d.dtype).view(c_out, r, 1, 1))
                 block.basis.weight.copy_(theta.to(w2d.dtype).view(r, c_in, kh, kw))
             if conv.bias is not None:

@@ -9,8 +9,8 @@ unit, ``2 · macs_per_position() · output positions`` (only its non-zero sparse
 Counting runs one forward pass with hooks on a zero input of ``input_size = (C, H, W)`` (batch 1) in the model's
 dtype and on its device. For a torchvision detector, ``input_size`` is the size of the image *as the network sees
 it* (after ``model.transform``'s resize); the pass runs backbone body → FPN → RPN head → ROI box head on
-``rpn.post_nms_top_n`` (testing) proposals, and FLOPs are reported per part: ``backbone.body``, ``backbone.fpn``,
-``rpn`` and ``roi_heads``.
+``rpn.post_nms_top_n`` (testing) proposals, and FLOPs are reported per part
+(:data:`edp_det.ops.adapter.DETECTOR_PARTS`: the ResNet body, the FPN, the RPN and the ROI heads).
 """
 from __future__ import annotations
 
@@ -19,13 +19,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from edp_det.ops.adapter import DETECTOR_PARTS, is_detector, under, unwrap_model
 from edp_det.ops.block import CompressedAwareConv2d
-from edp_det.ops.graph import unwrap_model
 
 __all__ = ["count_flops", "FlopsReport", "ModuleFlops", "DETECTOR_PARTS"]
-
-DETECTOR_PARTS = ("backbone.body", "backbone.fpn", "rpn", "roi_heads")
-
 
 @dataclass
 class ModuleFlops:
@@ -61,12 +58,12 @@ class FlopsReport:
 
     def flops_under(self, prefix: str = "") -> int:
         """FLOPs of all counted modules whose name starts with ``prefix``."""
-        return sum(m.flops for m in self.modules if _under(m.name, prefix))
+        return sum(m.flops for m in self.modules if under(m.name, prefix))
 
     def original_flops_under(self, prefix: str = "") -> int:
         """FLOPs under ``prefix`` if every CompressedAwareConv2d were still its original convolution."""
         return sum((m.orig_flops if m.orig_flops is not None else m.flops) for m in self.modules
-                   if _under(m.name, prefix))
+                   if under(m.name, prefix))
 
     def to_dict(self) -> dict:
         return {"params": self.params, "flops": self.flops, "parts": self.parts, "input_size": list(self.input_size)}
@@ -82,15 +79,6 @@ class FlopsReport:
         for part, d in self.parts.items():
             lines.append(f"  {part:<16} {d['params'] / 1e6:8.3f} M params {d['flops'] / 1e9:9.3f} GFLOPs")
         return "\n".join(lines)
-
-
-def _under(name: str, prefix: str) -> bool:
-    return not prefix or name == prefix or name.startswith(prefix + ".") or (prefix.endswith(".") and
-                                                                           name.startswith(prefix))
-
-
-def _is_detector(model: nn.Module) -> bool:
-    return all(hasattr(model, a) for a in ("backbone", "rpn", "roi_heads", "transform"))
 
 
 def _params(module: nn.Module) -> int:
@@ -151,7 +139,7 @@ def count_flops(model: nn.Module, input_size=(3, 224, 224), example_inputs=None)
     model.eval()
     try:
         with torch.no_grad():
-            if _is_detector(model) and isinstance(example_inputs, torch.Tensor):
+            if is_detector(model) and isinstance(example_inputs, torch.Tensor):
                 _run_detector(model, example_inputs)
             elif isinstance(example_inputs, tuple):
                 model(*example_inputs)
@@ -176,7 +164,7 @@ def count_flops(model: nn.Module, input_size=(3, 224, 224), example_inputs=None)
     report = FlopsReport(params=_params(model), flops=sum(m.flops for m in mods), modules=mods,
                          input_size=tuple(example_inputs.shape[1:]) if isinstance(example_inputs, torch.Tensor)
                          else ())
-    if _is_detector(model):
+    if is_detector(model):
         for part in DETECTOR_PARTS:
             try:
                 sub = model.get_submodule(part)

@@ -1,11 +1,12 @@
 """Channel graph of supported networks: which convolutions exist, which normalisation follows each, whose output
 channels are free to prune, and which convolutions consume them.
 
-Everything is addressed by qualified module name (``"backbone.body.layer1.0.conv2"``), never by position.
+Everything is addressed by qualified module name (``"layer1.0.conv2"``, in a detector prefixed with its body's
+name), never by position. Where the parts live in a detector: :mod:`edp_det.ops.adapter`.
 
 Supported:
   * torchvision ``ResNet`` classifiers (BasicBlock and Bottleneck; ResNet-18/34/50/101/152),
-  * torchvision ``FasterRCNN`` whose ``backbone.body`` is an ``IntermediateLayerGetter`` over a ResNet
+  * torchvision ``FasterRCNN`` whose backbone body is an ``IntermediateLayerGetter`` over a ResNet
     (``fasterrcnn_resnet50_fpn``, ``_v2`` and ``resnet_fpn_backbone`` bodies of any depth),
   * with ``scope="detector"`` also the FPN (inner 1×1 and layer 3×3 convs) and the RPN head conv, in low-rank mode
     (their output channels are shared across pyramid levels / by the top-down additions).
@@ -19,7 +20,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from torch import nn
-from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
+from torchvision.models.resnet import BasicBlock, Bottleneck
+
+from edp_det.ops.adapter import check_scope, find_resnet_body, scope_extra_modules, unwrap_model
 
 __all__ = ["ConvNode", "ChannelGraph", "build_channel_graph", "get_submodule", "set_submodule", "unwrap_model",
            "find_resnet_body"]
@@ -45,19 +48,12 @@ class ConvNode:
 
 @dataclass
 class ChannelGraph:
-    root_prefix: str            # "" for classifiers, "backbone.body." for detectors
+    root_prefix: str            # "" for classifiers, adapter.BODY_PREFIX for detectors
     nodes: dict[str, ConvNode]  # in forward order
     scope: str
 
     def __iter__(self):
         return iter(self.nodes.values())
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """Strip DistributedDataParallel / DataParallel wrappers."""
-    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-        model = model.module
-    return model
 
 
 def get_submodule(model: nn.Module, name: str) -> nn.Module:
@@ -74,19 +70,6 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     if not hasattr(parent, attr):
         raise ValueError(f"model has no submodule named {name!r}")
     setattr(parent, attr, module)
-
-
-def find_resnet_body(model: nn.Module) -> tuple[str, nn.Module]:
-    """Return ``(prefix, body)`` for a ResNet classifier (``""``) or a detector's ``backbone.body``."""
-    model = unwrap_model(model)
-    if isinstance(model, ResNet):
-        return "", model
-    backbone = getattr(model, "backbone", None)
-    body = getattr(backbone, "body", None)
-    if body is not None and all(hasattr(body, n) for n in ("conv1", "layer1", "layer4")):
-        return "backbone.body.", body
-    raise TypeError(f"unsupported model {type(model).__name__}: expected a torchvision ResNet or a torchvision "
-                    "detector whose backbone.body is a ResNet (e.g. fasterrcnn_resnet50_fpn)")
 
 
 def _resnet_nodes(body: nn.Module, prefix: str) -> list[ConvNode]:
@@ -151,27 +134,18 @@ def _inside_block(root: nn.Module, name: str) -> bool:
 
 def _detector_extra_nodes(model: nn.Module) -> list[ConvNode]:
     """FPN and RPN-head convs of a torchvision detector, low-rank only (outputs shared)."""
-    nodes = []
-    fpn = getattr(model.backbone, "fpn", None)
-    if fpn is not None:
-        for name in _conv_names(fpn, "backbone.fpn."):
-            nodes.append(ConvNode(name, None, False))
-    rpn_head = getattr(getattr(model, "rpn", None), "head", None)
-    if rpn_head is not None and hasattr(rpn_head, "conv"):
-        for name in _conv_names(rpn_head.conv, "rpn.head.conv."):
-            nodes.append(ConvNode(name, None, False))
-    return nodes
+    return [ConvNode(name, None, False) for prefix, module in scope_extra_modules(model)
+            for name in _conv_names(module, prefix)]
 
 
 def build_channel_graph(model: nn.Module, scope: str = "backbone") -> ChannelGraph:
     """Describe the convs EDP works on in ``model``.
 
-    ``scope="backbone"``: the ResNet (classifier) or the detector's ``backbone.body``.
+    ``scope="backbone"``: the ResNet (classifier) or the detector's ResNet body.
     ``scope="detector"``: additionally the detector's FPN and RPN head convs (low-rank only).
     Norm names refer to modules that exist (a norm folded away by ``decompose`` is an ``nn.Identity``).
     """
-    if scope not in ("backbone", "detector"):
-        raise ValueError(f"scope must be 'backbone' or 'detector', got {scope!r}")
+    check_scope(scope)
     model = unwrap_model(model)
     prefix, body = find_resnet_body(model)
     nodes = _resnet_nodes(body, prefix)

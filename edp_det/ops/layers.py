@@ -94,7 +94,7 @@ class LowRankSparseConv2d(LowRankShapes, nn.Module):
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, rank: int) -> "LowRankSparseConv2d":
         """Function-preserving: β·θ' = the rank-``rank`` truncated SVD of the conv's weight, S = the residual."""
-        from edp_det.ops.block import _balanced_svd_factors
+        from edp_det.ops.block import balanced_svd_factors
 
         if conv.groups != 1 or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
             raise TypeError("LowRankSparseConv2d supports groups=1, zero-padded convs with integer padding only")
@@ -103,7 +103,7 @@ class LowRankSparseConv2d(LowRankShapes, nn.Module):
         new = cls(c_in, c_out, rank, (kh, kw), conv.stride, conv.padding, conv.dilation, bias=conv.bias is not None)
         new.to(device=conv.weight.device, dtype=conv.weight.dtype)
         w = conv.weight.detach().reshape(c_out, -1).double()
-        beta, theta = _balanced_svd_factors(w, rank)
+        beta, theta = balanced_svd_factors(w, rank)
         with torch.no_grad():
             new.coeff.weight.copy_(beta.view(c_out, rank, 1, 1))
             new.basis.weight.copy_(theta.view(rank, c_in, kh, kw))

@@ -36,9 +36,9 @@ def load_classifier_weights(model: nn.Module, path) -> list[str]:
     ``state_dict``) into ``model``. A classifier head of another class count is dropped (``fc`` keeps its fresh
     initialisation, logged); any other shape mismatch or foreign key raises a ValueError naming the key.
     Returns the keys of ``model`` that the file did not provide."""
-    from edp_det.models import _read_state_dict
+    from edp_det.models import read_state_dict
 
-    sd = _read_state_dict(path, "model.weights")
+    sd = read_state_dict(path, "model.weights")
     own = model.state_dict()
     fc_keys = [k for k in sd if k.startswith("fc.")]
     if any(k in own and own[k].shape != sd[k].shape for k in fc_keys):

@@ -14,6 +14,7 @@ from torch import nn
 
 from edp_det.data.transforms import build_transforms
 from edp_det.data.voc import VOCDataset, collate_fn
+from edp_det.ops.adapter import BODY
 from edp_det.ops.flops import count_flops
 from edp_det.ops.graph import unwrap_model
 from edp_det.models import build_model, load_backbone_weights, load_detector_weights
@@ -144,8 +145,8 @@ class DetectionTask:
         size = self.input_size()
         rep = count_flops(model, input_size=size)
         ref = count_flops(self.original_model(), input_size=size)
-        body = rep.parts["backbone.body"]
-        body0 = ref.parts["backbone.body"]
+        body = rep.parts[BODY]
+        body0 = ref.parts[BODY]
         out = {"params": rep.params, "params_original": ref.params,
                "params_backbone": body["params"], "flops_backbone": body["flops"],
                "flops_detector": rep.flops, "flops_backbone_original": body0["flops"],

@@ -4,8 +4,8 @@
 ``model.backbone_checkpoint`` is set) accepts ``model_final.pt`` (:func:`edp_det.save_compressed` format) or a
 training checkpoint (``checkpoint_epochNNNN.pt``), and handles the three states such a classifier can be in:
 
-* ``"compressed"`` — after PM: ``nn.Conv2d`` / ``Sequential(basis, coeff)`` layers with fewer channels. The body
-  is rebuilt around the pruned structure (the classifier's architecture spec applied to ``backbone.body.*``)
+* ``"compressed"`` — after PM: ``nn.Conv2d`` / ``LowRankConv2d(basis, coeff)`` layers with fewer channels. The body
+  is rebuilt around the pruned structure (the classifier's architecture spec applied under the body's name)
   and the weights loaded. Train the detector with ``method: baseline`` (fine-tuning); it cannot be decomposed
   again.
 * ``"decomposed"`` — before PM: ``CompressedAwareConv2d`` blocks. The blocks go into the body, so detection
@@ -33,16 +33,15 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 from edp_det.ops.block import CompressedAwareConv2d
 from edp_det.runtime.checkpoint import load_checkpoint
 from edp_det.runtime.errors import CheckpointError, ConfigError
-from edp_det.ops.graph import build_channel_graph, find_resnet_body, get_submodule, set_submodule, unwrap_model
+from edp_det.ops.adapter import BODY_PREFIX, find_resnet_body
+from edp_det.ops.graph import build_channel_graph, get_submodule, set_submodule, unwrap_model
+from edp_det.ops.surgery import LowRankConv2d
 from edp_det.models import build_model
 from edp_det.deploy.serialization import FORMAT, apply_spec, architecture_spec
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["load_classifier_backbone", "read_classifier_file", "check_transfer_config"]
-
-BODY_PREFIX = "backbone.body."
-
 
 def read_classifier_file(path) -> dict:
     """``{"arch", "spec", "state_dict", "kind"}`` of a train_cls.py output (compressed file or checkpoint).
@@ -95,8 +94,8 @@ def _depth_of(name: str) -> int | None:
 def _out_channels(m: nn.Module) -> int:
     if isinstance(m, CompressedAwareConv2d):
         return m.out_channels
-    if isinstance(m, nn.Sequential) and hasattr(m, "coeff"):
-        return m.coeff.out_channels
+    if isinstance(m, LowRankConv2d):
+        return m.out_channels
     if isinstance(m, nn.Conv2d):
         return m.out_channels
     raise TypeError(f"cannot tell the output channels of a {type(m).__name__}")
@@ -124,7 +123,7 @@ def _check_fpn(detector: nn.Module, body: nn.Module, path) -> None:
 def _fold_frozen_norms(detector: nn.Module) -> int:
     """Fold every FrozenBatchNorm2d that follows a CompressedAwareConv2d of the body into the block (as
     ``decompose`` does for frozen detectors); the norm becomes Identity and the block owns the channel's affine."""
-    from edp_det.edp.decompose import _fold_frozen_bn
+    from edp_det.edp.decompose import fold_frozen_bn_into_block
 
     n = 0
     for node in build_channel_graph(detector, scope="backbone"):
@@ -133,7 +132,7 @@ def _fold_frozen_norms(detector: nn.Module) -> int:
             continue
         norm = get_submodule(detector, node.norm)
         if isinstance(norm, FrozenBatchNorm2d):
-            _fold_frozen_bn(block, norm)
+            fold_frozen_bn_into_block(block, norm)
             set_submodule(detector, node.norm, nn.Identity())
             block.norm_name = None
             n += 1
@@ -141,7 +140,7 @@ def _fold_frozen_norms(detector: nn.Module) -> int:
 
 
 def load_classifier_backbone(detector: nn.Module, path) -> dict:
-    """Put the ResNet of a train_cls.py output into ``detector.backbone.body`` (see module docstring); in place.
+    """Put the ResNet of a train_cls.py output into the detector's ResNet body (see module docstring); in place.
 
     Returns ``{"kind", "classifier", "skipped"}`` — kind ``"compressed"`` / ``"decomposed"`` / ``"plain"``, the
     classifier's registry name, and top-level body parts of the classifier the body does not hold.
@@ -151,7 +150,7 @@ def load_classifier_backbone(detector: nn.Module, path) -> dict:
     detector = unwrap_model(detector)
     prefix, body = find_resnet_body(detector)
     if prefix != BODY_PREFIX:
-        raise TypeError(f"load_classifier_backbone expects a detector with backbone.body, got "
+        raise TypeError(f"load_classifier_backbone expects a detector with a ResNet body, got "
                         f"{type(detector).__name__}")
     info = read_classifier_file(path)
     arch, spec, sd, kind = info["arch"], info["spec"], info["state_dict"], info["kind"]
