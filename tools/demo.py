@@ -23,9 +23,8 @@ def get_args_parser():
 
 
 def main(args):
-    from edp_det.runtime.config import load_config
     from edp_det.data.synthetic import make_synthetic_voc
-    from edp_det.runtime.defaults import defaults_for
+    from edp_det.harness.run_config import resolve_config
     from edp_det.train.detection import DetectionTask
     from edp_det.train.engine import Trainer
     from edp_det.runtime.logs import setup_logging
@@ -39,11 +38,10 @@ def main(args):
     metrics = {}
     cfgs = {}
     for name in ("baseline", "edp"):
-        cfg = load_config(REPO / "configs" / f"demo_synthetic_{name}.yaml",
-                          [*args.overrides, f"data.root={data}", f"device={args.device}"],
-                          defaults=defaults_for("detection"))
         run = out / name
-        cfg["output_dir"] = str(run)
+        cfg = resolve_config(REPO / "configs" / f"demo_synthetic_{name}.yaml",
+                             [*args.overrides, f"device={args.device}"], task="detection", output_dir=run,
+                             data_root=data)
         cfgs[name] = cfg
         done = run / "metrics.json"
         if not done.exists():

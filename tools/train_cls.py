@@ -1,7 +1,8 @@
 """Compress (or train a baseline) torchvision ResNet classifier on ImageFolder data with EDP (Algorithm 1).
 
     python tools/train_cls.py --config configs/imagenet_r50_edp.yaml [--data-root DIR] [--output-dir DIR]
-                              [--resume [CKPT]] [key=value ...]
+                              [--resume | --resume-from CKPT] [--print-config]
+                              [key=value ...]
 
 Data: ``DIR/train/<class>/*`` and ``DIR/val/<class>/*`` (ImageNet val sorted into class folders).
 Multi-GPU / multi-node: ``torchrun --nproc_per_node=N tools/train_cls.py ...`` (nccl on GPU, gloo on CPU);
@@ -14,7 +15,7 @@ import argparse
 import os
 
 
-from edp_det.harness.cli import add_run_args, cli_main, resolve_run_config
+from edp_det.harness.cli import add_run_args, cli_main, resolve_run_config, resume_argument
 
 
 def get_args_parser():
@@ -30,7 +31,7 @@ def main(args):
 
     cfg, out = resolve_run_config(args, "classification")
     setup_logging(out, rank=int(os.environ.get("RANK", get_rank())), level=args.log_level)
-    return Trainer(cfg, ClassificationTask(cfg), out, resume=args.resume).run()
+    return Trainer(cfg, ClassificationTask(cfg), out, resume=resume_argument(args)).run()
 
 
 if __name__ == "__main__":
