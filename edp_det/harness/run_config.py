@@ -16,10 +16,10 @@ import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from edp_det.methods import METHODS, build_method, config_schema, method_summaries
+from edp_det.methods import build_method, config_schema, method_summaries
 from edp_det.runtime.config import load_config
 from edp_det.runtime.errors import ConfigError
-from edp_det.runtime.schema import format_config, markdown_reference
+from edp_det.runtime.schema import TASKS, format_config, markdown_reference
 
 __all__ = ["resolve_config", "format_resolved_config", "config_reference"]
 
@@ -60,7 +60,7 @@ def format_resolved_config(cfg: Mapping) -> str:
 
 def config_reference() -> str:
     """Markdown reference of every config key, per task and per method (the content of docs/CONFIG.md)."""
-    return markdown_reference({name: cls.Options for name, cls in METHODS.items()}, method_summaries())
+    return markdown_reference({task: config_schema(task) for task in TASKS}, method_summaries())
 
 
 def main(argv=None) -> int:

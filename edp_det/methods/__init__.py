@@ -43,14 +43,8 @@ def config_schema(task: str) -> ConfigSchema:
 
 
 def method_summaries() -> dict[str, str]:
-    """Method name → the first line of its class docstring (or module docstring)."""
-    import sys
-
-    out = {}
-    for name, cls in METHODS.items():
-        doc = cls.__doc__ or sys.modules[cls.__module__].__doc__ or ""
-        out[name] = doc.strip().splitlines()[0] if doc.strip() else ""
-    return out
+    """Method name → its one-line summary."""
+    return {name: cls.summary for name, cls in METHODS.items()}
 
 
 __all__ = ["CompressionMethod", "METHODS", "register_method", "build_method", "config_schema", "method_summaries"]

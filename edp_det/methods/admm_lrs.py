@@ -169,6 +169,7 @@ class ADMMLRSOptions(CompressOptions):
 
 class ADMMLRSMethod(MaskedFineTuneMixin, PrunePointMethod):
     name = "admm_lrs"
+    summary = "low-rank + structured-sparse fit of layer responses by ADMM"
     Options = ADMMLRSOptions
 
     def __init__(self, compress_cfg=None, total_epochs: int = 1):

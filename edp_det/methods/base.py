@@ -43,6 +43,8 @@ class CompressionMethod:
     """
 
     name = "baseline"
+    #: one line for the config reference
+    summary = "the uncompressed network, same schedule"
     #: the options this method reads (the config's ``compress`` section)
     Options: type[CompressOptions] = CompressOptions
     #: training batches the engine hands to :meth:`calibrate` right before :meth:`prune` (0: none)

@@ -93,6 +93,7 @@ class EDPMethod(CompressionMethod):
     99 % of the backbone FLOPs, where 40 % was asked for). PM then applies the usual FLOPs-target selection."""
 
     name = "edp"
+    summary = "EDP: rank (λ1) and channel (λ2) groups jointly, then PM"
     Options = EDPOptions
     use_rank = True
     use_channel = True
@@ -244,18 +245,21 @@ class EDPMethod(CompressionMethod):
 
 class EDPRankMethod(EDPMethod):
     name = "edp_rank"
+    summary = "EDP's low-rank component only (λ2 = 0)"
     Options = EDPRankOptions
     use_channel = False
 
 
 class EDPChannelMethod(EDPMethod):
     name = "edp_channel"
+    summary = "EDP's channel-pruning component only (λ1 = 0)"
     Options = EDPChannelOptions
     use_rank = False
 
 
 class EDPSeparateMethod(EDPMethod):
     name = "edp_separate"
+    summary = "EDP's two components one after the other (rank, then channels)"
 
     def _lambdas(self, epoch: int):
         half = max(1, self.epoch_es // 2)

@@ -53,6 +53,7 @@ def l1_filter_scores(model, normalize: str = "mean") -> dict[str, torch.Tensor]:
 
 class L1FilterMethod(PrunePointMethod):
     name = "l1_filter"
+    summary = "filters pruned by L1 norm at the prune point"
     Options = L1FilterOptions
 
     def __init__(self, compress_cfg=None, total_epochs: int = 1):

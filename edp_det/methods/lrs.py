@@ -199,6 +199,7 @@ class LRSOptions(CompressOptions):
 
 class LRSMethod(MaskedFineTuneMixin, PrunePointMethod):
     name = "lrs"
+    summary = "low-rank + sparse form trained with L1 on the sparse part"
     Options = LRSOptions
     regularized = True
 

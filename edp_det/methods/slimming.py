@@ -48,6 +48,7 @@ def slimming_norms(model) -> dict[str, str]:
 
 class SlimmingMethod(PrunePointMethod):
     name = "slimming"
+    summary = "Network Slimming: L1 on norm scales γ, channels with the smallest |γ| removed"
     Options = SlimmingOptions
     regularized = True
 

@@ -20,6 +20,7 @@ from edp_det.methods.common import PrunePointMethod, pm_report_dict, rank_trunca
 
 class SVDMethod(PrunePointMethod):
     name = "svd"
+    summary = "truncated SVD with ranks chosen globally by energy"
     Options = ScopedOptions
 
     def prune(self, model, input_size) -> dict:

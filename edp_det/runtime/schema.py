@@ -265,7 +265,7 @@ def check_value(value, leaf: Leaf, dotted: str, source: str):
 class KeyHelp:
     """How to explain a key a tree does not have: plain (nearest key), or method-aware (see ConfigSchema)."""
 
-    def unknown(self, dotted: str, source: str, tree: Mapping) -> str:
+    def unknown(self, dotted: str, source: str, tree: Mapping, value=None) -> str:
         hint = suggest(dotted, tree)
         return f"{source}: unknown config key {dotted!r}" + (f" (did you mean {hint!r}?)" if hint else "")
 
@@ -299,7 +299,7 @@ def check_layer(layer: Mapping, tree: Mapping, source: str, prefix: str = "", ex
         dotted = f"{prefix}{key}"
         node = tree.get(key) if isinstance(key, str) else None
         if node is None:
-            raise ConfigError(explain.unknown(dotted, source, root))
+            raise ConfigError(explain.unknown(dotted, source, root, value))
         if node is OPEN:
             out[key] = check_value(value, node, dotted, source)
         elif isinstance(node, Mapping):
@@ -543,6 +543,13 @@ class ConfigSchema:
         return check_value(value, self.tree()["method"], "method", source)
 
 
+def _leaf_keys(mapping: Mapping, prefix: str = "") -> list[str]:
+    out = []
+    for k, v in mapping.items():
+        out.extend(_leaf_keys(v, f"{prefix}{k}.") if isinstance(v, Mapping) and v else [f"{prefix}{k}"])
+    return out
+
+
 def _renamed(tree: Mapping, prefix: str = "", base: str = "") -> dict[str, str]:
     out = {}
     for key, node in tree.items():
@@ -561,8 +568,12 @@ class _MethodKeyHelp(KeyHelp):
     def __init__(self, schema: ConfigSchema, method: str):
         self.schema, self.method = schema, method
 
-    def unknown(self, dotted: str, source: str, tree: Mapping) -> str:
+    def unknown(self, dotted: str, source: str, tree: Mapping, value=None) -> str:
         renamed = self.schema.renamed()
+        if isinstance(value, Mapping):   # a removed section: name the renamed key inside it
+            for sub in _leaf_keys(value):
+                if f"{dotted}.{sub}" in renamed:
+                    return self.unknown(f"{dotted}.{sub}", source, tree)
         if dotted in renamed:
             new = renamed[dotted]
             msg = f"{source}: config key {dotted!r} was renamed {new!r}"
@@ -574,7 +585,7 @@ class _MethodKeyHelp(KeyHelp):
             pairs = ", ".join(f"{o} → {n}" for o, n in list(moved.items())[:3])
             return f"{source}: config key {dotted!r} was removed; its keys are now options of compress ({pairs}, …)"
         if not dotted.startswith("compress."):
-            return super().unknown(dotted, source, tree)
+            return super().unknown(dotted, source, tree, value)
         owners = self.schema.owners(dotted)
         what = f"is {self._whose(dotted)}, not" if owners else "is not"
         hint = suggest(dotted, {"compress": tree["compress"]}, cutoff=0.5)
@@ -623,47 +634,54 @@ def _describe(leaf: Leaf) -> str:
     return f"{leaf.help} [{'; '.join(extra)}]" if leaf.help else f"[{'; '.join(extra)}]"
 
 
-def _md_rows(tree: Mapping, prefix: str) -> list[str]:
+def _md_rows(tree: Mapping, prefix: str, base: str = "") -> list[str]:
+    """Table rows of ``tree``; ``base``: the section the former names (``old``) are relative to."""
     rows = []
     for key, node in tree.items():
         dotted = f"{prefix}{key}"
         if isinstance(node, Mapping) and node is not OPEN:
-            rows.extend(_md_rows(node, dotted + "."))
+            rows.extend(_md_rows(node, dotted + ".", base or (dotted + "." if dotted == "compress" else "")))
             continue
         allowed = " \\| ".join(f"`{c}`" for c in node.choices) if node.choices is not None else node.bounds()
         help_ = node.help.replace("|", "\\|")
         if node.old:
-            help_ += " (formerly " + ", ".join(f"`{o}`" for o in node.old) + ")"
+            help_ += " (formerly " + ", ".join(f"`{base}{o}`" for o in node.old) + ")"
         kind = type_name(node.type).replace("|", "\\|")
         rows.append(f"| `{dotted}` | {kind} | `{_scalar(node.default)}` | {allowed} | {help_} |")
     return rows
 
 
-def markdown_reference(methods: Mapping[str, type], method_help: Mapping[str, str] | None = None) -> str:
-    """The reference of every config key, per task and per method, as Markdown (docs/CONFIG.md)."""
+def markdown_reference(schemas: Mapping[str, ConfigSchema], method_help: Mapping[str, str] | None = None) -> str:
+    """The reference of every config key, per task (``schemas``: task → its schema) and per method, as Markdown
+    (docs/CONFIG.md)."""
     head = "| key | type | default | allowed | help |\n|---|---|---|---|---|"
     out = ["# Configuration reference", "",
            "Generated from the schema (`edp_det/runtime/schema.py` and each method's options class); regenerate "
            "with `python -m edp_det.harness.run_config --markdown > docs/CONFIG.md`. A config file holds only what "
            "differs from its `_base_`; `key=value` arguments override it. `tools/train_det.py --print-config` and "
            "`tools/train_cls.py --print-config` print a resolved config with this help.", "",
-           "The `compress` section holds the common options below plus those of the selected `method`. A key that "
-           "the selected method does not declare is an error, except where a config layer switches the method "
-           "(`method:` in a file, `method=` on the command line, or a run of `tools/compare.py`): the `compress` "
-           "keys that earlier layers set and the new method does not declare are then dropped (logged).", ""]
-    common = ConfigSchema("detection", {"baseline": CompressOptions}, "baseline")
-    shared = {k: v for k, v in common.tree().items() if k not in ("data", "model", "eval")}
+           "The `compress` section holds the common options below plus those of the selected `method`. Every "
+           "config layer (each file of a `_base_` chain, the command line) is checked against the method selected "
+           "so far: a key that method does not declare, or a misspelled one, is an error naming the key, the method "
+           "and the nearest valid key. `compress` keys set by layers that selected another method and not declared "
+           "by the final method are dropped (logged): a baseline config can inherit EDP's λ from its base, and "
+           "`method=slimming` or `tools/compare.py` can run another method from an EDP config. Renamed keys fail "
+           "with a message naming the new key (see CHANGELOG.md).", ""]
+    tasks = dict(schemas)
+    first = next(iter(tasks.values()))
+    shared = {k: v for k, v in first.tree().items() if k not in ("data", "model", "eval")}
+    shared["compress"] = schema_tree(CompressOptions)
     out += ["## Keys of every task", "", head, *_md_rows(shared, ""), ""]
-    for task in TASKS:
-        tree = ConfigSchema(task, {"baseline": CompressOptions}, "baseline").tree()
+    for task, schema in tasks.items():
+        tree = schema.tree()
         sub = {k: tree[k] for k in ("data", "model", "eval")}
         out += [f"## Task `{task}`", "", head, *_md_rows(sub, ""), ""]
     out += ["## Method options", "", "Besides the common `compress` options above, each method declares:", ""]
     common_keys = set(schema_tree(CompressOptions))
-    for name, cls in methods.items():
+    for name, cls in first.methods.items():
         tree = schema_tree(cls)
         own = {k: v for k, v in tree.items() if k not in common_keys}
         desc = (method_help or {}).get(name, "")
         out += [f"### `method: {name}`" + (f" — {desc}" if desc else ""), ""]
-        out += [head, *_md_rows(own, "compress."), ""] if own else ["No options of its own.", ""]
+        out += [head, *_md_rows(own, "compress.", "compress."), ""] if own else ["No options of its own.", ""]
     return "\n".join(out).rstrip() + "\n"
