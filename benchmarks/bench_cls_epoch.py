@@ -61,7 +61,7 @@ def get_args_parser():
 def _data(args, tmp: Path):
     from edp_det.train.classification import ClassificationTask
     from edp_det.data.imagefolder import make_synthetic_imagefolder
-    from edp_det.runtime.defaults import defaults_for
+    from edp_det.methods import config_schema
     from edp_det.runtime.distributed import DistInfo
 
     root = args.data_root
@@ -70,7 +70,7 @@ def _data(args, tmp: Path):
         n = -(-args.batch_size * args.iters // len(shapes))
         make_synthetic_imagefolder(tmp / "data", n, 1, image_size=max(args.image_size, 32), seed=0, classes=shapes)
         root = tmp / "data"
-    cfg = defaults_for("classification")
+    cfg = config_schema("classification").defaults()
     cfg["data"].update(root=str(root), image_size=args.image_size, check_images=False)
     cfg["train"].update(batch_size=args.batch_size, num_workers=args.num_workers)
     cfg["model"]["name"] = args.model

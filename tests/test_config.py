@@ -283,3 +283,173 @@ def test_flatten_get_set_by_dotted():
         set_by_dotted(cfg, "a.b.c", 1)
     with pytest.raises(ConfigError):
         set_by_dotted(cfg, "a..b", 1)
+
+
+# ------------------------------------------------------------------------------------ typed run schema
+REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+TINY = CONFIGS / "tiny_synthetic.yaml"
+
+
+def _resolve(config, *overrides, **kw):
+    from edp_det.harness.run_config import resolve_config
+
+    task = kw.pop("task", "detection")
+    return resolve_config(config, list(overrides), task=task, **kw)
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_config_resolves_with_its_method_options_only(path):
+    from edp_det.methods import METHODS
+    from edp_det.runtime.schema import schema_tree
+
+    task = "classification" if "imagenet" in path.stem or "imagefolder" in path.stem else "detection"
+    cfg = _resolve(path, task=task)
+    assert set(cfg["compress"]) == set(schema_tree(METHODS[cfg["method"]].Options))
+    assert "method_args" not in cfg["compress"]
+
+
+def test_options_of_another_method_are_rejected_naming_key_method_and_nearest():
+    with pytest.raises(ConfigError) as ei:
+        _resolve(TINY, "method=l1_filter", "compress.compact=true")
+    msg = str(ei.value)
+    assert "'compress.compact'" in msg and "'l1_filter'" in msg and "edp" in msg and "nearest valid key" in msg
+    with pytest.raises(ConfigError) as ei:       # an old key: named with its new name
+        _resolve(TINY, "method=l1_filter", "compress.latency_aware=true")
+    assert "'compress.latency_aware' was renamed 'compress.latency.aware'" in str(ei.value)
+    assert "'l1_filter'" in str(ei.value)
+    with pytest.raises(ConfigError, match=r"'compress\.latency' is an option of method edp.*not an option of "
+                                          r"method 'l1_filter'"):
+        _resolve(TINY, "method=l1_filter", "compress.latency.aware=true")
+    with pytest.raises(ConfigError, match=r"'compress\.lamda_rank'.*method 'edp'.*'compress\.lambda_rank'"):
+        _resolve(TINY, "compress.lamda_rank=1")
+    with pytest.raises(ConfigError, match=r"'compress\.lambda_channel'.*method 'edp_rank'"):
+        _resolve(TINY, "method=edp_rank", "compress.lambda_channel=1")
+    with pytest.raises(ConfigError, match=r"'compress\.slimming_lambda' = 0\.0 is out of range"):
+        _resolve(TINY, "method=slimming", "compress.slimming_lambda=0")
+
+
+def test_a_file_that_selects_a_method_may_not_set_options_of_another(tmp_path):
+    p = write(tmp_path / "c.yaml", f"_base_: {TINY}\nmethod: baseline\ncompress: {{lambda_rank: 3}}\n")
+    with pytest.raises(ConfigError) as ei:
+        _resolve(p)
+    assert str(p) in str(ei.value) and "'compress.lambda_rank'" in str(ei.value) and "'baseline'" in str(ei.value)
+
+
+def test_renamed_keys_fail_with_the_new_name(tmp_path):
+    with pytest.raises(ConfigError, match=r"'compress\.method_args\.slimming_lambda' was renamed "
+                                          r"'compress\.slimming_lambda'"):
+        _resolve(TINY, "method=slimming", "compress.method_args.slimming_lambda=1")
+    p = write(tmp_path / "old.yaml", f"_base_: {TINY}\ncompress: {{latency_mode: average}}\n")
+    with pytest.raises(ConfigError, match=r"'compress\.latency_mode' was renamed 'compress\.latency\.mode'"):
+        _resolve(p)
+    cfg = _resolve(TINY, "method=slimming", "compress.slimming_lambda=1")
+    assert cfg["compress"]["slimming_lambda"] == 1.0
+    assert _resolve(TINY, "compress.latency.mode=average")["compress"]["latency"] == {
+        "aware": False, "batch": 1, "mode": "average", "weights": None}
+
+
+def test_switching_method_drops_the_other_methods_options_and_keeps_inherited_values(caplog):
+    # a baseline config inherits EDP's λ from its base: accepted, not part of the baseline's config
+    base = _resolve(CONFIGS / "voc07_frcnn_r50_fpn_baseline.yaml")
+    assert base["method"] == "baseline" and "lambda_rank" not in base["compress"]
+    assert base["compress"]["epoch_es"] == 8 and base["compress"]["round_to"] == 8
+    # ... and selecting EDP again on the command line gets the base's λ back, not the schema default
+    again = _resolve(CONFIGS / "voc07_frcnn_r50_fpn_baseline.yaml", "method=edp")
+    assert again["compress"]["lambda_rank"] == 0.0005 and again["compress"]["lambda_channel"] == 0.0005
+    with caplog.at_level("INFO", logger="edp_det.runtime.config"):
+        cfg = _resolve(TINY, "method=slimming")
+    assert "lambda_rank" not in cfg["compress"] and cfg["compress"]["slimming_lambda"] == 1e-4
+    assert "compress.lambda_rank" in caplog.text and "dropped" in caplog.text
+    # the schema's Epoch_ES default, not a fallback of the method, when nothing sets it
+    assert _resolve(None, "train.epochs=12")["compress"]["epoch_es"] == 6
+
+
+def test_comparison_runs_other_methods_from_one_edp_config():
+    from edp_det.harness.compare import comparison_config
+
+    cfg = comparison_config(TINY, "l1_filter", 0.5, overrides=["compress.lambda_rank=5"])
+    assert cfg["method"] == "l1_filter" and cfg["compress"]["flops_target"] == 0.5
+    assert "lambda_rank" not in cfg["compress"] and cfg["compress"]["l1_normalize"] == "mean"
+    edp = comparison_config(TINY, "edp", 0.6, overrides=["compress.lambda_rank=5"])
+    assert edp["compress"]["lambda_rank"] == 5.0 and edp["compress"]["lambda_channel"] == 0.01
+
+
+@pytest.mark.parametrize("override", [
+    "train.batch_size=0", "train.num_workers=-1", "train.epochs=0", "train.log_interval=0", "train.eval_interval=-1",
+    "train.max_iters_per_epoch=0", "train.checkpoint_keep=0", "train.threads=0", "eval.batch_size=0",
+    "compress.bn_recalib_batches=-1", "compress.latency.batch=0", "compress.epoch_es=0", "compress.flops_target=1.5",
+    "benchmark.iters=0", "model.min_size=0", "train.lr_schedule=linear"])
+def test_counts_and_choices_are_range_checked_at_load(override):
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError) as ei:
+        _resolve(TINY, override)
+    assert f"'{key}'" in str(ei.value) and "command line" in str(ei.value)
+
+
+def test_epoch_es_beyond_the_schedule_is_rejected_at_resolution():
+    with pytest.raises(ValueError, match=r"compress\.epoch_es=5 must be in \[1, train\.epochs=3\]"):
+        _resolve(TINY, "compress.epoch_es=5")
+
+
+def _tool(name):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"{name}_tool", REPO / "tools" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_resume_is_a_flag_and_resume_from_takes_the_path(tmp_path):
+    from edp_det.harness.cli import resume_argument
+
+    parser = _tool("train_det").get_args_parser()
+    args = parser.parse_args(["--config", str(TINY), "--resume", "train.threads=1"])
+    assert args.overrides == ["train.threads=1"] and resume_argument(args) == "auto"
+    args = parser.parse_args(["--config", str(TINY), "--resume-from", "ck.pt", "train.threads=1"])
+    assert args.overrides == ["train.threads=1"] and resume_argument(args) == "ck.pt"
+    assert resume_argument(parser.parse_args(["--config", str(TINY)])) is None
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--config", str(TINY), "--resume", "--resume-from", "ck.pt"])
+
+
+@pytest.mark.parametrize("tool, config", [("train_det", TINY), ("train_cls", CONFIGS / "tiny_imagefolder.yaml")])
+def test_print_config_prints_the_resolved_config_with_help_and_builds_nothing(tool, config, tmp_path, capsys):
+    from edp_det.harness.cli import cli_main
+
+    mod = _tool(tool)
+    out = tmp_path / "run"
+    args = mod.get_args_parser().parse_args(["--config", str(config), "--output-dir", str(out), "--print-config",
+                                             "method=slimming", "train.epochs=4"])
+    with pytest.raises(SystemExit) as ei:
+        cli_main(mod.main, args, tool)
+    assert ei.value.code == 0
+    text = capsys.readouterr().out
+    assert "# images per process and step" in text and "slimming_lambda: 0.0001" in text
+    printed = yaml.safe_load(text)
+    assert printed["train"]["epochs"] == 4 and printed["method"] == "slimming"
+    assert printed["output_dir"] == str(out) and not out.exists()
+
+
+def test_bad_count_exits_2_with_one_line(tmp_path, capsys):
+    from edp_det.harness.cli import cli_main
+
+    mod = _tool("train_det")
+    args = mod.get_args_parser().parse_args(["--config", str(TINY), "--output-dir", str(tmp_path / "r"),
+                                             "train.batch_size=0"])
+    with pytest.raises(SystemExit) as ei:
+        cli_main(mod.main, args, "train_det")
+    err = capsys.readouterr().err.strip()
+    assert ei.value.code == 2 and len(err.splitlines()) == 1 and "'train.batch_size' = 0" in err
+
+
+def test_config_reference_is_up_to_date():
+    from edp_det.harness.run_config import config_reference
+
+    text = config_reference()
+    assert (REPO / "docs" / "CONFIG.md").read_text(encoding="utf-8") == text, \
+        "docs/CONFIG.md is stale: python -m edp_det.harness.run_config --markdown > docs/CONFIG.md"
+    for key in ("`train.batch_size`", "`compress.latency.aware`", "`compress.slimming_lambda`",
+                "`data.augment.hflip`", "`data.check_images`", "`compress.admm_sparse_share`"):
+        assert key in text

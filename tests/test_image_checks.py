@@ -19,7 +19,7 @@ from edp_det.data import imagecheck
 from edp_det.data.imagefolder import build_imagefolder, make_synthetic_imagefolder
 from edp_det.data.voc import VOCDataset, read_split, validate_voc_split
 from edp_det.runtime.config import load_config
-from edp_det.runtime.defaults import defaults_for
+from edp_det.methods import config_schema
 from edp_det.runtime.errors import ConfigError, DataError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -112,7 +112,7 @@ def test_bad_evaluation_image_needs_an_explicit_opt_in(voc):
 
     def setup(*overrides):
         cfg = load_config(TINY, [f"data.root={voc}", "data.on_error=skip", *overrides],
-                          defaults=defaults_for("detection"))
+                          schema=config_schema("detection"))
         task = DetectionTask(cfg)
         task.setup(SimpleNamespace(world_size=1, rank=0, distributed=False))
         return task
@@ -260,7 +260,7 @@ def test_imagefolder_truncated_images_train_and_val(imf):
     from edp_det.train.classification import ClassificationTask
 
     cfg = load_config(None, [f"data.root={imf}", "data.on_error=skip", "data.image_size=32"],
-                      defaults=defaults_for("classification"))
+                      schema=config_schema("classification"))
     with pytest.raises(DataError, match="skip_bad_eval_images"):
         ClassificationTask(cfg).setup(SimpleNamespace(world_size=1, rank=0, distributed=False))
 

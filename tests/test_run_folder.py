@@ -11,8 +11,7 @@ import sys
 import pytest
 
 from edp_det.runtime.checkpoint import load_checkpoint
-from edp_det.runtime.config import load_config
-from edp_det.runtime.defaults import defaults_for
+from edp_det.harness.run_config import resolve_config
 from edp_det.runtime.logs import ProgressMeter, format_duration
 from edp_det.runtime.rundir import RunDirError, check_run_dir, start_run_dir, truncate_metrics_log
 from edp_det.train.detection import DetectionTask
@@ -25,8 +24,7 @@ FAST = ["model.min_size=64", "model.max_size=64", "train.max_iters_per_epoch=2",
 
 
 def _trainer(root, out, *overrides, resume=None, overwrite=False):
-    cfg = load_config(TINY, [*FAST, f"data.root={root}", *overrides], defaults=defaults_for("detection"))
-    cfg["output_dir"] = str(out)
+    cfg = resolve_config(TINY, [*FAST, f"data.root={root}", *overrides], task="detection", output_dir=out)
     return Trainer(cfg, DetectionTask(cfg), out, resume=resume, overwrite=overwrite)
 
 

@@ -47,7 +47,7 @@ def test_resume_across_pm_matches_uninterrupted(cls_run, tmp_path, epoch):
     data, out = cls_run
     shutil.copy(out / f"checkpoint_epoch{epoch:04d}.pt", tmp_path / "ck.pt")
     rc = run_tool("train_cls", ["--config", str(TINY_CLS), "--data-root", str(data), "--output-dir",
-                                str(tmp_path / "res"), "--resume", str(tmp_path / "ck.pt"), "--log-level", "WARNING",
+                                str(tmp_path / "res"), "--resume-from", str(tmp_path / "ck.pt"), "--log-level", "WARNING",
                                 *CLS_OVERRIDES])
     assert rc == 0
     a = load_compressed(out / "model_final.pt").state_dict()
@@ -88,7 +88,7 @@ def test_compaction_during_regularised_phase_and_resume(tmp_path):
     # resuming from the compacted checkpoints rebuilds the compacted blocks and continues identically
     for epoch in (1, 2):
         res = tmp_path / f"res{epoch}"
-        assert run_tool("train_cls", [*args, "--output-dir", str(res), "--resume",
+        assert run_tool("train_cls", [*args, "--output-dir", str(res), "--resume-from",
                                       str(out / f"checkpoint_epoch{epoch:04d}.pt")]) == 0
         a = load_compressed(out / "model_final.pt").state_dict()
         b = load_compressed(res / "model_final.pt").state_dict()
@@ -142,14 +142,13 @@ def _ddp_worker(rank, world, port, data, out, extra=()):
                       MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
     torch.set_num_threads(1)
     from edp_det.train.classification import ClassificationTask
-    from edp_det.runtime.config import load_config
-    from edp_det.runtime.defaults import defaults_for
+    from edp_det.harness.run_config import resolve_config
     from edp_det.runtime.distributed import check_params_identical, destroy
     from edp_det.train.engine import Trainer
 
-    cfg = load_config(TINY_CLS, [f"data.root={data}", "train.epochs=2", "train.max_iters_per_epoch=2",
-                                 "benchmark.enabled=false", "train.batch_size=2", *extra],
-                      defaults=defaults_for("classification"))
+    cfg = resolve_config(TINY_CLS, [f"data.root={data}", "train.epochs=2", "train.max_iters_per_epoch=2",
+                                    "benchmark.enabled=false", "train.batch_size=2", *extra],
+                         task="classification", output_dir=out)
     trainer = Trainer(cfg, ClassificationTask(cfg), out, resume=None)
     trainer.run()
     same = check_params_identical(trainer.model)        # parameters and buffers (BatchNorm statistics)

@@ -14,8 +14,7 @@ import torch
 
 from edp_det import CompressedAwareConv2d, count_flops, load_compressed
 from edp_det.runtime.checkpoint import load_checkpoint
-from edp_det.runtime.config import load_config
-from edp_det.runtime.defaults import defaults_for
+from edp_det.harness.run_config import resolve_config
 from edp_det.train.detection import DetectionTask
 from edp_det.train.engine import Trainer, TrainingError
 
@@ -27,9 +26,7 @@ FAST = ["model.min_size=64", "model.max_size=64", "train.max_iters_per_epoch=2",
 
 
 def _cfg(root, out, *overrides):
-    cfg = load_config(TINY, [*FAST, f"data.root={root}", *overrides], defaults=defaults_for("detection"))
-    cfg["output_dir"] = str(out)
-    return cfg
+    return resolve_config(TINY, [*FAST, f"data.root={root}", *overrides], task="detection", output_dir=out)
 
 
 def _run(root, out, *overrides, resume=None):
@@ -151,7 +148,7 @@ def _ddp_worker(rank, world, port, root, out):
     from edp_det.runtime.distributed import check_params_identical, destroy
 
     # latency-aware budget: every rank times its own layers, so PM agrees across ranks only through rank 0's weights
-    cfg = _cfg(root, out, "train.epochs=2", "eval.batch_size=2", "compress.latency_aware=true")
+    cfg = _cfg(root, out, "train.epochs=2", "eval.batch_size=2", "compress.latency.aware=true")
     trainer = Trainer(cfg, DetectionTask(cfg), out, resume=None)
     trainer.run()
     same = check_params_identical(trainer.model)

@@ -12,8 +12,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 from _cls_helpers import REPO_ROOT, tiny_cls_run
 from edp_det import CompressedAwareConv2d, load_compressed, save_compressed
 from edp_det.runtime.checkpoint import atomic_save, load_checkpoint
-from edp_det.runtime.config import load_config
-from edp_det.runtime.defaults import defaults_for
+from edp_det.harness.run_config import resolve_config
 from edp_det.train.detection import DetectionTask
 from edp_det.train.engine import Trainer
 from edp_det.runtime.errors import CheckpointError, ConfigError
@@ -35,10 +34,8 @@ def cls_run(tmp_path_factory):
 
 
 def _det_cfg(voc, out, ckpt, *overrides):
-    cfg = load_config(TINY_DET, [*FAST, f"data.root={voc}", f"model.backbone_checkpoint={ckpt}", *overrides],
-                      defaults=defaults_for("detection"))
-    cfg["output_dir"] = str(out)
-    return cfg
+    return resolve_config(TINY_DET, [*FAST, f"data.root={voc}", f"model.backbone_checkpoint={ckpt}", *overrides],
+                          task="detection", output_dir=out)
 
 
 def _assert_roundtrip(model, path):

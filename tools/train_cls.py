@@ -1,7 +1,8 @@
 """Compress (or train a baseline) torchvision ResNet classifier on ImageFolder data with EDP (Algorithm 1).
 
     python tools/train_cls.py --config configs/imagenet_r50_edp.yaml [--data-root DIR] [--output-dir DIR]
-                              [--resume [CKPT]] [key=value ...]
+                              [--resume | --resume-from CKPT] [--print-config]
+                              [key=value ...]
 
 Data: ``DIR/train/<class>/*`` and ``DIR/val/<class>/*`` (ImageNet val sorted into class folders).
 Multi-GPU / multi-node: ``torchrun --nproc_per_node=N tools/train_cls.py ...`` (nccl on GPU, gloo on CPU);
@@ -14,7 +15,7 @@ import argparse
 import os
 
 
-from edp_det.harness.cli import add_run_args, cli_main, resolve_run_config
+from edp_det.harness.cli import add_run_args, cli_main, resolve_run_config, resume_argument
 
 
 def get_args_parser():
@@ -30,9 +31,10 @@ def main(args):
     from edp_det.runtime.rundir import check_run_dir
 
     cfg, out = resolve_run_config(args, "classification")
-    check_run_dir(out, resume=bool(args.resume), overwrite=args.overwrite)   # before log.txt is opened there
+    resume = resume_argument(args)
+    check_run_dir(out, resume=bool(resume), overwrite=args.overwrite)   # before log.txt is opened there
     setup_logging(out, rank=int(os.environ.get("RANK", get_rank())), level=args.log_level)
-    return Trainer(cfg, ClassificationTask(cfg), out, resume=args.resume, overwrite=args.overwrite).run()
+    return Trainer(cfg, ClassificationTask(cfg), out, resume=resume, overwrite=args.overwrite).run()
 
 
 if __name__ == "__main__":

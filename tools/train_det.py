@@ -1,7 +1,8 @@
 """Compress (or train a baseline) torchvision Faster R-CNN on VOC-format data with EDP (Algorithm 1).
 
     python tools/train_det.py --config configs/raccoon_frcnn_r50_edp.yaml [--data-root DIR] [--output-dir DIR]
-                              [--resume [CKPT]] [key=value ...]
+                              [--resume | --resume-from CKPT] [--print-config]
+                              [key=value ...]
 
 Multi-GPU / multi-node: ``torchrun --nproc_per_node=N tools/train_det.py ...`` (nccl on GPU, gloo on CPU).
 Writes config.yaml, metrics_log.jsonl, checkpoints, pm_report.json + layers.txt (at PM), model_final.pt,
@@ -11,7 +12,7 @@ import argparse
 import os
 
 
-from edp_det.harness.cli import add_run_args, cli_main, resolve_run_config
+from edp_det.harness.cli import add_run_args, cli_main, resolve_run_config, resume_argument
 
 
 def get_args_parser():
@@ -26,9 +27,10 @@ def main(args):
     from edp_det.runtime.rundir import check_run_dir
 
     cfg, out = resolve_run_config(args, "detection")
-    check_run_dir(out, resume=bool(args.resume), overwrite=args.overwrite)   # before log.txt is opened there
+    resume = resume_argument(args)
+    check_run_dir(out, resume=bool(resume), overwrite=args.overwrite)   # before log.txt is opened there
     setup_logging(out, rank=int(os.environ.get("RANK", get_rank())), level=args.log_level)
-    return Trainer(cfg, DetectionTask(cfg), out, resume=args.resume, overwrite=args.overwrite).run()
+    return Trainer(cfg, DetectionTask(cfg), out, resume=resume, overwrite=args.overwrite).run()
 
 
 if __name__ == "__main__":

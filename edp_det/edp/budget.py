@@ -16,9 +16,8 @@ of every block and the live row groups of channel-prunable blocks. Groups of dif
     score = ‖g‖₂ / max ‖·‖₂ of the same layer and kind
 i.e. magnitude relative to the group's own layer, so that every layer is cut in proportion to its weakness (close to
 the paper's per-layer proportion, Table IX); FLOPs enter through the stopping rule (bisection on the real cost).
-``FLOPS_EXPONENT`` > 0 divides the score by (FLOPs the group saves) ** exponent; we measured that 1 (and even 0.5)
-empties the high-resolution layers to 1-channel bottlenecks before touching the others (their groups save the most
-FLOPs): that destroyed a detector's accuracy after PM and ran slowly (docs/BENCHMARKS.md), hence the default 0.
+The score does not favour groups that save many FLOPs: such a preference empties the high-resolution layers to
+1-channel bottlenecks before touching the others (docs/BENCHMARKS.md).
 Two options change which groups are candidates and how they rank (both opt-in, measured in docs/BENCHMARKS.md §3):
   * ``rank_layers="tied"``: rank (β column) groups are candidates only in layers whose outputs feed a residual add;
     channel-prunable layers lose output channels only and stay one dense conv after PM (a thin low-rank pair runs
@@ -47,10 +46,6 @@ from edp_det.edp.decompose import iter_blocks
 from edp_det.ops.graph import build_channel_graph, get_submodule, unwrap_model
 
 __all__ = ["Structure", "LayerMasks", "structure_from_model", "scope_prefixes", "BudgetError"]
-
-
-# weight of the FLOPs a group saves in its removal score (see module docstring)
-FLOPS_EXPONENT = 0.0
 
 
 # which layers' rank (β column) groups the budget may remove: "all", or "tied" = only layers whose output channels
@@ -257,13 +252,13 @@ class Structure:
         base = self.counts()
         cand_layer, cand_kind, cand_idx, cand_score = [], [], [], []
 
-        def add(i: int, kind_id: int, live_idx: torch.Tensor, norms: torch.Tensor, saved: float) -> None:
+        def add(i: int, kind_id: int, live_idx: torch.Tensor, norms: torch.Tensor) -> None:
             custom = group_scores.get((self.layers[i].name, ("col", "row")[kind_id]))
             if custom is not None:
                 norms = custom.detach().to(device=live_idx.device, dtype=torch.float64)[live_idx]
                 rel = norms
             else:
-                rel = norms / norms.max().clamp_min(1e-300) / max(saved, 1.0) ** FLOPS_EXPONENT
+                rel = norms / norms.max().clamp_min(1e-300)
                 if layer_weights:
                     rel = rel / float(layer_weights.get(self.layers[i].name, 1.0))
             keep = int(torch.argmax(norms))
@@ -282,23 +277,18 @@ class Structure:
 
         for i, l in enumerate(self.layers):
             beta = l.block.beta_2d()
-            ci, r, co = (int(v) for v in base[i])
             cols = torch.nonzero(l.col_live).flatten()
             rank_ok = rank_layers == "all" or not l.prunable or "row" not in kinds
             if "col" in kinds and rank_ok and cols.numel() > 1:
                 norms = beta[l.row_live][:, cols].double().norm(dim=0)
-                add(i, 0, cols, norms, 2.0 * l.positions * (ci * l.kk + co))
+                add(i, 0, cols, norms)
             if "row" in kinds and l.prunable:
                 rows = torch.nonzero(l.row_live).flatten()
                 if rows.numel() > 1:
                     sq = beta[rows][:, l.col_live].double().pow(2).sum(dim=1)
                     for p in l.row_params():
                         sq = sq + p[rows].double().pow(2)
-                    saved = 2.0 * l.positions * r
-                    for cidx in l.consumers:
-                        c = self.layers[cidx]
-                        saved += 2.0 * c.positions * c.kk * int(base[cidx, 1])
-                    add(i, 1, rows, sq.sqrt(), saved)
+                    add(i, 1, rows, sq.sqrt())
         if not cand_score:     # every layer is down to one group (or none): only the zero groups can count
             achieved = 1.0 - self.flops_after(base) / float(self.original_flops)
             if achieved >= flops_target:

@@ -15,41 +15,46 @@ import os
 import sys
 from pathlib import Path
 
-from edp_det.runtime.config import load_config
-from edp_det.runtime.defaults import defaults_for
 from edp_det.runtime.errors import ConfigError, EDPError
 
-__all__ = ["add_run_args", "resolve_run_config", "cli_main", "check_output_dir", "default_device", "resolve_device",
-           "tool_parser", "json_safe", "write_json"]
+__all__ = ["add_run_args", "resolve_run_config", "resume_argument", "cli_main", "check_output_dir", "default_device",
+           "resolve_device", "tool_parser", "json_safe", "write_json"]
 
 
 def add_run_args(parser, data_help: str = "dataset root (overrides data.root)"):
     parser.add_argument("--config", required=True, help="YAML config (holds only what differs from its _base_)")
     parser.add_argument("--data-root", default=None, help=data_help)
     parser.add_argument("--output-dir", default=None, help="output directory (default: runs/<config name>)")
-    parser.add_argument("--resume", default=None, nargs="?", const="auto",
-                        help="resume from a checkpoint file, or the latest in --output-dir ('auto')")
+    resume = parser.add_mutually_exclusive_group()
+    resume.add_argument("--resume", action="store_true",
+                        help="resume from the latest checkpoint in --output-dir (start fresh if there is none)")
+    resume.add_argument("--resume-from", default=None, metavar="PATH",
+                        help="resume from this checkpoint file (or the latest in this directory)")
     parser.add_argument("--overwrite", action="store_true",
                         help="clear the run already in --output-dir (its checkpoints, logs and results) before starting")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config with each key's help and exit (builds nothing)")
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("overrides", nargs="*", help="config overrides key=value (e.g. train.epochs=2)")
     return parser
 
 
+def resume_argument(args):
+    """The ``resume`` argument of :class:`edp_det.train.engine.Trainer` from ``--resume`` / ``--resume-from``."""
+    return args.resume_from or ("auto" if args.resume else None)
+
+
 def resolve_run_config(args, task: str) -> tuple[dict, Path]:
-    if not os.path.isfile(args.config):
-        raise ValueError(f"--config {args.config}: file not found")
-    overrides = list(args.overrides)
-    if args.data_root:
-        overrides.append(f"data.root={args.data_root}")
-    cfg = load_config(args.config, overrides, defaults=defaults_for(task))
-    if cfg.get("task") != task:
-        raise ValueError(f"{args.config}: task={cfg.get('task')!r} but this tool trains task={task!r}")
-    out = args.output_dir or cfg.get("output_dir") or str(Path("runs") / Path(args.config).stem)
-    cfg["output_dir"] = str(out)
-    if cfg["data"]["root"]:
-        cfg["data"]["root"] = str(Path(cfg["data"]["root"]).expanduser())
-    return cfg, Path(out)
+    """The run's config from ``--config``, ``--data-root``, ``--output-dir`` and the overrides; with
+    ``--print-config`` it is printed and the tool exits 0."""
+    from edp_det.harness.run_config import format_resolved_config, resolve_config
+
+    cfg = resolve_config(args.config, args.overrides, task=task, output_dir=args.output_dir,
+                         data_root=args.data_root)
+    if getattr(args, "print_config", False):
+        sys.stdout.write(format_resolved_config(cfg))
+        raise SystemExit(0)
+    return cfg, Path(cfg["output_dir"])
 
 
 # argparse destinations that name an output folder; checked by cli_main before the tool runs

@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edp_det.ops.adapter import short_body_name
+from edp_det.harness.run_config import resolve_config
 from edp_det.runtime.config import load_config
-from edp_det.runtime.defaults import defaults_for
 from edp_det.runtime.logs import read_metrics
 from edp_det.harness.report import comparison_rows, format_comparison_table
 
@@ -75,19 +75,11 @@ def plan_runs(methods, targets, name_by_method: bool = False) -> list[tuple[str,
 
 
 def comparison_config(config, method: str, target: float | None, data_root=None, overrides=()) -> dict:
-    """The config of one run: ``config`` + ``overrides`` + data root, method and FLOPs target."""
-    ov = list(overrides)
-    if data_root:
-        ov.append(f"data.root={data_root}")
-    ov.append(f"method={method}")
-    if target is not None:
-        ov.append(f"compress.flops_target={target}")
-    cfg = load_config(config, ov, defaults=defaults_for("detection"))
-    if cfg.get("task") != "detection":
-        raise ValueError(f"{config}: task={cfg.get('task')!r}; the comparison runs detection configs")
-    if cfg["data"]["root"]:
-        cfg["data"]["root"] = str(Path(cfg["data"]["root"]).expanduser())
-    return cfg
+    """The config of one run: ``config`` + ``overrides`` + data root, then the run's method and FLOPs target as a
+    last layer (``compress`` keys of the config's method that ``method`` does not declare are dropped, logged)."""
+    extra = {"method": method} if target is None else {"method": method, "compress": {"flops_target": target}}
+    return resolve_config(config, overrides, task="detection", data_root=data_root, extra=extra,
+                          extra_source=f"comparison run {run_name(method, target)}")
 
 
 def run_comparison(config, methods, targets, output_dir, data_root=None, overrides=(), build: bool = True,

@@ -3,7 +3,7 @@ Liu, Wang, Tao, "On Compressing Deep Models by Low Rank and Sparse Decomposition
 
 Schedule: train normally for ``compress.epoch_es`` epochs. At the prune point:
 
-1. **Calibration** (engine → :meth:`ADMMLRSMethod.calibrate`): ``method_args.admm_batches`` training batches
+1. **Calibration** (engine → :meth:`ADMMLRSMethod.calibrate`): ``compress.admm_batches`` training batches
    (default 2) run through the network in eval mode; the input of every backbone conv is recorded as
    ``admm_samples`` (default 2048) randomly sampled receptive-field patches ``X`` (``c_in·k·k × P``).
 2. **Budget**: ranks are allocated globally by singular-value energy per FLOP (as ``lrs``) on the trained weights
@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +45,7 @@ from edp_det.edp.calibration import forward_batch
 from edp_det.ops.adapter import in_scope
 from edp_det.ops.graph import build_channel_graph, get_submodule, unwrap_model
 from edp_det.methods.common import PrunePointMethod
+from edp_det.runtime.schema import CompressOptions, option
 from edp_det.methods.lrs import (MaskedFineTuneMixin, allocate_lowrank_sparse, finalize_lowrank_sparse, layer_entry,
                   lowrank_sparse_report, scope_flops)
 
@@ -152,19 +154,33 @@ def _balance(beta: torch.Tensor, theta: torch.Tensor):
     return (qb @ u) * root, root[:, None] * (vh @ qt.T)
 
 
+@dataclass
+class ADMMLRSOptions(CompressOptions):
+    admm_batches: int = option(2, "training batches recorded for the layer responses", gt=0,
+                               old="method_args.admm_batches")
+    admm_samples: int = option(2048, "receptive-field patches sampled per conv", gt=0, old="method_args.admm_samples")
+    admm_iters: int = option(10, "ADMM iterations per layer", gt=0, old="method_args.admm_iters")
+    admm_rho: float = option(1.0, "ADMM penalty ρ", gt=0, old="method_args.admm_rho")
+    admm_prior: float = option(1e-2, "prior δ (relative to tr(C)/n) keeping the fit well posed", gt=0,
+                               old="method_args.admm_prior")
+    admm_sparse_share: float = option(0.2, "share φ of the removed FLOPs given back to the sparse parts", ge=0,
+                                      lt=1, old="method_args.admm_sparse_share")
+
+
 class ADMMLRSMethod(MaskedFineTuneMixin, PrunePointMethod):
     name = "admm_lrs"
+    summary = "low-rank + structured-sparse fit of layer responses by ADMM"
+    Options = ADMMLRSOptions
 
     def __init__(self, compress_cfg=None, total_epochs: int = 1):
         super().__init__(compress_cfg, total_epochs)
-        self.calibration_batches = self.arg("admm_batches", 2, int)
-        self.samples = self.arg("admm_samples", 2048, int)
-        self.iters = self.arg("admm_iters", 10, int)
-        self.rho = self.arg("admm_rho", 1.0, float)
-        self.prior = self.arg("admm_prior", 1e-2, float)
-        self.share = self.arg("admm_sparse_share", 0.2, float, positive=False)
-        if not 0 <= self.share < 1:
-            raise ValueError(f"compress.method_args.admm_sparse_share={self.share} must be in [0, 1)")
+        o = self.options
+        self.calibration_batches = o.admm_batches
+        self.samples = o.admm_samples
+        self.iters = o.admm_iters
+        self.rho = o.admm_rho
+        self.prior = o.admm_prior
+        self.share = o.admm_sparse_share
         self._x: dict[str, torch.Tensor] = {}
 
     def after_step(self, model, lr: float, epoch: int) -> None:

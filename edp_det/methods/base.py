@@ -18,21 +18,53 @@ Life cycle inside :class:`edp_det.train.engine.Trainer` (Algorithm 1 generalised
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from torch import nn
+
+from edp_det.runtime.schema import CompressOptions, option, parse_options
+
+
+@dataclass
+class ScopedOptions(CompressOptions):
+    """Options of the methods that can compress more than the backbone body."""
+
+    scope: str = option("backbone", "backbone: the ResNet body; detector: also FPN and RPN head (low-rank only)",
+                        choices=("backbone", "detector"))
 
 
 class CompressionMethod:
-    """The uncompressed baseline: trains the same detector with the same schedule and changes nothing."""
+    """The uncompressed baseline: trains the same detector with the same schedule and changes nothing.
+
+    Every method declares the options it reads (the ``compress`` section of the config) as :attr:`Options`, a
+    dataclass extending :class:`edp_det.runtime.schema.CompressOptions` with typed fields (default, help, allowed
+    values); the constructor checks ``compress_cfg`` against it (unknown keys, types, ranges) and stores the result
+    as :attr:`options`. The baseline reads none of the common options.
+    """
 
     name = "baseline"
+    #: one line for the config reference
+    summary = "the uncompressed network, same schedule"
+    #: the options this method reads (the config's ``compress`` section)
+    Options: type[CompressOptions] = CompressOptions
     #: training batches the engine hands to :meth:`calibrate` right before :meth:`prune` (0: none)
     calibration_batches = 0
 
     def __init__(self, compress_cfg: dict | None = None, total_epochs: int = 1):
-        self.cfg = dict(compress_cfg or {})
+        self.options = self.parse_options(compress_cfg)
         self.total_epochs = int(total_epochs)
         #: (C, H, W) the FLOPs are counted at; the engine sets it from the task
         self.input_size: tuple | None = None
+
+    @classmethod
+    def parse_options(cls, compress_cfg: dict | None):
+        """``compress_cfg`` checked against :attr:`Options` (ConfigError naming the key); missing keys: defaults."""
+        return parse_options(cls.Options, compress_cfg, mount="compress", source=f"method {cls.name!r}")
+
+    def check_schedule(self, total_epochs: int) -> None:
+        """ValueError if ``compress.epoch_es`` does not fit in ``train.epochs``."""
+        if not self.options.epoch_es <= total_epochs:
+            raise ValueError(f"compress.epoch_es={self.options.epoch_es} must be in [1, train.epochs={total_epochs}]")
 
     # --- schedule
     @property

@@ -33,38 +33,21 @@ class PrunePointMethod(CompressionMethod):
     """Base of the comparison methods: one structural change after ``epoch_es`` epochs, then fine-tuning.
 
     ``regularized``: whether the method regularises during ``[0, epoch_es)`` (logged per epoch).
-    Method-specific options come from ``compress.method_args`` (see each method's docstring).
+    Method-specific options extend :attr:`Options` (see each method's options class); ``flops_target`` must be set.
     """
 
     regularized = False
 
     def __init__(self, compress_cfg=None, total_epochs: int = 1):
         super().__init__(compress_cfg, total_epochs)
-        c = self.cfg
-        self.epoch_es = int(c.get("epoch_es", max(1, total_epochs // 2)))
-        if not 0 < self.epoch_es <= total_epochs:
-            raise ValueError(f"compress.epoch_es={self.epoch_es} must be in [1, train.epochs={total_epochs}]")
-        target = c.get("flops_target")
-        if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0 < float(target) < 1:
-            raise ValueError(f"method={self.name!r} needs compress.flops_target in (0, 1), got {target!r}")
-        self.flops_target = float(target)
-        self.round_to = c.get("round_to")
-        args = c.get("method_args") or {}
-        if not isinstance(args, dict):
-            raise ValueError(f"compress.method_args must be a mapping, got {args!r}")
-        self.args = dict(args)
+        o = self.options
+        self.check_schedule(total_epochs)
+        self.epoch_es = o.epoch_es
+        if o.flops_target is None:
+            raise ValueError(f"method={self.name!r} needs compress.flops_target in (0, 1), got None")
+        self.flops_target = o.flops_target
+        self.round_to = o.round_to
         self.pruned = False
-
-    def arg(self, key: str, default, kind=float, positive: bool = True):
-        """``compress.method_args.<key>`` checked for type (and > 0 for numbers unless ``positive=False``)."""
-        v = self.args.get(key, default)
-        if kind is float and isinstance(v, int) and not isinstance(v, bool):
-            v = float(v)
-        if not isinstance(v, kind) or isinstance(v, bool) and kind is not bool:
-            raise ValueError(f"compress.method_args.{key}={v!r} must be a {kind.__name__}")
-        if positive and kind in (int, float) and not v > 0:
-            raise ValueError(f"compress.method_args.{key}={v!r} must be > 0")
-        return v
 
     @property
     def prune_epoch(self):

@@ -10,20 +10,78 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 from torch import nn
 
-from edp_det.edp.budget import check_layer_weights, check_max_layer_cut, check_rank_layers, structure_from_model
+from edp_det.edp.budget import RANK_LAYERS, check_layer_weights, structure_from_model
 from edp_det.edp.compaction import compact_zero_groups
 from edp_det.edp.decompose import decompose, is_decomposed
+from edp_det.ops.block import FORWARD_MODES
 from edp_det.runtime.distributed import broadcast_object
-from edp_det.deploy.latency import check_latency_mode, measure_time_per_flop
+from edp_det.runtime.schema import option, section
+from edp_det.deploy.latency import LATENCY_MODES, measure_time_per_flop
 from edp_det.edp.pruning import prune_and_merge
 from edp_det.edp.regularizer import EDPRegularizer
-from edp_det.methods.base import CompressionMethod
+from edp_det.methods.base import CompressionMethod, ScopedOptions
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LatencyOptions:
+    """``compress.latency``: rank the PM budget's groups by the time they remove on this hardware."""
+
+    aware: bool = option(False, "PM budget: cut layers that are slow per FLOP first (measured at PM time)",
+                         old="latency_aware")
+    batch: int = option(1, "batch size of the latency measurement (the serving batch)", ge=1, old="latency_batch")
+    mode: str = option("marginal", "marginal: time a cut removes, per residual block; average: dense conv time "
+                                   "per FLOP", choices=LATENCY_MODES, old="latency_mode")
+    weights: str | None = option(None, "JSON {layer: weight} or an earlier run's pm_report.json: reuse these "
+                                       "weights instead of measuring", old="latency_weights")
+
+
+@dataclass
+class _RankOptions(ScopedOptions):
+    lambda_rank: float = option(1e-3, "λ1: weight of the rank (β column) group penalty", ge=0)
+
+
+@dataclass
+class _ChannelOptions(ScopedOptions):
+    lambda_channel: float = option(1e-3, "λ2: weight of the output-channel (β row) group penalty", ge=0)
+    channel_prune: str = option("auto", "auto: channel groups where output channels are free; none: rank only",
+                                choices=("auto", "none"))
+
+
+@dataclass
+class _EDPCommonOptions(ScopedOptions):
+    init: str = option("svd", "decomposition init: svd (β columns by singular value) | identity",
+                       choices=("svd", "identity"))
+    forward_mode: str = option("auto", "two_conv | effective (β·θ' merged) | auto: the cheaper per call",
+                               choices=FORWARD_MODES)
+    rank_layers: str = option("all", "layers whose rank groups the FLOPs-target selection may remove; tied: only "
+                                     "those feeding a residual add", choices=RANK_LAYERS)
+    max_layer_cut: float | None = option(None, "PM budget: at most this fraction of a layer's live groups (per "
+                                               "kind); null: all but one", gt=0, le=1)
+    stop_reg_at_target: bool = option(True, "stop the prox once the zero groups alone reach flops_target")
+    compact: bool = option(False, "after each regularised epoch before Epoch_ES, remove groups already exactly zero")
+    latency: LatencyOptions = section(LatencyOptions, "latency-aware PM budget")
+
+
+@dataclass
+class EDPOptions(_EDPCommonOptions, _ChannelOptions, _RankOptions):
+    """Options of ``edp`` and ``edp_separate``."""
+
+
+@dataclass
+class EDPRankOptions(_EDPCommonOptions, _RankOptions):
+    """Options of ``edp_rank`` (no channel groups)."""
+
+
+@dataclass
+class EDPChannelOptions(_EDPCommonOptions, _ChannelOptions):
+    """Options of ``edp_channel`` (no rank penalty)."""
 
 
 class EDPMethod(CompressionMethod):
@@ -35,45 +93,31 @@ class EDPMethod(CompressionMethod):
     99 % of the backbone FLOPs, where 40 % was asked for). PM then applies the usual FLOPs-target selection."""
 
     name = "edp"
+    summary = "EDP: rank (λ1) and channel (λ2) groups jointly, then PM"
+    Options = EDPOptions
     use_rank = True
     use_channel = True
     TARGET_CHECK_STEPS = 10
 
     def __init__(self, compress_cfg=None, total_epochs: int = 1):
         super().__init__(compress_cfg, total_epochs)
-        c = self.cfg
-        self.lambda_rank = float(c.get("lambda_rank", 1e-3)) if self.use_rank else 0.0
-        self.lambda_channel = float(c.get("lambda_channel", 1e-3)) if self.use_channel else 0.0
-        self.epoch_es = int(c.get("epoch_es", max(1, total_epochs // 2)))
-        if not 0 < self.epoch_es <= total_epochs:
-            raise ValueError(f"compress.epoch_es={self.epoch_es} must be in [1, train.epochs={total_epochs}]")
+        o = self.options
+        self.lambda_rank = o.lambda_rank if self.use_rank else 0.0
+        self.lambda_channel = o.lambda_channel if self.use_channel else 0.0
+        self.check_schedule(total_epochs)
+        self.epoch_es = o.epoch_es
         self.reg: EDPRegularizer | None = None
         self.pruned = False
         # target-aware regularisation: once the exactly-zero groups alone remove flops_target, the prox stops
         # (checked every TARGET_CHECK_STEPS steps); a strong λ can otherwise zero far more than was asked for
-        self.stop_at_target = bool(c.get("stop_reg_at_target", True))
-        self.rank_layers = c.get("rank_layers", "all")
-        self.max_layer_cut = c.get("max_layer_cut")
-        try:
-            check_rank_layers(self.rank_layers)
-            check_max_layer_cut(self.max_layer_cut)
-        except ValueError as e:
-            raise ValueError(f"compress.{e}") from None
-        self.latency_aware = c.get("latency_aware", False)
-        self.latency_batch = c.get("latency_batch", 1)
-        self.latency_mode = c.get("latency_mode", "marginal")
-        try:
-            check_latency_mode(self.latency_mode)
-        except ValueError as e:
-            raise ValueError(f"compress.latency_mode: {e}") from None
-        self.latency_weights = self._load_latency_weights(c.get("latency_weights"))
-        self.compact_zero = c.get("compact", False)
-        if not isinstance(self.compact_zero, bool):
-            raise ValueError(f"compress.compact={self.compact_zero!r} must be true or false")
-        if not isinstance(self.latency_aware, bool):
-            raise ValueError(f"compress.latency_aware={self.latency_aware!r} must be true or false")
-        if isinstance(self.latency_batch, bool) or not isinstance(self.latency_batch, int) or self.latency_batch < 1:
-            raise ValueError(f"compress.latency_batch={self.latency_batch!r} must be a positive int")
+        self.stop_at_target = o.stop_reg_at_target
+        self.rank_layers = o.rank_layers
+        self.max_layer_cut = o.max_layer_cut
+        self.latency_aware = o.latency.aware
+        self.latency_batch = o.latency.batch
+        self.latency_mode = o.latency.mode
+        self.latency_weights = self._load_latency_weights(o.latency.weights)
+        self.compact_zero = o.compact
         self.steps = 0
         self.reg_stopped_step: int | None = None
         self._structure = None
@@ -87,9 +131,9 @@ class EDPMethod(CompressionMethod):
 
     def prepare(self, model: nn.Module) -> nn.Module:
         if not is_decomposed(model) and not self.pruned:
-            decompose(model, channel_prune=self.cfg.get("channel_prune", "auto") if self.use_channel else False,
-                      init=self.cfg.get("init", "svd"), scope=self.cfg.get("scope", "backbone"),
-                      forward_mode=self.cfg.get("forward_mode", "auto"))
+            o = self.options
+            decompose(model, channel_prune=o.channel_prune if self.use_channel else False, init=o.init,
+                      scope=o.scope, forward_mode=o.forward_mode)
         return model
 
     def attach(self, model, optimizer) -> None:
@@ -101,25 +145,25 @@ class EDPMethod(CompressionMethod):
 
     @staticmethod
     def _load_latency_weights(path) -> dict | None:
-        """``compress.latency_weights``: a JSON file of ``{layer name: weight}``, or a ``pm_report.json`` of an
+        """``compress.latency.weights``: a JSON file of ``{layer name: weight}``, or a ``pm_report.json`` of an
         earlier latency-aware run (its ``layer_weights``), so that PM reuses those weights instead of measuring."""
         if path is None:
             return None
         if not isinstance(path, str) or not Path(path).is_file():
-            raise ValueError(f"compress.latency_weights={path!r}: not a file")
+            raise ValueError(f"compress.latency.weights={path!r}: not a file")
         try:
             data = json.loads(Path(path).read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"compress.latency_weights: {path}: not valid JSON ({e})") from None
+            raise ValueError(f"compress.latency.weights: {path}: not valid JSON ({e})") from None
         if isinstance(data, dict) and isinstance(data.get("layer_weights"), dict):
             data = data["layer_weights"]
         if not isinstance(data, dict) or not data:
-            raise ValueError(f"compress.latency_weights: {path}: expected an object of layer name -> weight "
+            raise ValueError(f"compress.latency.weights: {path}: expected an object of layer name -> weight "
                              f"(or a pm_report.json with 'layer_weights')")
         try:   # values only: the names are checked against the model's layers by prune_and_merge
             return check_layer_weights(data, data.keys())
         except (TypeError, ValueError) as e:
-            raise ValueError(f"compress.latency_weights: {path}: {e}") from None
+            raise ValueError(f"compress.latency.weights: {path}: {e}") from None
 
     def compacts(self, epoch: int) -> bool:
         # after every regularised epoch but the last (PM follows that one)
@@ -145,10 +189,10 @@ class EDPMethod(CompressionMethod):
             if self.steps % self.TARGET_CHECK_STEPS == 0 and self._target_reached():
                 self.reg_stopped_step = self.steps
                 logger.info("EDP: the zero groups alone reach the FLOPs target %.3f after %d regularised steps; "
-                            "proximal steps stopped until PM", float(self.cfg["flops_target"]), self.steps)
+                            "proximal steps stopped until PM", self.options.flops_target, self.steps)
 
     def _target_reached(self) -> bool:
-        target = self.cfg.get("flops_target")
+        target = self.options.flops_target
         if not self.stop_at_target or target is None or self.input_size is None:
             return False
         if self._structure is None:   # layers and their positions do not change while the blocks stay decomposed
@@ -159,7 +203,7 @@ class EDPMethod(CompressionMethod):
         return sparse is not None and sparse >= float(target)
 
     def prune(self, model, input_size) -> dict:
-        target = self.cfg.get("flops_target")
+        target = self.options.flops_target
         weights = None
         if self.latency_weights is not None and target is not None:
             weights = self.latency_weights           # measured once, reused: the same structure every run
@@ -169,13 +213,13 @@ class EDPMethod(CompressionMethod):
                                                              batch_size=self.latency_batch,
                                                              mode=self.latency_mode))
         report = prune_and_merge(model, flops_target=target, input_size=input_size,
-                                 round_to=self.cfg.get("round_to"), rank_layers=self.rank_layers,
+                                 round_to=self.options.round_to, rank_layers=self.rank_layers,
                                  layer_weights=weights, max_layer_cut=self.max_layer_cut)
         self.pruned = True
         self.reg = None
         out = report.to_dict()
         if weights is not None:
-            out["layer_weights"] = weights           # pm_report.json: reusable as compress.latency_weights
+            out["layer_weights"] = weights           # pm_report.json: reusable as compress.latency.weights
         out["param_map"] = report.param_map
         out["table"] = report.format_table()
         return out
@@ -201,16 +245,21 @@ class EDPMethod(CompressionMethod):
 
 class EDPRankMethod(EDPMethod):
     name = "edp_rank"
+    summary = "EDP's low-rank component only (λ2 = 0)"
+    Options = EDPRankOptions
     use_channel = False
 
 
 class EDPChannelMethod(EDPMethod):
     name = "edp_channel"
+    summary = "EDP's channel-pruning component only (λ1 = 0)"
+    Options = EDPChannelOptions
     use_rank = False
 
 
 class EDPSeparateMethod(EDPMethod):
     name = "edp_separate"
+    summary = "EDP's two components one after the other (rank, then channels)"
 
     def _lambdas(self, epoch: int):
         half = max(1, self.epoch_es // 2)

@@ -5,7 +5,7 @@ channels of every channel-prunable conv (see :mod:`edp_det.ops.graph`: Bottlenec
 stem where free) by the L1 norm of their filters and remove the weakest until the backbone FLOPs cut reaches
 ``compress.flops_target``; fine-tune for the remaining epochs (the LR schedule continues).
 
-Scores are compared across layers after dividing by the layer's mean filter L1 norm (``method_args.l1_normalize:
+Scores are compared across layers after dividing by the layer's mean filter L1 norm (``compress.l1_normalize:
 mean``, default; ``none`` compares raw norms): with a normalisation layer after every conv the absolute filter
 scale carries no meaning across layers, so a layer-relative ranking with one global threshold is used instead of
 Li et al.'s per-layer sensitivity analysis. The strongest filter of each layer is always kept.
@@ -17,10 +17,20 @@ convs end folded into the convs' bias, as in EDP's PM.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from edp_det.ops.graph import build_channel_graph, get_submodule, unwrap_model
 from edp_det.methods.common import PrunePointMethod, channel_prune_to_target, pm_report_dict
+from edp_det.runtime.schema import CompressOptions, option
+
+
+@dataclass
+class L1FilterOptions(CompressOptions):
+    l1_normalize: str = option("mean", "compare filter L1 norms across layers after dividing by the layer mean "
+                                       "(mean) or raw (none)", choices=("mean", "none"),
+                               old="method_args.l1_normalize")
 
 
 def l1_filter_scores(model, normalize: str = "mean") -> dict[str, torch.Tensor]:
@@ -43,12 +53,12 @@ def l1_filter_scores(model, normalize: str = "mean") -> dict[str, torch.Tensor]:
 
 class L1FilterMethod(PrunePointMethod):
     name = "l1_filter"
+    summary = "filters pruned by L1 norm at the prune point"
+    Options = L1FilterOptions
 
     def __init__(self, compress_cfg=None, total_epochs: int = 1):
         super().__init__(compress_cfg, total_epochs)
-        self.normalize = self.arg("l1_normalize", "mean", str)
-        if self.normalize not in ("mean", "none"):
-            raise ValueError(f"compress.method_args.l1_normalize={self.normalize!r}: choose 'mean' or 'none'")
+        self.normalize = self.options.l1_normalize
 
     def prune(self, model, input_size) -> dict:
         scores = l1_filter_scores(model, self.normalize)

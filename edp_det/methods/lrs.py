@@ -1,11 +1,11 @@
 """``lrs`` — learning in a low-rank + sparse decomposition form (Guo, Xie, Xu, Xing, IEEE Access 2019).
 
 Structure (``prepare``): every conv of the backbone body becomes a :class:`edp_det.ops.layers.LowRankSparseConv2d`,
-``W = β·θ' + S``: a rank-``r`` product (``r = ceil(method_args.lrs_rank_ratio · full rank)``, default 0.5) plus a
+``W = β·θ' + S``: a rank-``r`` product (``r = ceil(compress.lrs_rank_ratio · full rank)``, default 0.5) plus a
 dense-shaped sparse matrix ``S``. It is initialised function-preservingly (β·θ' = the truncated SVD of the conv,
 S = the residual), so pretrained weights carry over; from scratch it is simply another parametrisation.
 
-Training ``[0, compress.epoch_es)``: task loss + ``λ‖S‖₁`` (λ = ``method_args.lrs_lambda``, default 1e-3),
+Training ``[0, compress.epoch_es)``: task loss + ``λ‖S‖₁`` (λ = ``compress.lrs_lambda``, default 1e-3),
 applied as the proximal step ``S ← sign(S)·max(|S| − lr·λ, 0)`` after each optimizer step (exact zeros; SGD
 momentum of zeroed entries is cleared).
 
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -37,6 +38,7 @@ from edp_det.ops.graph import build_channel_graph, get_submodule, set_submodule,
 from edp_det.ops.layers import LowRankSparseConv2d
 from edp_det.edp.regularizer import zero_momentum
 from edp_det.methods.common import PrunePointMethod
+from edp_det.runtime.schema import CompressOptions, option
 
 logger = logging.getLogger(__name__)
 
@@ -189,16 +191,23 @@ class MaskedFineTuneMixin:
             m.apply_mask()
 
 
+@dataclass
+class LRSOptions(CompressOptions):
+    lrs_lambda: float = option(1e-3, "λ of the L1 penalty on the sparse part S", gt=0, old="method_args.lrs_lambda")
+    lrs_rank_ratio: float = option(0.5, "rank of the low-rank part as a fraction of each layer's full rank",
+                                   gt=0, le=1, old="method_args.lrs_rank_ratio")
+
+
 class LRSMethod(MaskedFineTuneMixin, PrunePointMethod):
     name = "lrs"
+    summary = "low-rank + sparse form trained with L1 on the sparse part"
+    Options = LRSOptions
     regularized = True
 
     def __init__(self, compress_cfg=None, total_epochs: int = 1):
         super().__init__(compress_cfg, total_epochs)
-        self.lam = self.arg("lrs_lambda", 1e-3, float)
-        self.rank_ratio = self.arg("lrs_rank_ratio", 0.5, float)
-        if self.rank_ratio > 1:
-            raise ValueError(f"compress.method_args.lrs_rank_ratio={self.rank_ratio} must be in (0, 1]")
+        self.lam = self.options.lrs_lambda
+        self.rank_ratio = self.options.lrs_rank_ratio
         self.optimizer = None
         self._positions: dict[str, int] | None = None
 

@@ -2,7 +2,7 @@
 layers after channel-prunable convs, then removal of the channels with the smallest |γ|.
 
 Schedule: during ``[0, compress.epoch_es)`` every optimizer step is followed by the proximal step of
-``λ·Σ|γ|`` (soft-thresholding ``γ ← sign(γ)·max(|γ| − lr·λ, 0)``, λ = ``method_args.slimming_lambda``, default
+``λ·Σ|γ|`` (soft-thresholding ``γ ← sign(γ)·max(|γ| − lr·λ, 0)``, λ = ``compress.slimming_lambda``, default
 1e-4; SGD momentum of a γ set exactly to zero is cleared so that it is not revived by stale velocity). At the prune
 point the channels with the smallest |γ| — one global threshold, as in the paper — are removed until the backbone
 FLOPs cut reaches ``compress.flops_target`` (the largest |γ| of each layer is kept); then fine-tuning.
@@ -22,6 +22,8 @@ interior of k×k ones; a channel with γ = 0 and shift ≤ 0 is removed exactly.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torchvision.ops.misc import FrozenBatchNorm2d
 
@@ -29,6 +31,13 @@ from edp_det.ops.graph import build_channel_graph, get_submodule, set_submodule,
 from edp_det.ops.layers import FixedStatBatchNorm2d
 from edp_det.edp.regularizer import zero_momentum
 from edp_det.methods.common import PrunePointMethod, channel_prune_to_target, pm_report_dict
+from edp_det.runtime.schema import CompressOptions, option
+
+
+@dataclass
+class SlimmingOptions(CompressOptions):
+    slimming_lambda: float = option(1e-4, "λ of the L1 penalty on the norm scales γ", gt=0,
+                                    old="method_args.slimming_lambda")
 
 
 def slimming_norms(model) -> dict[str, str]:
@@ -39,11 +48,13 @@ def slimming_norms(model) -> dict[str, str]:
 
 class SlimmingMethod(PrunePointMethod):
     name = "slimming"
+    summary = "Network Slimming: L1 on norm scales γ, channels with the smallest |γ| removed"
+    Options = SlimmingOptions
     regularized = True
 
     def __init__(self, compress_cfg=None, total_epochs: int = 1):
         super().__init__(compress_cfg, total_epochs)
-        self.lam = self.arg("slimming_lambda", 1e-4, float)
+        self.lam = self.options.slimming_lambda
         self.optimizer = None
         self.gammas: list = []
 

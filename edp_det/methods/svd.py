@@ -14,15 +14,18 @@ conv + norm compute; with BatchNorm2d the conv weight itself is decomposed.
 """
 from __future__ import annotations
 
+from edp_det.methods.base import ScopedOptions
 from edp_det.methods.common import PrunePointMethod, pm_report_dict, rank_truncate_to_target
 
 
 class SVDMethod(PrunePointMethod):
     name = "svd"
+    summary = "truncated SVD with ranks chosen globally by energy"
+    Options = ScopedOptions
 
     def prune(self, model, input_size) -> dict:
         report = rank_truncate_to_target(model, self.flops_target, input_size,
-                                         scope=self.cfg.get("scope", "backbone"), round_to=self.round_to)
+                                         scope=self.options.scope, round_to=self.round_to)
         self.pruned = True
         # the factors are new parameters (the trained model was not decomposed): they start with fresh momentum
         return pm_report_dict(report, self.name, criterion="singular-value energy, global threshold")

@@ -7,23 +7,28 @@ A config file holds only what differs from its base(s)::
     train:
       lr: 1e-3                           # scientific notation is a float here (plain PyYAML: a string)
 
-Layers, lowest first: ``defaults`` (the full schema with default values, given by the caller) →
-the base chain (depth first, in list order) → the file itself → command-line overrides
-``a.b.c=value`` (values parsed as YAML). Dicts merge key by key; anything else replaces.
+Layers, lowest first: the defaults → the base chain (depth first, in list order) → the file itself →
+command-line overrides ``a.b.c=value`` (values parsed as YAML) → extra layers given by the caller. Dicts merge
+key by key; anything else replaces.
 
-When ``defaults`` is given every layer is validated against it: an unknown key raises
-:class:`~edp_det.runtime.errors.ConfigError` naming the file (or ``command line``), the dotted key and the
-closest known key; a value whose type differs from the default's raises ConfigError naming key, value
-and expected type. Rules: an ``int`` is accepted (and converted) where a ``float`` is expected;
-a default of ``None`` accepts anything; a default of ``{}`` (empty dict) is an open mapping that
-accepts any keys; ``bool`` and ``int`` are not interchangeable. For a ``str`` default, a command-line
-scalar is kept as the literal text (``output_dir=2024`` gives ``"2024"``, not ``2024``).
+With a typed ``schema`` (:class:`edp_det.runtime.schema.ConfigSchema`) every layer is validated against the
+schema of the method selected so far (a layer that sets ``method`` is validated against that method; the
+command-line overrides form one layer): an unknown key, a key of another method, a renamed key, a wrong type,
+a value outside its choices or bounds raise :class:`~edp_det.runtime.errors.ConfigError` naming the file (or
+``command line``), the dotted key and the nearest valid key. ``compress`` keys that layers selecting another
+method set, and that the final method does not declare, are dropped (logged), so that one config can run
+several methods (a baseline config may inherit EDP's λ from its base). The defaults of the final method fill
+in the rest.
+
+With a plain mapping of ``defaults`` instead, the types are those of the default values: an ``int`` is accepted
+(and converted) where a ``float`` is expected; a default of ``None`` accepts anything; ``{}`` is an open mapping;
+``bool`` and ``int`` are not interchangeable. In both cases a command-line scalar for a ``str`` key is kept as
+the literal text (``output_dir=2024`` gives ``"2024"``, not ``2024``).
 """
 
 from __future__ import annotations
 
 import copy
-import difflib
 import hashlib
 import json
 import logging
@@ -36,6 +41,7 @@ from typing import Any
 import yaml
 
 from edp_det.runtime.errors import ConfigError
+from edp_det.runtime.schema import ConfigSchema, Leaf, accepts_text, check_layer, lookup, tree_from_defaults
 
 __all__ = [
     "load_config",
@@ -191,96 +197,14 @@ def _plain(obj: Any) -> Any:
 
 
 # ------------------------------------------------------------------------------------------ validation
-def _type_name(t: Any) -> str:
-    if t is None:
-        return "null"
-    if isinstance(t, bool):
-        return "bool"
-    if isinstance(t, (list, tuple)):
-        return "list"
-    if isinstance(t, Mapping):
-        return "mapping"
-    return type(t).__name__
-
-
-def _suggest(dotted: str, known: list[str], siblings: list[str], prefix: str) -> str | None:
-    leaf = dotted.rsplit(".", 1)[-1]
-    moved = [k for k in known if k.rsplit(".", 1)[-1] == leaf]
-    if moved:
-        return moved[0]
-    close = difflib.get_close_matches(dotted, known, n=1, cutoff=0.6)
-    if close:
-        return close[0]
-    close = difflib.get_close_matches(leaf, siblings, n=1, cutoff=0.5)
-    if close:
-        return prefix + close[0]
-    return None
-
-
-def _all_keys(schema: Mapping, prefix: str = "") -> list[str]:
-    keys = []
-    for key, value in schema.items():
-        dotted = f"{prefix}{key}"
-        keys.append(dotted)
-        if isinstance(value, Mapping):
-            keys.extend(_all_keys(value, dotted + "."))
-    return keys
-
-
-def _check_value(value: Any, default: Any, dotted: str, source: str, root: Mapping) -> Any:
-    """Validate ``value`` against ``default``; return the (possibly converted) value."""
-    if default is None:
-        return value
-    ok = True
-    if isinstance(default, bool):
-        ok = isinstance(value, bool)
-    elif isinstance(default, int):
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif isinstance(default, float):
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if ok:
-            value = float(value)
-    elif isinstance(default, str):
-        ok = isinstance(value, str)
-    elif isinstance(default, (list, tuple)):
-        ok = isinstance(value, (list, tuple))
-        if ok:
-            value = list(value)
-    elif isinstance(default, Mapping):
-        ok = isinstance(value, Mapping)
-        if ok:
-            return _validate(value, default, source, dotted + ".", root)
-    else:
-        ok = isinstance(value, type(default))
-    if not ok:
-        raise ConfigError(
-            f"{source}: config key {dotted!r} has value {value!r} of type {_type_name(value)}, "
-            f"expected {_type_name(default)} (default {default!r})"
-        )
-    return value
-
-
-def _validate(layer: Mapping, schema: Mapping, source: str, prefix: str, root: Mapping) -> dict:
-    if not schema:  # open mapping: anything goes
-        return dict(layer)
-    out = {}
-    for key, value in layer.items():
-        dotted = f"{prefix}{key}"
-        if key not in schema:
-            hint = _suggest(dotted, _all_keys(root), [str(k) for k in schema], prefix)
-            msg = f"{source}: unknown config key {dotted!r}"
-            raise ConfigError(msg + (f" (did you mean {hint!r}?)" if hint else ""))
-        out[key] = _check_value(value, schema[key], dotted, source, root)
-    return out
-
-
 def validate_config(layer: Mapping, defaults: Mapping, source: str = "config") -> dict:
     """Check ``layer`` (a partial config) against the schema ``defaults``; return it with ints→floats etc."""
-    return _validate(layer, defaults, source, "", defaults)
+    return check_layer(layer, tree_from_defaults(defaults), source)
 
 
 # ----------------------------------------------------------------------------------------------- load
-def _load_layers(path: Path, stack: list[Path], defaults: Mapping | None) -> dict:
+def _file_layers(path: Path, stack: list[Path]) -> list[tuple[str, dict]]:
+    """``[(source, data)]`` of ``path`` and its ``_base_`` chain, lowest first (bases depth first, in list order)."""
     real = path.resolve()
     if real in stack:
         chain = " -> ".join(str(p) for p in [*stack, real])
@@ -293,15 +217,14 @@ def _load_layers(path: Path, stack: list[Path], defaults: Mapping | None) -> dic
         bases = [bases]
     elif not (isinstance(bases, list) and all(isinstance(b, str) for b in bases)):
         raise ConfigError(f"{path}: {BASE_KEY} must be a path or a list of paths, got {bases!r}")
-    merged: dict = {}
+    layers: list[tuple[str, dict]] = []
     for base in bases:
         base_path = Path(os.path.expanduser(base))
         if not base_path.is_absolute():
             base_path = path.parent / base_path
-        merged = deep_merge(merged, _load_layers(base_path, [*stack, real], defaults))
-    if defaults is not None:
-        data = validate_config(data, defaults, str(path))
-    return deep_merge(merged, data)
+        layers.extend(_file_layers(base_path, [*stack, real]))
+    layers.append((str(path), data))
+    return layers
 
 
 def _parse_override(item: Any) -> tuple[str, Any, str]:
@@ -330,22 +253,15 @@ def parse_overrides(overrides: Iterable[str]) -> list[tuple[str, Any]]:
     return [_parse_override(item)[:2] for item in overrides]
 
 
-def apply_overrides(cfg: Mapping, overrides: Iterable[str], defaults: Mapping | None = None) -> dict:
-    """Apply ``key=value`` overrides to a copy of ``cfg``; validated against ``defaults`` when given.
-
-    A mapping value merges into an existing mapping (``model={depth: 50}``); anything else replaces.
-    """
-    if isinstance(overrides, str):
-        overrides = [overrides]
-    out = copy.deepcopy(dict(cfg))
-    for item in overrides:
-        key, value, text = _parse_override(item)
+def _apply_items(out: dict, items, tree: Mapping | None, explain=None) -> dict:
+    """Apply parsed overrides ``[(item, key, value, text)]`` to ``out`` in place (validated against ``tree``)."""
+    for item, key, value, text in items:
         source = f"{COMMAND_LINE} ({item!r})"
-        if defaults is not None:
-            default = get_by_dotted(defaults, key, default=None)
-            if isinstance(default, str) and not isinstance(value, (str, list, dict)):
+        if tree is not None:
+            leaf = lookup(tree, key)
+            if isinstance(leaf, Leaf) and accepts_text(leaf, value):
                 value = text  # a str key keeps the literal text (``name=2024``, ``name=null`` ...)
-            layer = validate_config(set_by_dotted({}, key, value), defaults, source)
+            layer = check_layer(set_by_dotted({}, key, value), tree, source, explain=explain)
             value = get_by_dotted(layer, key)
         existing = get_by_dotted(out, key, default=None)
         if isinstance(value, Mapping) and isinstance(existing, Mapping):
@@ -357,23 +273,94 @@ def apply_overrides(cfg: Mapping, overrides: Iterable[str], defaults: Mapping | 
     return out
 
 
+def apply_overrides(cfg: Mapping, overrides: Iterable[str], defaults: Mapping | None = None) -> dict:
+    """Apply ``key=value`` overrides to a copy of ``cfg``; validated against ``defaults`` when given.
+
+    A mapping value merges into an existing mapping (``model={depth: 50}``); anything else replaces.
+    """
+    if isinstance(overrides, str):
+        overrides = [overrides]
+    items = [(item, *_parse_override(item)) for item in overrides]
+    tree = tree_from_defaults(_plain(defaults)) if defaults is not None else None
+    return _apply_items(copy.deepcopy(dict(cfg)), items, tree)
+
+
+def _drop_undeclared(cfg: dict, schema: ConfigSchema, method: str, origin: Mapping[str, tuple[str, str]]) -> dict:
+    """Drop the ``compress`` keys that ``method`` does not declare (set by layers that selected another method)."""
+    keep = schema.tree(method)["compress"]
+    compress = cfg.get("compress")
+    if isinstance(compress, dict):
+        dropped = [k for k in compress if k not in keep]
+        for k in dropped:
+            del compress[k]
+            where, other = origin.get(k, ("?", "?"))
+            logger.info("method=%s: compress.%s (set in %s for method=%s) is not an option of %s; dropped",
+                        method, k, where, other, method)
+    return cfg
+
+
+def _load_with_schema(layers: list[tuple[str, dict]], items, schema: ConfigSchema, extra_layers=()) -> dict:
+    method = schema.default_method
+    merged: dict = {}
+    origin: dict[str, tuple[str, str]] = {}    # compress key -> (layer that set it, the method it selected)
+
+    def add(data: Mapping, source: str) -> None:
+        nonlocal merged, method
+        if "method" in data:
+            method = schema.check_method(data["method"], source)
+        merged = deep_merge(merged, check_layer(data, schema.tree(method), source, explain=schema.explain(method)))
+        for k in data.get("compress") or {}:
+            origin[k] = (source, method)
+
+    for source, data in layers:
+        add(data, source)
+    if items:
+        chosen = [(item, value) for item, key, value, _ in items if key == "method"]
+        if chosen:
+            method = schema.check_method(chosen[-1][1], f"{COMMAND_LINE} ({chosen[-1][0]!r})")
+        _apply_items(merged, items, schema.tree(method), schema.explain(method))
+        for item, key, _, _ in items:
+            if key.startswith("compress.") and key.count(".") >= 1:
+                origin[key.split(".")[1]] = (COMMAND_LINE, method)
+    for source, data in extra_layers:
+        add(data, source)
+    return _drop_undeclared(deep_merge(schema.defaults(method), merged), schema, method, origin)
+
+
 def load_config(
     path: str | os.PathLike | None,
     overrides: Iterable[str] = (),
     defaults: Mapping | None = None,
+    schema: ConfigSchema | None = None,
+    extra_layers: Iterable[tuple[str, Mapping]] = (),
 ) -> dict:
-    """Load a config: ``defaults`` ← ``_base_`` chain ← file ← ``overrides`` (see module docstring).
+    """Load a config: defaults ← ``_base_`` chain ← file ← ``overrides`` ← ``extra_layers`` (module docstring).
 
-    ``path`` may be ``None`` (defaults + overrides only). Returns a new plain dict.
+    ``path`` may be ``None`` (defaults + overrides only). ``schema``: validate against the typed schema of a task
+    (the ``compress`` section follows the method each layer selects); ``defaults``: validate against a plain
+    mapping of defaults instead. ``extra_layers``: ``[(source, partial config)]`` applied last (e.g. the method
+    and FLOPs target a comparison harness sets). Returns a new plain dict.
     """
+    if isinstance(overrides, str):
+        overrides = [overrides]
+    layers = _file_layers(Path(path), []) if path is not None else []
+    items = [(item, *_parse_override(item)) for item in overrides]
+    if schema is not None:
+        return _load_with_schema(layers, items, schema, [(s, _plain(d)) for s, d in extra_layers])
+    tree = None
     if defaults is not None:
         defaults = _plain(defaults)
         if not isinstance(defaults, dict):
             raise TypeError("defaults must be a mapping")
+        tree = tree_from_defaults(defaults)
     cfg: dict = copy.deepcopy(defaults) if defaults is not None else {}
-    if path is not None:
-        cfg = deep_merge(cfg, _load_layers(Path(path), [], defaults))
-    return apply_overrides(cfg, overrides, defaults)
+    for source, data in layers:
+        cfg = deep_merge(cfg, check_layer(data, tree, source) if tree is not None else data)
+    cfg = _apply_items(cfg, items, tree)
+    for source, data in extra_layers:
+        data = _plain(data)
+        cfg = deep_merge(cfg, check_layer(data, tree, source) if tree is not None else data)
+    return cfg
 
 
 # ----------------------------------------------------------------------------------------------- dump

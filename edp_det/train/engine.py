@@ -96,7 +96,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ helpers
     def _device(self, dist) -> torch.device:
-        want = self.cfg.get("device")
+        want = self.cfg["device"]
         if dist.distributed:
             return dist.device
         if want:
@@ -136,7 +136,7 @@ class Trainer:
         cfg, tcfg = self.cfg, self.tcfg
         self.dist = dist = init_distributed()
         self.device = device = self._device(dist)
-        if device.type == "cpu" and tcfg.get("threads"):
+        if device.type == "cpu" and tcfg["threads"]:
             torch.set_num_threads(int(tcfg["threads"]))
         self.main = main = dist.is_main
         if main:
@@ -349,7 +349,7 @@ class Trainer:
             batches = itertools.islice(self.task.train_loader(epoch, dist), n_calib)
             method.calibrate(root, batches, device if device is not None else next(root.parameters()).device)
         report = method.prune(root, input_size)
-        n_bn = int(self.cfg["compress"].get("bn_recalib_batches") or 0)
+        n_bn = method.options.bn_recalib_batches
         if n_bn > 0 and batchnorm_layers(root):
             # the pre-PM running statistics no longer match the pruned convolutions (see edp_det.edp.calibration)
             batches = itertools.islice(self.task.train_loader(epoch, dist), n_bn)

@@ -1,0 +1,79 @@
+"""A run's configuration: resolution (file + overrides + task + output directory), printing and the reference.
+
+:func:`resolve_config` is the one way the tools and the harnesses turn a config file and ``key=value`` overrides
+into the config of a run: validated against the task's typed schema with the selected method's ``compress``
+options (:func:`edp_det.methods.config_schema`), the method's options checked as the method will read them, the
+output directory settled. :func:`format_resolved_config` prints it with each key's help (``--print-config``);
+:func:`config_reference` is the Markdown reference of every key, kept in ``docs/CONFIG.md``::
+
+    python -m edp_det.harness.run_config --markdown > docs/CONFIG.md
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+from edp_det.methods import build_method, config_schema, method_summaries
+from edp_det.runtime.config import load_config
+from edp_det.runtime.errors import ConfigError
+from edp_det.runtime.schema import TASKS, format_config, markdown_reference
+
+__all__ = ["resolve_config", "format_resolved_config", "config_reference"]
+
+
+def resolve_config(config: str | os.PathLike | None, overrides: Iterable[str] = (), *, task: str,
+                   output_dir: str | os.PathLike | None = None, data_root: str | os.PathLike | None = None,
+                   extra: Mapping | None = None, extra_source: str = "run plan") -> dict:
+    """The resolved config of one run of ``task``.
+
+    Layers: schema defaults ← ``config`` and its ``_base_`` chain ← ``overrides`` (``data.root`` from ``data_root``
+    last among them) ← ``extra`` (a partial config set by a harness, e.g. ``{"method": "slimming"}``; reported as
+    ``extra_source``). ``output_dir``: the ``--output-dir`` value; otherwise the config's ``output_dir``, otherwise
+    ``runs/<config file stem>``. Raises ConfigError / ValueError (one line naming file, key and value) before
+    anything is built.
+    """
+    if config is not None and not os.path.isfile(config):
+        raise ConfigError(f"--config {config}: file not found")
+    overrides = list(overrides)
+    if data_root:
+        overrides.append(f"data.root={data_root}")
+    cfg = load_config(config, overrides, schema=config_schema(task),
+                      extra_layers=[(extra_source, extra)] if extra else ())
+    if cfg["task"] != task:
+        raise ConfigError(f"{config}: task={cfg['task']!r} but this tool trains task={task!r}")
+    stem = Path(config).stem if config is not None else "run"
+    cfg["output_dir"] = str(output_dir or cfg["output_dir"] or Path("runs") / stem)
+    if cfg["data"]["root"]:
+        cfg["data"]["root"] = str(Path(cfg["data"]["root"]).expanduser())
+    build_method(cfg["method"], cfg["compress"], cfg["train"]["epochs"])   # cross-key checks of the method
+    return cfg
+
+
+def format_resolved_config(cfg: Mapping) -> str:
+    """``cfg`` (as :func:`resolve_config` returns it) as YAML with each key's help in a comment."""
+    tree = config_schema(cfg["task"]).tree(cfg["method"])
+    return format_config(cfg, tree) + "\n"
+
+
+def config_reference() -> str:
+    """Markdown reference of every config key, per task and per method (the content of docs/CONFIG.md)."""
+    return markdown_reference({task: config_schema(task) for task in TASKS}, method_summaries())
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m edp_det.harness.run_config",
+                                description="Print the configuration reference (docs/CONFIG.md).")
+    p.add_argument("--markdown", action="store_true", help="print the Markdown reference of every key")
+    args = p.parse_args(argv)
+    if not args.markdown:
+        p.print_help()
+        return 2
+    sys.stdout.write(config_reference())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
