@@ -82,10 +82,10 @@ def test_overwrite_clears_the_earlier_run(finished, synthetic_voc, tmp_path):
 def test_output_dir_that_is_a_file(tmp_path, synthetic_voc):
     f = tmp_path / "file"
     f.write_text("x")
-    with pytest.raises(RunDirError, match="not a folder"):
+    with pytest.raises(RunDirError, match="not a directory"):
         check_run_dir(f)
     r = _tool("--config", TINY, "--data-root", synthetic_voc, "--output-dir", f, *FAST)
-    assert r.returncode == 2 and "not a folder" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "not a directory" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_resume_after_a_kill(finished, synthetic_voc, tmp_path):

@@ -77,7 +77,7 @@ def check_run_dir(output_dir: str | os.PathLike, resume: bool = False, overwrite
     """
     out = Path(output_dir)
     if out.exists() and not out.is_dir():
-        raise RunDirError(f"--output-dir {out}: exists and is not a folder")
+        raise RunDirError(f"--output-dir {out}: exists and is not a directory; give a folder (new or existing)")
     if resume and overwrite:
         raise RunDirError("--resume and --overwrite exclude each other: resume continues the run, overwrite clears it")
     found = existing_run_files(out)
