@@ -131,6 +131,23 @@ def test_bad_model_name_exits_2(bad_data, tmp_path, capsys):
     assert rc == 2 and "model.name" in err and "resnet18" in err
 
 
+def test_extreme_lambda_respects_the_flops_target(cls_run, tmp_path):
+    """λ = 1e9 would zero almost the whole network in its first proximal step: that step is not applied (a WARNING
+    in log.txt says so and names λ) and the pruned model cuts the requested 40 % within 2 points, not 99 %."""
+    data, _ = cls_run
+    out = tmp_path / "run"
+    rc = run_tool("train_cls", ["--config", str(TINY_CLS), "--data-root", str(data), "--output-dir", str(out),
+                                "--log-level", "WARNING", "train.epochs=2", "train.max_iters_per_epoch=2",
+                                "compress.lambda_rank=1e9", "compress.lambda_channel=1e9", "benchmark.enabled=false",
+                                "train.threads=1"])
+    assert rc == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert 0.40 <= m["r_flops"] <= 0.42, m["r_flops"]
+    assert json.loads((out / "pm_report.json").read_text())["budget_removed_groups"] > 0
+    log = (out / "log.txt").read_text()
+    assert "was not applied" in log and "lambda_rank=1e+09" in log
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
