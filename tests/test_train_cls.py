@@ -59,10 +59,11 @@ def test_resume_across_pm_matches_uninterrupted(cls_run, tmp_path, epoch):
     assert ma["top1"] == mb["top1"] and ma["flops"] == mb["flops"]
 
 
-# a λ strong enough for these 3-step epochs to zero groups in the first regularised epochs
+# a λ strong enough for these 3-step epochs to zero groups in the first regularised epochs (past the FLOPs target:
+# the prox must keep going for epoch 2 to compact anything, so it is not stopped at the target)
 COMPACT_OVERRIDES = ["train.epochs=4", "compress.epoch_es=3", "compress.compact=true", "compress.lambda_rank=30",
                      "compress.lambda_channel=30", "train.checkpoint_keep=5", "benchmark.enabled=false",
-                     "train.threads=1"]
+                     "train.threads=1", "compress.stop_reg_at_target=false"]
 
 
 def test_compaction_during_regularised_phase_and_resume(tmp_path):

@@ -41,9 +41,8 @@ class EDPMethod(CompressionMethod):
         selection removes the weakest groups up to the target.
     So the pruned model's cut lies in [target, target + tolerance] (PM never undershoots). The paper tunes λ so
     that the target is not reached before ``epoch_es``; with a λ too strong for the schedule the regulariser
-    otherwise zeroes almost the whole backbone (measured on raccoon with AdamW, λ = 10 and 160 regularised steps:
-    99 % of the backbone FLOPs, where 40 % was asked for). With ``stop_reg_at_target: false`` the prox runs to
-    ``epoch_es`` whatever it zeroes, and PM warns when the cut exceeds target + tolerance."""
+    otherwise zeroes almost the whole backbone. With ``stop_reg_at_target: false`` the prox runs to ``epoch_es``
+    whatever it zeroes, and PM warns when the cut exceeds target + tolerance."""
 
     name = "edp"
     use_rank = True
