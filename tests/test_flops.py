@@ -163,3 +163,21 @@ def test_count_flops_restores_training_mode_and_rejects_bad_size():
     for bad in [(32, 32), (3, 0, 32), (3, 32.0, 32)]:
         with pytest.raises(ValueError):
             count_flops(m, input_size=bad)
+
+
+def test_flops_cut_is_one_rounding_and_cut_reaches_is_exact():
+    """``1 - after/original`` rounds twice and can land one ulp below a target the exact cut reaches;
+    :func:`flops_cut` (one division of integers) never does, and :func:`cut_reaches` compares exactly."""
+    from fractions import Fraction
+
+    from edp_det.ops.flops import cut_reaches, flops_cut
+
+    orig, after = 79615774, 77601456
+    target = flops_cut(orig, after)
+    assert Fraction(orig - after, orig) >= Fraction(target) and cut_reaches(orig, after, target)
+    assert 1 - after / orig < target                       # the double rounding undershoots here
+    assert not cut_reaches(orig, after + 1, target) and cut_reaches(orig, after - 1, target)
+    assert cut_reaches(4, 3, 0.25) and not cut_reaches(4, 3, 0.25000000000000006)
+    assert not cut_reaches(10, 6, 0.4)                     # the float 0.4 is slightly above 2/5
+    with pytest.raises(ValueError, match="positive"):
+        flops_cut(0, 0)

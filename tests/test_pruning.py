@@ -3,6 +3,7 @@ structure (channel counts, merge decisions of eq. 14, stem consumers), extremes,
 budget (with rounding) and bad input."""
 from __future__ import annotations
 
+import copy
 import functools
 import re
 
@@ -325,3 +326,58 @@ def test_never_decomposed_model_raises():
         prune_and_merge(model, input_size=(3, 32, 32))
     with pytest.raises(ValueError, match="decompose"):
         prune_and_merge(model, flops_target=0.5, input_size=(3, 32, 32))
+
+
+def _dead_layer_model(compact: bool):
+    """ResNet-18 (float64) with random zero groups and one whole dead layer (every output channel of
+    ``layer4.1.conv1`` zero, so ``layer4.1.conv2`` reads nothing): PM keeps one all-zero entry in each dead
+    dimension, which the FLOPs budget must count. Optionally compacted first, as during training."""
+    from edp_det.edp.compaction import compact_zero_groups
+
+    _, model = cached("resnet18", num_classes=10)
+    sparsify(model, seed=7, col_fracs=(0.1, 0.3), row_fracs=(0.0, 0.2))
+    for i in range(model.layer4[1].conv1.out_channels):
+        zero_row(model, model.layer4[1].conv1, i)
+    if compact:
+        assert compact_zero_groups(model).changed
+    return model
+
+
+@pytest.mark.parametrize("compact", [False, True], ids=["plain", "compacted"])
+def test_budget_cost_equals_the_built_model_with_a_dead_layer(compact):
+    """The analytic cost the FLOPs selection bisects on is the count of the model PM builds, so the cut the
+    selection promises is the cut the pruned model has; with a target equal to the zero groups' own cut
+    (nothing more to remove) and with targets the budget must reach, achieved >= requested exactly."""
+    from edp_det.edp.budget import structure_from_model
+
+    size = (3, 32, 32)
+    model = _dead_layer_model(compact)
+    predicted = structure_from_model(copy.deepcopy(model), input_size=size).flops_after()
+    plain = copy.deepcopy(model)
+    report = prune_and_merge(plain, input_size=size)
+    assert report.flops_after == count_flops(plain, input_size=size).flops == predicted
+    assert report.r_flops_from_zero_groups == report.achieved_r_flops
+    zero_cut = report.achieved_r_flops
+    for target in (zero_cut, 0.35, 0.4, 0.55):
+        struct = structure_from_model(copy.deepcopy(model), input_size=size)
+        removals, promised = struct.select_for_target(target)
+        struct.zero_groups(removals)
+        struct.refresh()
+        pruned = copy.deepcopy(model)
+        rep = prune_and_merge(pruned, flops_target=target, input_size=size)
+        after = count_flops(pruned, input_size=size).flops
+        assert rep.flops_after == after == struct.flops_after(), target
+        assert (rep.flops_original - after) / rep.flops_original == rep.achieved_r_flops == promised
+        assert rep.achieved_r_flops >= target and (rep.flops_original - after) >= target * rep.flops_original
+
+
+def test_missed_target_after_pm_raises(monkeypatch):
+    """If the built model ever cut less than the budget promised, PM fails naming both numbers instead of
+    returning a model below the target (simulated by a budget that under-counts every structure)."""
+    from edp_det.edp import budget
+
+    real = budget.Structure.flops_after
+    monkeypatch.setattr(budget.Structure, "flops_after", lambda self, counts=None: real(self, counts) - 10 ** 6)
+    _, model = cached("resnet18", num_classes=10)
+    with pytest.raises(ValueError, match=r"missed flops_target=0\.4: the pruned model cuts 0\.3"):
+        prune_and_merge(model, flops_target=0.4, input_size=(3, 32, 32))

@@ -282,3 +282,33 @@ def test_stats_on_resnet_after_strong_prox():
     assert stats["layer2.0.conv2"].live_channels == 128 and not stats["layer2.0.conv2"].channel_prunable
     dead = norms <= t
     assert torch.equal(bn.weight[dead], torch.zeros(int(dead.sum()), dtype=torch.float64))
+
+
+def test_prox_guard_sees_the_groups_a_step_would_zero_and_can_refuse_it():
+    """``prox_step(lr, guard)``: the guard is asked before anything is written, with the masks of the groups that
+    would be zero after the step; refusing leaves every tensor (and the momentum) untouched, accepting gives the
+    same result as a step without a guard; a step that zeroes nothing new does not ask."""
+    calls = []
+
+    def refuse(zero):
+        calls.append({k: tuple(None if m is None else m.tolist() for m in v) for k, v in zero.items()})
+        return False
+
+    model = _toy()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9)
+    model(torch.randn(2, 4, 5, 5, dtype=torch.float64)).pow(2).sum().backward()
+    opt.step()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    bufs = {n: opt.state[p]["momentum_buffer"].clone() for n, p in model.named_parameters()}
+    reg = EDPRegularizer(model, lambda_rank=LAM_RANK, lambda_channel=LAM_CH, optimizer=opt)
+    assert reg.prox_step(LR, guard=refuse) is False
+    assert calls == [{"conv": ([False, True], [False, True, True])}]
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]) and torch.equal(opt.state[p]["momentum_buffer"], bufs[n]), n
+    assert reg.prox_step(LR, guard=lambda zero: True) is True
+    plain = _toy()
+    EDPRegularizer(plain, lambda_rank=LAM_RANK, lambda_channel=LAM_CH).prox_step(LR)
+    for (n, p), q in zip(model.named_parameters(), plain.parameters()):
+        assert torch.equal(p, q), n
+    calls.clear()
+    assert reg.prox_step(1e-6, guard=refuse) is True and calls == []     # zeroes nothing new: no question

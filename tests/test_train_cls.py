@@ -59,10 +59,11 @@ def test_resume_across_pm_matches_uninterrupted(cls_run, tmp_path, epoch):
     assert ma["top1"] == mb["top1"] and ma["flops"] == mb["flops"]
 
 
-# a λ strong enough for these 3-step epochs to zero groups in the first regularised epochs
+# a λ strong enough for these 3-step epochs to zero groups in the first regularised epochs (past the FLOPs target:
+# the prox must keep going for epoch 2 to compact anything, so it is not stopped at the target)
 COMPACT_OVERRIDES = ["train.epochs=4", "compress.epoch_es=3", "compress.compact=true", "compress.lambda_rank=30",
                      "compress.lambda_channel=30", "train.checkpoint_keep=5", "benchmark.enabled=false",
-                     "train.threads=1"]
+                     "train.threads=1", "compress.stop_reg_at_target=false"]
 
 
 def test_compaction_during_regularised_phase_and_resume(tmp_path):
@@ -129,6 +130,23 @@ def test_bad_model_name_exits_2(bad_data, tmp_path, capsys):
                                 str(tmp_path / "out"), "model.name=fasterrcnn"])
     err = capsys.readouterr().err
     assert rc == 2 and "model.name" in err and "resnet18" in err
+
+
+def test_extreme_lambda_respects_the_flops_target(cls_run, tmp_path):
+    """λ = 1e9 would zero almost the whole network in its first proximal step: that step is not applied (a WARNING
+    in log.txt says so and names λ) and the pruned model cuts the requested 40 % within 2 points, not 99 %."""
+    data, _ = cls_run
+    out = tmp_path / "run"
+    rc = run_tool("train_cls", ["--config", str(TINY_CLS), "--data-root", str(data), "--output-dir", str(out),
+                                "--log-level", "WARNING", "train.epochs=2", "train.max_iters_per_epoch=2",
+                                "compress.lambda_rank=1e9", "compress.lambda_channel=1e9", "benchmark.enabled=false",
+                                "train.threads=1"])
+    assert rc == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert 0.40 <= m["r_flops"] <= 0.42, m["r_flops"]
+    assert json.loads((out / "pm_report.json").read_text())["budget_removed_groups"] > 0
+    log = (out / "log.txt").read_text()
+    assert "was not applied" in log and "lambda_rank=1e+09" in log
 
 
 def _free_port() -> int:

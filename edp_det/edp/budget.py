@@ -43,7 +43,10 @@ from torch import nn
 from edp_det.ops import adapter
 from edp_det.ops.block import CompressedAwareConv2d
 from edp_det.edp.decompose import iter_blocks
+from edp_det.ops.flops import cut_reaches, flops_cut
 from edp_det.ops.graph import build_channel_graph, get_submodule, unwrap_model
+from edp_det.ops.surgery import kept_indices
+from edp_det.runtime.errors import EDPError
 
 __all__ = ["Structure", "LayerMasks", "structure_from_model", "scope_prefixes", "BudgetError"]
 
@@ -53,8 +56,8 @@ __all__ = ["Structure", "LayerMasks", "structure_from_model", "scope_prefixes", 
 RANK_LAYERS = ("all", "tied")
 
 
-class BudgetError(ValueError):
-    pass
+class BudgetError(EDPError, ValueError):
+    """A FLOPs target that cannot be met (unreachable, or not reached by the structure PM built)."""
 
 
 def check_rank_layers(value) -> None:
@@ -141,19 +144,28 @@ class Structure:
 
     # ------------------------------------------------------------------ masks
     @torch.no_grad()
-    def refresh(self) -> None:
-        """Recompute live masks from the current weights and propagate dead channels to a fixpoint."""
+    def refresh(self, zero: dict | None = None) -> None:
+        """Recompute live masks from the current weights and propagate dead channels to a fixpoint.
+
+        ``zero``: optional ``{layer name: (cols, rows)}`` of bool masks (or ``None``) of β columns and row groups
+        to treat as exactly zero, e.g. what a proximal step would zero, without writing the weights."""
         beta_nz, theta_nz, own_live = [], [], []
         for l in self.layers:
             b = l.block
             dev = b.coeff.weight.device
             bnz = b.beta_2d() != 0                                                     # (c_out, r)
             tnz = (b.basis.weight.reshape(b.rank, b.in_channels, -1) != 0).any(dim=2)  # (r, c_in)
-            beta_nz.append(bnz)
-            theta_nz.append(tnz)
             params_nz = torch.zeros(b.out_channels, dtype=torch.bool, device=dev)
             for p in l.row_params():
                 params_nz |= p != 0
+            cols, rows = (zero or {}).get(l.name, (None, None))
+            if cols is not None:
+                bnz &= ~cols[None, :]
+            if rows is not None:
+                bnz &= ~rows[:, None]
+                params_nz &= ~rows
+            beta_nz.append(bnz)
+            theta_nz.append(tnz)
             own_live.append(params_nz)
             l.in_live = torch.ones(b.in_channels, dtype=torch.bool, device=dev)
             l.row_live = torch.ones(b.out_channels, dtype=torch.bool, device=dev)
@@ -182,8 +194,9 @@ class Structure:
                 return
 
     def counts(self) -> torch.Tensor:
-        """``[L, 3]`` live (c_in, r, c_out) per layer."""
-        return torch.tensor([[int(l.in_live.sum()), int(l.col_live.sum()), int(l.row_live.sum())]
+        """``[L, 3]`` (c_in, r, c_out) per layer as PM builds them: the live counts, with a dimension that has no
+        live entry counted as the one all-zero entry PM keeps (:func:`kept_indices`)."""
+        return torch.tensor([[len(kept_indices(m)) for m in (l.in_live, l.col_live, l.row_live)]
                              for l in self.layers], dtype=torch.long)
 
     # ------------------------------------------------------------------ costs
@@ -218,11 +231,13 @@ class Structure:
         now_params = int(_block_cost(c[:, 0], c[:, 1], c[:, 2], kk).sum())
         out = {"sparse_params": 1 - now_params / orig_params if orig_params else 0.0,
                "sparse_flops": None,
-               "live_rank": int(c[:, 1].sum()), "live_channels": int(c[:, 2].sum())}
+               "live_rank": sum(int(l.col_live.sum()) for l in self.layers),
+               "live_channels": sum(int(l.row_live.sum()) for l in self.layers)}
         if bool((pos > 0).all()):
             orig = int(sum(2 * l.positions * l.block.orig_in_channels * l.block.orig_out_channels * l.kk
                            for l in self.layers))
-            out["sparse_flops"] = 1 - int(self.block_flops(c[:, 1], c[:, 2], c[:, 0]).sum()) / orig if orig else 0.0
+            out["sparse_flops"] = flops_cut(orig, int(self.block_flops(c[:, 1], c[:, 2], c[:, 0]).sum())) \
+                if orig else 0.0
         return out
 
     # ------------------------------------------------------------------ selection
@@ -240,7 +255,8 @@ class Structure:
 
         Returns ``(removals, achieved)`` where removals is a list of ``(layer_index, "col"|"row", channel)``;
         ``achieved`` is the analytic cut after removing them (before dead-channel propagation, which can only
-        add to it). Raises BudgetError if the target cannot be reached.
+        add to it), ``flops_cut`` of integer FLOPs; the comparison with the target is exact (rational), so
+        ``achieved >= flops_target`` on every machine. Raises BudgetError if the target cannot be reached.
         """
         if not set(kinds) <= {"col", "row"}:
             raise ValueError(f"kinds must be a subset of ('col', 'row'), got {kinds!r}")
@@ -289,9 +305,10 @@ class Structure:
                     for p in l.row_params():
                         sq = sq + p[rows].double().pow(2)
                     add(i, 1, rows, sq.sqrt())
+        orig = int(self.original_flops)
         if not cand_score:     # every layer is down to one group (or none): only the zero groups can count
-            achieved = 1.0 - self.flops_after(base) / float(self.original_flops)
-            if achieved >= flops_target:
+            achieved = flops_cut(orig, self.flops_after(base))
+            if cut_reaches(orig, self.flops_after(base), flops_target):
                 return [], achieved
             raise BudgetError(f"flops_target={flops_target:.4f} cannot be reached: no removable groups left "
                               f"(the live structure cuts {achieved:.4f})")
@@ -300,7 +317,6 @@ class Structure:
         order = torch.sort(cand_score, stable=True).indices
         lay, kind, idx = cand_layer[order], cand_kind[order], cand_idx[order]
         n_layers = len(self.layers)
-        orig = float(self.original_flops)
 
         def counts_for(k: int) -> torch.Tensor:
             removed = torch.bincount(lay[:k] * 2 + kind[:k], minlength=2 * n_layers).view(n_layers, 2)
@@ -318,18 +334,21 @@ class Structure:
             return c
 
         def cut(k: int) -> float:
-            return 1.0 - self.flops_after(counts_for(k)) / orig
+            return flops_cut(orig, self.flops_after(counts_for(k)))
+
+        def reaches(k: int) -> bool:
+            return cut_reaches(orig, self.flops_after(counts_for(k)), flops_target)
 
         n = len(order)
-        if cut(0) >= flops_target:
+        if reaches(0):
             return [], cut(0)
-        if cut(n) < flops_target:
+        if not reaches(n):
             raise BudgetError(f"flops_target={flops_target:.4f} cannot be reached: removing every removable group "
                               f"gives a cut of {cut(n):.4f}")
         lo, hi = 0, n   # cut(lo) < target <= cut(hi)
         while hi - lo > 1:
             mid = (lo + hi) // 2
-            if cut(mid) >= flops_target:
+            if reaches(mid):
                 hi = mid
             else:
                 lo = mid

@@ -22,7 +22,7 @@ from torch import nn
 from edp_det.edp.budget import (BudgetError, Structure, check_layer_weights, check_max_layer_cut, check_rank_layers,
                      structure_from_model)
 from edp_det.ops import adapter
-from edp_det.ops.flops import count_flops
+from edp_det.ops.flops import count_flops, cut_reaches, flops_cut
 from edp_det.ops.graph import set_submodule, unwrap_model
 from edp_det.ops.surgery import LowRankConv2d, kept_indices, merged_conv, select, slice_conv, slice_norm, \
     slice_param_state
@@ -56,7 +56,7 @@ class PMReport:
     flops_before: int = 0              # scope, decomposed network before PM
     flops_after: int = 0               # scope, after PM (recounted on the real pruned model)
     requested_r_flops: float | None = None
-    achieved_r_flops: float = 0.0      # 1 − flops_after / flops_original
+    achieved_r_flops: float = 0.0      # (flops_original − flops_after) / flops_original
     r_flops_from_zero_groups: float = 0.0   # cut the trained-to-zero groups alone gave
     budget_removed_groups: int = 0
     budget: str = "norm"               # "norm", or "norm/time" when layer_weights were given
@@ -105,7 +105,10 @@ def prune_and_merge(model: nn.Module, flops_target: float | None = None, input_s
         flops_target: None, or R in (0, 1): the fraction of the scope's FLOPs *of the original, undecomposed
             network* to remove. If the zero groups already remove ≥ R, nothing more is removed; otherwise the
             smallest remaining groups are zeroed first (see :mod:`edp_det.edp.budget` for how groups of different
-            layers are compared) so that the cut is ≥ R and within about one percentage point of it.
+            layers are compared) so that the cut is ≥ R and within about one percentage point of it. The cut is
+            guaranteed exactly (integer FLOPs of the built model, rational comparison, so
+            ``report.achieved_r_flops >= R`` on every machine); a built model that misses it raises
+            :class:`~edp_det.edp.budget.BudgetError` (a ``ValueError``) naming both numbers.
         input_size: ``(C, H, W)`` at which FLOPs and the budget are computed (detectors: network input size).
         round_to: keep every surviving rank and channel count a multiple of this (e.g. 8).
         merge: ``"eq14"`` (merge where the merged conv has no more params than the two convs) or ``"never"``.
@@ -143,7 +146,7 @@ def prune_and_merge(model: nn.Module, flops_target: float | None = None, input_s
     report.flops_original = int(struct.original_flops)
     report.flops_before = int(sum(m.flops for m in report_before.modules if m.kind == "edp_block")
                               + struct.other_flops)
-    report.r_flops_from_zero_groups = 1 - struct.flops_after() / struct.original_flops
+    report.r_flops_from_zero_groups = flops_cut(struct.original_flops, struct.flops_after())
     if flops_target is not None or round_to:
         target = float(flops_target) if flops_target is not None else 0.0
         try:
@@ -166,7 +169,7 @@ def prune_and_merge(model: nn.Module, flops_target: float | None = None, input_s
     prefixes = adapter.scope_prefixes(root, [l.name for l in struct.layers])
     report.params_after = after.params
     report.flops_after = sum(m.flops for m in after.modules if adapter.in_scope(m.name, prefixes))
-    report.achieved_r_flops = 1 - report.flops_after / report.flops_original
+    report.achieved_r_flops = flops_cut(report.flops_original, report.flops_after)
     for lc in report.layers:
         try:
             lc.flops_after = after.module(lc.name).flops
@@ -175,6 +178,10 @@ def prune_and_merge(model: nn.Module, flops_target: float | None = None, input_s
     logger.info("PM: R_FLOPs achieved %.4f (requested %s), params %d (decomposed; original %d) -> %d",
                 report.achieved_r_flops, flops_target, report.params_before, report.params_original,
                 report.params_after)
+    if flops_target is not None and not cut_reaches(report.flops_original, report.flops_after, flops_target):
+        raise BudgetError(f"PM missed flops_target={float(flops_target)!r}: the pruned model cuts "
+                          f"{report.achieved_r_flops!r} ({report.flops_after} of {report.flops_original} FLOPs; "
+                          f"the FLOPs budget predicted {struct.flops_after()})")
     return report
 
 

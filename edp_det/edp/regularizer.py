@@ -110,8 +110,13 @@ class EDPRegularizer:
 
     # ------------------------------------------------------------------ prox
     @torch.no_grad()
-    def prox_step(self, lr: float) -> None:
-        """Group soft-thresholding with step ``lr`` (the learning rate of the optimizer step just taken)."""
+    def prox_step(self, lr: float, guard=None) -> bool:
+        """Group soft-thresholding with step ``lr`` (the learning rate of the optimizer step just taken).
+
+        ``guard``: optional callable, asked before anything is written whenever the step would set a non-zero
+        group exactly to zero. It receives ``{block name: (cols, rows)}``: bool masks of the β columns and of the
+        row groups (``None`` where that kind is not regularised) that would be zero after the step, and the step
+        is applied only if it returns True. Returns whether the step was applied."""
         try:
             lr = float(lr)
         except (TypeError, ValueError):
@@ -124,8 +129,17 @@ class EDPRegularizer:
             if e.lam_col > 0 or e.lam_row > 0:
                 w = e.block.coeff.weight
                 groups.setdefault((w.device, w.dtype), []).append(e)
-        for entries in groups.values():
-            _prox_group(entries, lr, state)
+        plans = [_prox_scales(entries, lr) for entries in groups.values()]
+        if guard is not None and any(plan.dying() for plan in plans):
+            zero = {}
+            for plan in plans:
+                for e, cs, rs in zip(plan.entries, plan.col_scale, plan.row_scale):
+                    zero[e.name] = (None if cs is None else cs == 0, None if rs is None else rs == 0)
+            if not guard(zero):
+                return False
+        for plan in plans:
+            _apply_scales(plan, state)
+        return True
 
     # ------------------------------------------------------------------ stats
     @torch.no_grad()
@@ -160,13 +174,35 @@ class EDPRegularizer:
         return struct.sparsity()
 
 
-def _prox_group(entries: list, lr: float, state) -> None:
-    """Prox of ``entries`` (all on one device/dtype), batched across blocks.
+class _ProxPlan:
+    """The shrink factors of one prox step for ``entries`` (one device/dtype): per entry the column and the row
+    factors (``None`` where that kind has λ = 0); ``*_all`` / ``*_norms``: all blocks' factors and group norms
+    concatenated (``None`` where no block regularises that kind)."""
+
+    __slots__ = ("entries", "col_scale", "row_scale", "col_all", "row_all", "col_norms", "row_norms")
+
+    def __init__(self, entries):
+        self.entries = entries
+        self.col_scale: list = [None] * len(entries)
+        self.row_scale: list = [None] * len(entries)
+        self.col_all = self.row_all = self.col_norms = self.row_norms = None
+
+    def dying(self) -> bool:
+        """Whether the step would set a non-zero group exactly to zero."""
+        return any(bool(((sc == 0) & (nm > 0)).any()) for sc, nm in ((self.col_all, self.col_norms),
+                                                                   (self.row_all, self.row_norms))
+                   if sc is not None)
+
+
+def _prox_scales(entries: list, lr: float) -> _ProxPlan:
+    """Shrink factors of the prox of ``entries`` (all on one device/dtype), batched across blocks; nothing is
+    written (:func:`_apply_scales` does).
 
     Cost notes (see benchmarks/bench_prox.py): the work is memory-bound over β, plus ~20 tiny ops per block. So one
     squared copy of each β serves both group norms (column sums now; the row sums *after* the column shrinkage as
     (β∘β)·s², the same quantity in exact arithmetic: no strided ``β.norm(dim=0)``), the shrink factors of all
-    blocks are computed in one go on concatenated norms, and the row parameters are scaled with one foreach call.
+    blocks are computed in one go on concatenated norms (:func:`_apply_scales` then scales the row parameters with
+    one foreach call).
     """
     betas = [e.block.beta_2d() for e in entries]
     n = len(entries)
@@ -178,16 +214,16 @@ def _prox_group(entries: list, lr: float, state) -> None:
             col_sums[i] = sq.sum(dim=0)
         if e.lam_row > 0:
             sqs[i] = sq
-    col_scale: list = [None] * n
-    row_scale: list = [None] * n
+    plan = _ProxPlan(entries)
+    col_scale, row_scale = plan.col_scale, plan.row_scale
     cols = [i for i, e in enumerate(entries) if e.lam_col > 0]
     if cols:
         sizes = [betas[i].shape[1] for i in cols]
         norms = torch.cat([col_sums[i] for i in cols]).sqrt_()
         col_all = _shrink(norms, _thresholds(lr, [entries[i].lam_col for i in cols], sizes, norms))
+        plan.col_all, plan.col_norms = col_all, norms
         for i, sc in zip(cols, col_all.split(sizes)):
             col_scale[i] = sc
-            betas[i].mul_(sc)
     rows = [i for i, e in enumerate(entries) if e.lam_row > 0]
     if rows:
         sizes = [betas[i].shape[0] for i in rows]
@@ -199,17 +235,31 @@ def _prox_group(entries: list, lr: float, state) -> None:
             parts.append(rs)
         norms = torch.cat(parts).sqrt_()
         row_all = _shrink(norms, _thresholds(lr, [entries[i].lam_row for i in rows], sizes, norms))
-        params, scales = [], []
+        plan.row_all, plan.row_norms = row_all, norms
         for i, sc in zip(rows, row_all.split(sizes)):
             row_scale[i] = sc
-            betas[i].mul_(sc.unsqueeze(1))
-            params.extend(entries[i].row_params)
-            scales.extend([sc] * len(entries[i].row_params))
-        if params:
-            torch._foreach_mul_(params, scales)
+    return plan
+
+
+def _apply_scales(plan: _ProxPlan, state) -> None:
+    """Write the prox step of ``plan`` (columns, then rows) and zero the momentum of the groups it zeroed."""
+    entries, col_scale, row_scale = plan.entries, plan.col_scale, plan.row_scale
+    betas = [e.block.beta_2d() for e in entries]
+    cols = [i for i, sc in enumerate(col_scale) if sc is not None]
+    rows = [i for i, sc in enumerate(row_scale) if sc is not None]
+    for i in cols:
+        betas[i].mul_(col_scale[i])
+    params, scales = [], []
+    for i in rows:
+        betas[i].mul_(row_scale[i].unsqueeze(1))
+        params.extend(entries[i].row_params)
+        scales.extend([row_scale[i]] * len(entries[i].row_params))
+    if params:
+        torch._foreach_mul_(params, scales)
     if state is None:
         return
     # momentum of groups the prox set to zero (on CPU, checked once for all blocks: usually nothing to do)
+    col_all, row_all = plan.col_all, plan.row_all
     if cols and not (col_all.device.type == "cpu" and not bool((col_all == 0).any())):
         for i in cols:
             _zero_momentum_groups(state, entries[i].block.coeff.weight, 1, col_scale[i] == 0)

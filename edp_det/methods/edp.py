@@ -23,6 +23,7 @@ from edp_det.runtime.distributed import broadcast_object
 from edp_det.runtime.schema import option, section
 from edp_det.deploy.latency import LATENCY_MODES, measure_time_per_flop
 from edp_det.edp.pruning import prune_and_merge
+from edp_det.ops.flops import cut_reaches, flops_cut
 from edp_det.edp.regularizer import EDPRegularizer
 from edp_det.methods.base import CompressionMethod, ScopedOptions
 
@@ -85,19 +86,28 @@ class EDPChannelOptions(_EDPCommonOptions, _ChannelOptions):
 
 
 class EDPMethod(CompressionMethod):
-    """Algorithm 1. With ``compress.stop_reg_at_target`` (default on) and a ``flops_target``, the proximal steps stop
-    for the rest of the regularised phase as soon as the exactly-zero groups alone remove the target (checked every
-    :attr:`TARGET_CHECK_STEPS` optimizer steps, on the analytic cost of the live structure, built once per attach): the paper tunes λ so
-    that this does not happen before ``epoch_es``, but with a λ too strong for the schedule the regulariser can
-    otherwise zero almost the whole backbone (measured on raccoon with AdamW, λ = 10 and 160 regularised steps:
-    99 % of the backbone FLOPs, where 40 % was asked for). PM then applies the usual FLOPs-target selection."""
+    """Algorithm 1. With ``compress.stop_reg_at_target`` (default on) and a ``flops_target``, the FLOPs cut of the
+    exactly-zero groups never exceeds the target by more than :attr:`TARGET_TOLERANCE`: before every proximal step
+    that would set a non-zero group exactly to zero, the cut the zero groups would then give is computed (analytic
+    cost of the structure PM would build, as in :mod:`edp_det.edp.budget`; steps that zero nothing cost one check)
+    and
+      * below the target: the step is applied;
+      * reaching the target, by at most the tolerance: the step is applied and the proximal steps stop for the rest
+        of the regularised phase (INFO);
+      * beyond target + tolerance (a λ too strong for the schedule, e.g. 1e9, whose first step would zero almost
+        every group): the step is *not* applied, the proximal steps stop (WARNING naming λ), and PM's FLOPs-target
+        selection removes the weakest groups up to the target.
+    So the pruned model's cut lies in [target, target + tolerance] (PM never undershoots). The paper tunes λ so
+    that the target is not reached before ``epoch_es``; with a λ too strong for the schedule the regulariser
+    otherwise zeroes almost the whole backbone. With ``stop_reg_at_target: false`` the prox runs to ``epoch_es``
+    whatever it zeroes, and PM warns when the cut exceeds target + tolerance."""
 
     name = "edp"
     summary = "EDP: rank (λ1) and channel (λ2) groups jointly, then PM"
     Options = EDPOptions
     use_rank = True
     use_channel = True
-    TARGET_CHECK_STEPS = 10
+    TARGET_TOLERANCE = 0.02
 
     def __init__(self, compress_cfg=None, total_epochs: int = 1):
         super().__init__(compress_cfg, total_epochs)
@@ -108,8 +118,8 @@ class EDPMethod(CompressionMethod):
         self.epoch_es = o.epoch_es
         self.reg: EDPRegularizer | None = None
         self.pruned = False
-        # target-aware regularisation: once the exactly-zero groups alone remove flops_target, the prox stops
-        # (checked every TARGET_CHECK_STEPS steps); a strong λ can otherwise zero far more than was asked for
+        # target-aware regularisation: no prox step may take the exactly-zero groups beyond flops_target (+ the
+        # tolerance); a strong λ can otherwise zero far more than was asked for
         self.stop_at_target = o.stop_reg_at_target
         self.rank_layers = o.rank_layers
         self.max_layer_cut = o.max_layer_cut
@@ -184,23 +194,34 @@ class EDPMethod(CompressionMethod):
             for e in self.reg.entries:
                 e.lam_col = lr_
                 e.lam_row = lc if e.block.channel_prunable else 0.0
-            self.reg.prox_step(lr)
             self.steps += 1
-            if self.steps % self.TARGET_CHECK_STEPS == 0 and self._target_reached():
-                self.reg_stopped_step = self.steps
-                logger.info("EDP: the zero groups alone reach the FLOPs target %.3f after %d regularised steps; "
-                            "proximal steps stopped until PM", self.options.flops_target, self.steps)
+            guarded = self.stop_at_target and self.options.flops_target is not None and self.input_size is not None
+            self.reg.prox_step(lr, guard=self._target_guard if guarded else None)
 
-    def _target_reached(self) -> bool:
-        target = self.options.flops_target
-        if not self.stop_at_target or target is None or self.input_size is None:
-            return False
+    def _target_guard(self, zero: dict) -> bool:
+        """Whether a prox step that zeroes the groups in ``zero`` may be applied (see the class docstring)."""
+        target = float(self.options.flops_target)
         if self._structure is None:   # layers and their positions do not change while the blocks stay decomposed
             self._structure = structure_from_model(self.reg.model, input_size=self.input_size)
-        else:
-            self._structure.refresh()   # live masks from the current weights only
-        sparse = self._structure.sparsity().get("sparse_flops")
-        return sparse is not None and sparse >= float(target)
+        struct = self._structure
+        struct.refresh(zero=zero)     # live masks as the step would leave them
+        after = struct.flops_after()
+        if not cut_reaches(struct.original_flops, after, target):
+            return True
+        cut = flops_cut(struct.original_flops, after)
+        self.reg_stopped_step = self.steps
+        if cut <= target + self.TARGET_TOLERANCE:
+            logger.info("EDP: the zero groups alone reach the FLOPs target %.3f (cut %.4f) at regularised step %d; "
+                        "proximal steps stopped until PM", target, cut, self.steps)
+            return True
+        struct.refresh()              # as the weights are: the step is not applied
+        logger.warning("EDP: regularised step %d would zero groups cutting %.1f %% of the FLOPs (the zero groups "
+                       "cut %.1f %% before it), more than the target %.1f %% + %.1f points: the step was not applied "
+                       "and proximal steps stop; PM removes the weakest groups up to the target (lambda_rank=%g, "
+                       "lambda_channel=%g: a lambda too strong for the schedule does this early)", self.steps,
+                       100 * cut, 100 * flops_cut(struct.original_flops, struct.flops_after()), 100 * target,
+                       100 * self.TARGET_TOLERANCE, self.lambda_rank, self.lambda_channel)
+        return False
 
     def prune(self, model, input_size) -> dict:
         target = self.options.flops_target
@@ -217,6 +238,10 @@ class EDPMethod(CompressionMethod):
                                  layer_weights=weights, max_layer_cut=self.max_layer_cut)
         self.pruned = True
         self.reg = None
+        if target is not None and report.achieved_r_flops > float(target) + self.TARGET_TOLERANCE:
+            logger.warning("EDP: the pruned model cuts %.1f %% of the FLOPs where %.1f %% was requested (the groups "
+                           "training zeroed cut %.1f %%; compress.stop_reg_at_target=%s)", 100 * report.achieved_r_flops,
+                           100 * float(target), 100 * report.r_flops_from_zero_groups, self.stop_at_target)
         out = report.to_dict()
         if weights is not None:
             out["layer_weights"] = weights           # pm_report.json: reusable as compress.latency.weights

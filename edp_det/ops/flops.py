@@ -15,6 +15,7 @@ it* (after ``model.transform``'s resize); the pass runs backbone body → FPN �
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from fractions import Fraction
 
 import torch
 from torch import nn
@@ -22,7 +23,7 @@ from torch import nn
 from edp_det.ops.adapter import DETECTOR_PARTS, is_detector, under, unwrap_model
 from edp_det.ops.block import CompressedAwareConv2d
 
-__all__ = ["count_flops", "FlopsReport", "ModuleFlops", "DETECTOR_PARTS"]
+__all__ = ["count_flops", "FlopsReport", "ModuleFlops", "DETECTOR_PARTS", "flops_cut", "cut_reaches"]
 
 @dataclass
 class ModuleFlops:
@@ -79,6 +80,26 @@ class FlopsReport:
         for part, d in self.parts.items():
             lines.append(f"  {part:<16} {d['params'] / 1e6:8.3f} M params {d['flops'] / 1e9:9.3f} GFLOPs")
         return "\n".join(lines)
+
+
+def flops_cut(original: int, after: int) -> float:
+    """The cut ``(original − after) / original`` of integer counts as one correctly rounded division.
+
+    Rounding is monotonic, so whenever the exact cut is ≥ a float ``target`` (see :func:`cut_reaches`), the
+    returned float is ≥ ``target`` too, on every machine (``1 − after / original`` rounds twice and can fall
+    below it)."""
+    original, after = int(original), int(after)
+    if original <= 0:
+        raise ValueError(f"original FLOPs must be positive, got {original}")
+    return (original - after) / original
+
+
+def cut_reaches(original: int, after: int, target: float) -> bool:
+    """Whether the exact rational cut ``(original − after) / original`` is ≥ ``target`` (no float rounding)."""
+    original, after = int(original), int(after)
+    if original <= 0:
+        raise ValueError(f"original FLOPs must be positive, got {original}")
+    return Fraction(original - after, original) >= Fraction(target)
 
 
 def _params(module: nn.Module) -> int:

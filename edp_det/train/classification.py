@@ -22,7 +22,7 @@ from torch import nn
 from edp_det.data.imagefolder import build_imagefolder
 from edp_det.runtime.errors import ConfigError
 from edp_det.evaluation.classification import AccuracyMeter
-from edp_det.ops.flops import count_flops
+from edp_det.ops.flops import count_flops, flops_cut
 from edp_det.ops.graph import unwrap_model
 from edp_det.models import MODEL_REGISTRY, build_model
 
@@ -181,7 +181,7 @@ class ClassificationTask:
         rep = count_flops(model, input_size=size)
         ref = count_flops(self.original_model(), input_size=size)
         out = {"params": rep.params, "flops": rep.flops, "params_original": ref.params, "flops_original": ref.flops,
-               "r_params": 1 - rep.params / ref.params, "r_flops": 1 - rep.flops / ref.flops,
+               "r_params": 1 - rep.params / ref.params, "r_flops": flops_cut(ref.flops, rep.flops),
                "input_size": list(size), "num_classes": len(self.classes)}
         b = self.cfg["benchmark"]
         if b["enabled"]:

@@ -15,7 +15,7 @@ from torch import nn
 from edp_det.data.transforms import build_transforms
 from edp_det.data.voc import VOCDataset, collate_fn
 from edp_det.ops.adapter import BODY
-from edp_det.ops.flops import count_flops
+from edp_det.ops.flops import count_flops, flops_cut
 from edp_det.ops.graph import unwrap_model
 from edp_det.models import build_model, load_backbone_weights, load_detector_weights
 
@@ -151,9 +151,9 @@ class DetectionTask:
                "params_backbone": body["params"], "flops_backbone": body["flops"],
                "flops_detector": rep.flops, "flops_backbone_original": body0["flops"],
                "flops_detector_original": ref.flops,
-               "r_flops_backbone": 1 - body["flops"] / body0["flops"],
+               "r_flops_backbone": flops_cut(body0["flops"], body["flops"]),
                "r_params_backbone": 1 - body["params"] / body0["params"],
-               "r_flops_detector": 1 - rep.flops / ref.flops,
+               "r_flops_detector": flops_cut(ref.flops, rep.flops),
                "flops_parts": rep.parts, "input_size": list(size), "classes": list(self.classes)}
         b = self.cfg["benchmark"]
         bdev = torch.device(b["device"]) if b["device"] else device
