@@ -54,3 +54,40 @@ def test_rank_layers_tied_keeps_prunable_layers_dense():
     assert sum(not all_mode[n].merged for n in prunable) > 0    # the default does split prunable layers
     with pytest.raises(ValueError, match="rank_layers"):
         edp_det.prune_and_merge(copy.deepcopy(m), flops_target=0.5, input_size=(3, 64, 64), rank_layers="most")
+
+
+def test_shortest_prefix_is_the_first_true_of_a_monotone_predicate():
+    from edp_det.edp.budget import shortest_prefix
+
+    calls = []
+    for n in range(0, 40):
+        for first in range(0, n + 1):
+            calls.clear()
+
+            def reaches(k, first=first):
+                calls.append(k)
+                return k >= first
+            assert shortest_prefix(n, reaches) == first
+            assert len(calls) <= 2 + max(n, 1).bit_length()     # bisection, not a scan
+
+
+def test_score_policies_rank_groups_as_documented():
+    import torch
+
+    from edp_det.edp.budget import GivenScores, RelativeNorm
+
+    norms = torch.tensor([4.0, 1.0, 2.0], dtype=torch.float64)
+    idx = torch.tensor([0, 2, 5])
+    rel = RelativeNorm().score("a", "col", idx, norms)
+    assert torch.equal(rel, torch.tensor([1.0, 0.25, 0.5], dtype=torch.float64))
+    # a layer weighted 2 (twice as slow per FLOP) scores half: cut first
+    assert torch.equal(RelativeNorm({"a": 2.0}).score("a", "col", idx, norms), rel / 2)
+    given = torch.tensor([9.0, 0, 3.0, 0, 0, 1.0])                 # indexed by column, not by live position
+    pol = GivenScores({("a", "col"): given}, fallback=RelativeNorm())
+    assert torch.equal(pol.score("a", "col", idx, norms), torch.tensor([9.0, 3.0, 1.0], dtype=torch.float64))
+    assert torch.equal(pol.score("b", "col", idx, norms), rel)      # no entry: the fallback
+    s = pol.score("a", "col", idx, norms)
+    assert int(torch.argmax(pol.strength("a", "col", norms, s))) == 0
+    s2 = torch.tensor([0.1, 5.0, 0.2], dtype=torch.float64)
+    assert int(torch.argmax(pol.strength("a", "col", norms, s2))) == 1   # the given score decides what stays
+    assert int(torch.argmax(pol.strength("b", "col", norms, s2))) == 0   # the norms otherwise

@@ -57,7 +57,7 @@ def _compress(name, model, target=0.4, **args):
     model = method.prepare(model)
     if method.calibration_batches:
         _calibrate(method, model)
-    report = method.prune(model, SIZE)
+    report = method.prune(model, SIZE).report
     return method, model, report
 
 
@@ -170,7 +170,7 @@ def test_slimming_prox_and_frozen_bn_detector():
     method.after_step(det, lr=0.05, epoch=0)   # threshold 0.5: some γ reach exactly zero
     stats = method.epoch_stats(det, size)
     assert stats["zero_scale_channels"] > 0
-    report = method.prune(det.eval(), size)
+    report = method.prune(det.eval(), size).report
     assert not any(isinstance(m, FixedStatBatchNorm2d) for m in det.modules())
     cut = 1 - count_flops(det, input_size=size).parts["backbone.body"]["flops"] / body0
     assert 0.4 <= cut <= 0.41 and report["achieved_r_flops"] == pytest.approx(cut)
@@ -234,7 +234,7 @@ def test_edp_variants_through_the_interface(name):
         assert all(e.lam_col == 0 for e in entries) and any(e.lam_row > 0 for e in entries)
     else:   # edp_separate: rank groups first (epoch 0 of epoch_es = 1 → half = 1)
         assert all(e.lam_row == 0 for e in entries) and all(e.lam_col > 0 for e in entries)
-    report = method.prune(model, SIZE)
+    report = method.prune(model, SIZE).report
     cut = 1 - count_flops(model, input_size=SIZE).flops / count_flops(tiny(), input_size=SIZE).flops
     assert 0.4 <= cut <= 0.41 and report["achieved_r_flops"] == pytest.approx(cut)
 
@@ -269,7 +269,7 @@ def test_edp_stops_regularising_once_zero_groups_reach_the_target(stop, caplog):
     again = build_method("edp", {"epoch_es": 1, "flops_target": target}, total_epochs=2)
     again.load_state_dict(method.state_dict())
     assert again.reg_stopped_step == method.reg_stopped_step and again.steps == method.steps
-    report = method.prune(model, SIZE)
+    report = method.prune(model, SIZE).report
     assert target <= report["achieved_r_flops"] <= target + method.TARGET_TOLERANCE
     if "was not applied" not in caplog.text:   # the last step reached the target within the tolerance
         assert report["budget_removed_groups"] == 0
@@ -294,7 +294,7 @@ def test_extreme_lambda_respects_the_target(name, stop, caplog):
         for epoch in (0, 1):
             method.after_step(model, lr=0.01, epoch=epoch)
         unchanged = all(torch.equal(b, e.block.beta_2d()) for b, e in zip(betas, method.reg.entries))
-        report = method.prune(model, SIZE)
+        report = method.prune(model, SIZE).report
     cut = 1 - count_flops(model, input_size=SIZE).flops / count_flops(tiny(), input_size=SIZE).flops
     assert report["achieved_r_flops"] == pytest.approx(cut, abs=1e-12)
     if stop:

@@ -48,7 +48,8 @@ from edp_det.ops.graph import build_channel_graph, get_submodule, unwrap_model
 from edp_det.ops.surgery import kept_indices
 from edp_det.runtime.errors import EDPError
 
-__all__ = ["Structure", "LayerMasks", "structure_from_model", "scope_prefixes", "BudgetError"]
+__all__ = ["Structure", "LayerMasks", "structure_from_model", "scope_prefixes", "BudgetError", "Candidates",
+           "ScorePolicy", "RelativeNorm", "GivenScores", "shortest_prefix", "KINDS"]
 
 
 # which layers' rank (β column) groups the budget may remove: "all", or "tied" = only layers whose output channels
@@ -129,6 +130,84 @@ def _block_cost(ci, r, co, kk):
     merged = ci * co * kk
     split = r * (ci * kk + co)
     return torch.minimum(merged, split) if isinstance(merged, torch.Tensor) else min(merged, split)
+
+
+KINDS = ("col", "row")
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """Removable groups in removal order: ``layer`` (index into :attr:`Structure.layers`), ``kind`` (index into
+    :data:`KINDS`) and ``index`` (column / channel), three aligned 1-D long tensors."""
+    layer: torch.Tensor
+    kind: torch.Tensor
+    index: torch.Tensor
+
+    @staticmethod
+    def empty() -> Candidates:
+        e = torch.zeros(0, dtype=torch.long)
+        return Candidates(e, e, e)
+
+    def __len__(self) -> int:
+        return int(self.layer.numel())
+
+
+class ScorePolicy:
+    """How the FLOPs-target selection ranks a layer's removable groups: :meth:`score` maps the layer's live group
+    indices and their norms to scores compared across all layers (lower is removed first)."""
+
+    def score(self, layer: str, kind: str, live_idx: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def strength(self, layer: str, kind: str, norms: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """What decides the one group of a layer and kind that is never removed (its argmax): the norms."""
+        return norms
+
+
+class RelativeNorm(ScorePolicy):
+    """A group's norm relative to its layer's strongest group (every layer cut in proportion to its weakness, as
+    the paper's per-layer ratio), divided by the layer's weight when ``layer_weights`` are given (a layer that is
+    slow per FLOP, weight > 1, is cut first)."""
+
+    def __init__(self, layer_weights: dict | None = None):
+        self.layer_weights = layer_weights or {}
+
+    def score(self, layer, kind, live_idx, norms):
+        rel = norms / norms.max().clamp_min(1e-300)
+        return rel / float(self.layer_weights[layer]) if layer in self.layer_weights else rel
+
+
+class GivenScores(ScorePolicy):
+    """Scores supplied per ``(layer, kind)`` as a tensor indexed by column/channel (the comparison methods' own
+    criteria); layers without an entry are scored by ``fallback``."""
+
+    def __init__(self, scores: dict, fallback: ScorePolicy):
+        self.scores = scores
+        self.fallback = fallback
+
+    def score(self, layer, kind, live_idx, norms):
+        given = self.scores.get((layer, kind))
+        if given is None:
+            return self.fallback.score(layer, kind, live_idx, norms)
+        return given.detach().to(device=live_idx.device, dtype=torch.float64)[live_idx]
+
+    def strength(self, layer, kind, norms, scores):
+        return scores if (layer, kind) in self.scores else self.fallback.strength(layer, kind, norms, scores)
+
+
+def shortest_prefix(n: int, reaches) -> int:
+    """The smallest ``k`` in ``[0, n]`` with ``reaches(k)`` for a monotone predicate with ``reaches(n)`` true
+    (bisection: O(log n) calls)."""
+    if reaches(0):
+        return 0
+    lo, hi = 0, n   # reaches(lo) false, reaches(hi) true
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if reaches(mid):
+            hi = mid
+        else:
+            lo = mid
+    return hi
 
 
 class Structure:
@@ -242,6 +321,70 @@ class Structure:
 
     # ------------------------------------------------------------------ selection
     @torch.no_grad()
+    def group_norms(self, kinds=("col", "row"), rank_layers: str = "all"):
+        """The removable groups of every layer: yields ``(layer_index, kind, live_idx, norms)`` with ``kind`` in
+        ``"col"`` (β column restricted to live rows) / ``"row"`` (β row over live columns, with bias and norm
+        affine) and float64 L2 norms, for every layer and kind that has more than one live group."""
+        for i, l in enumerate(self.layers):
+            beta = l.block.beta_2d()
+            cols = torch.nonzero(l.col_live).flatten()
+            rank_ok = rank_layers == "all" or not l.prunable or "row" not in kinds
+            if "col" in kinds and rank_ok and cols.numel() > 1:
+                yield i, "col", cols, beta[l.row_live][:, cols].double().norm(dim=0)
+            if "row" in kinds and l.prunable:
+                rows = torch.nonzero(l.row_live).flatten()
+                if rows.numel() > 1:
+                    sq = beta[rows][:, l.col_live].double().pow(2).sum(dim=1)
+                    for p in l.row_params():
+                        sq = sq + p[rows].double().pow(2)
+                    yield i, "row", rows, sq.sqrt()
+
+    @torch.no_grad()
+    def candidates(self, policy: ScorePolicy, kinds=("col", "row"), rank_layers: str = "all",
+                   max_layer_cut: float | None = None) -> Candidates:
+        """Every removable group scored by ``policy`` (lower goes first), the strongest group of each layer and
+        kind excluded, at most ``floor(max_layer_cut · live)`` of a layer's weakest groups per kind; sorted."""
+        lay, kind, idx, score = [], [], [], []
+        for i, k, live_idx, norms in self.group_norms(kinds, rank_layers):
+            name = self.layers[i].name
+            rel = policy.score(name, k, live_idx, norms)
+            sel = torch.ones(len(live_idx), dtype=torch.bool)
+            sel[int(torch.argmax(policy.strength(name, k, norms, rel)))] = False
+            if max_layer_cut is not None:
+                allowed = min(int(sel.sum()), int(max_layer_cut * len(live_idx)))
+                order = torch.argsort(rel.cpu(), stable=True)
+                capped = torch.zeros_like(sel)
+                capped[order[sel[order]][:allowed]] = True
+                sel = capped
+            n = int(sel.sum())
+            lay.append(torch.full((n,), i, dtype=torch.long))
+            kind.append(torch.full((n,), KINDS.index(k), dtype=torch.long))
+            idx.append(live_idx.cpu()[sel])
+            score.append(rel.cpu()[sel])
+        if not score:
+            return Candidates.empty()
+        order = torch.sort(torch.cat(score), stable=True).indices
+        return Candidates(torch.cat(lay)[order], torch.cat(kind)[order], torch.cat(idx)[order])
+
+    def counts_without(self, cands: Candidates, k: int, base: torch.Tensor,
+                       round_to: int | None = None) -> torch.Tensor:
+        """Live counts (as :meth:`counts`) after removing the first ``k`` candidates from ``base``; with
+        ``round_to``, every layer's rank and channel count rounded up to a multiple (never above ``base``)."""
+        n_layers = len(self.layers)
+        removed = torch.bincount(cands.layer[:k] * 2 + cands.kind[:k], minlength=2 * n_layers).view(n_layers, 2)
+        c = base.clone()
+        c[:, 1] -= removed[:, 0]
+        c[:, 2] -= removed[:, 1]
+        if round_to:
+            for col in (1, 2):
+                live0 = base[:, col]
+                up = (c[:, col] + round_to - 1) // round_to * round_to
+                down = live0 // round_to * round_to
+                c[:, col] = torch.where(up <= live0, up, torch.where(down > 0, down, live0))
+        c[:, 0] = self._inputs_from(c[:, 2])
+        return c
+
+    @torch.no_grad()
     def select_for_target(self, flops_target: float, round_to: int | None = None, kinds=("col", "row"),
                           group_scores: dict | None = None, rank_layers: str = "all",
                           layer_weights: dict | None = None, max_layer_cut: float | None = None):
@@ -251,118 +394,48 @@ class Structure:
         ``group_scores``: optional ``{(layer_name, "col"|"row"): tensor}`` of importance scores indexed by
         column/channel, replacing the default score for that layer and kind (the comparison methods' own
         criteria: L1 of filters, |γ|, singular-value energy); lower is removed first, scores are compared
-        across layers as given, and the highest-scored group of each layer and kind is kept.
+        across layers as given, and the highest-scored group of each layer and kind is kept. Otherwise the
+        score is :class:`RelativeNorm` (``layer_weights`` divide it).
+
+        The candidates are ordered by score (:meth:`candidates`) and the shortest prefix that reaches the target
+        is found by bisection (:func:`shortest_prefix`) on the analytic cost of the structure PM would build.
 
         Returns ``(removals, achieved)`` where removals is a list of ``(layer_index, "col"|"row", channel)``;
         ``achieved`` is the analytic cut after removing them (before dead-channel propagation, which can only
         add to it), ``flops_cut`` of integer FLOPs; the comparison with the target is exact (rational), so
         ``achieved >= flops_target`` on every machine. Raises BudgetError if the target cannot be reached.
         """
-        if not set(kinds) <= {"col", "row"}:
+        if not set(kinds) <= set(KINDS):
             raise ValueError(f"kinds must be a subset of ('col', 'row'), got {kinds!r}")
         check_rank_layers(rank_layers)
         check_max_layer_cut(max_layer_cut)
-        group_scores = group_scores or {}
         if self.original_flops is None:
             raise BudgetError("spatial sizes unknown: give input_size to compute a FLOPs budget")
+        policy = RelativeNorm(layer_weights)
+        if group_scores:
+            policy = GivenScores(group_scores, fallback=policy)
         base = self.counts()
-        cand_layer, cand_kind, cand_idx, cand_score = [], [], [], []
-
-        def add(i: int, kind_id: int, live_idx: torch.Tensor, norms: torch.Tensor) -> None:
-            custom = group_scores.get((self.layers[i].name, ("col", "row")[kind_id]))
-            if custom is not None:
-                norms = custom.detach().to(device=live_idx.device, dtype=torch.float64)[live_idx]
-                rel = norms
-            else:
-                rel = norms / norms.max().clamp_min(1e-300)
-                if layer_weights:
-                    rel = rel / float(layer_weights.get(self.layers[i].name, 1.0))
-            keep = int(torch.argmax(norms))
-            sel = torch.ones(len(live_idx), dtype=torch.bool)
-            sel[keep] = False
-            if max_layer_cut is not None:   # only the weakest floor(max_layer_cut · live) groups are candidates
-                allowed = min(int(sel.sum()), int(max_layer_cut * len(live_idx)))
-                order = torch.argsort(rel.cpu(), stable=True)
-                capped = torch.zeros_like(sel)
-                capped[order[sel[order]][:allowed]] = True
-                sel = capped
-            cand_layer.append(torch.full((int(sel.sum()),), i, dtype=torch.long))
-            cand_kind.append(torch.full((int(sel.sum()),), kind_id, dtype=torch.long))
-            cand_idx.append(live_idx.cpu()[sel])
-            cand_score.append(rel.cpu()[sel])
-
-        for i, l in enumerate(self.layers):
-            beta = l.block.beta_2d()
-            cols = torch.nonzero(l.col_live).flatten()
-            rank_ok = rank_layers == "all" or not l.prunable or "row" not in kinds
-            if "col" in kinds and rank_ok and cols.numel() > 1:
-                norms = beta[l.row_live][:, cols].double().norm(dim=0)
-                add(i, 0, cols, norms)
-            if "row" in kinds and l.prunable:
-                rows = torch.nonzero(l.row_live).flatten()
-                if rows.numel() > 1:
-                    sq = beta[rows][:, l.col_live].double().pow(2).sum(dim=1)
-                    for p in l.row_params():
-                        sq = sq + p[rows].double().pow(2)
-                    add(i, 1, rows, sq.sqrt())
+        cands = self.candidates(policy, kinds, rank_layers, max_layer_cut)
         orig = int(self.original_flops)
-        if not cand_score:     # every layer is down to one group (or none): only the zero groups can count
-            achieved = flops_cut(orig, self.flops_after(base))
-            if cut_reaches(orig, self.flops_after(base), flops_target):
-                return [], achieved
-            raise BudgetError(f"flops_target={flops_target:.4f} cannot be reached: no removable groups left "
-                              f"(the live structure cuts {achieved:.4f})")
-        cand_layer, cand_kind = torch.cat(cand_layer), torch.cat(cand_kind)
-        cand_idx, cand_score = torch.cat(cand_idx), torch.cat(cand_score)
-        order = torch.sort(cand_score, stable=True).indices
-        lay, kind, idx = cand_layer[order], cand_kind[order], cand_idx[order]
-        n_layers = len(self.layers)
 
-        def counts_for(k: int) -> torch.Tensor:
-            removed = torch.bincount(lay[:k] * 2 + kind[:k], minlength=2 * n_layers).view(n_layers, 2)
-            c = base.clone()
-            c[:, 1] -= removed[:, 0]
-            c[:, 2] -= removed[:, 1]
-            if round_to:
-                for col, live0 in ((1, base[:, 1]), (2, base[:, 2])):
-                    v = c[:, col]
-                    up = (v + round_to - 1) // round_to * round_to
-                    down = live0 // round_to * round_to
-                    v = torch.where(up <= live0, up, torch.where(down > 0, down, live0))
-                    c[:, col] = v
-            c[:, 0] = self._inputs_from(c[:, 2])
-            return c
+        def after(k: int) -> int:
+            return self.flops_after(self.counts_without(cands, k, base, round_to))
 
-        def cut(k: int) -> float:
-            return flops_cut(orig, self.flops_after(counts_for(k)))
-
-        def reaches(k: int) -> bool:
-            return cut_reaches(orig, self.flops_after(counts_for(k)), flops_target)
-
-        n = len(order)
-        if reaches(0):
-            return [], cut(0)
-        if not reaches(n):
-            raise BudgetError(f"flops_target={flops_target:.4f} cannot be reached: removing every removable group "
-                              f"gives a cut of {cut(n):.4f}")
-        lo, hi = 0, n   # cut(lo) < target <= cut(hi)
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            if reaches(mid):
-                hi = mid
-            else:
-                lo = mid
-        final = counts_for(hi)
+        n = len(cands)
+        if not cut_reaches(orig, after(n), flops_target):
+            what = "removing every removable group gives" if n else "no removable groups left; the live structure"
+            raise BudgetError(f"flops_target={flops_target:.4f} cannot be reached: {what} cuts "
+                              f"{flops_cut(orig, after(n)):.4f}")
+        k = shortest_prefix(n, lambda m: cut_reaches(orig, after(m), flops_target))
+        final = self.counts_without(cands, k, base, round_to)
         removals = []
-        for i in range(n_layers):
-            for kind_id, col, label in ((0, 1, "col"), (1, 2, "row")):
-                n_remove = int(base[i, col] - final[i, col])
-                if n_remove <= 0:
-                    continue
-                sel = (lay == i) & (kind == kind_id)
-                for ch in idx[sel][:n_remove].tolist():
-                    removals.append((i, label, ch))
-        return removals, cut(hi)
+        for i in range(len(self.layers)):
+            for kind_id, label in enumerate(KINDS):
+                n_remove = int(base[i, kind_id + 1] - final[i, kind_id + 1])
+                if n_remove > 0:
+                    sel = (cands.layer == i) & (cands.kind == kind_id)
+                    removals.extend((i, label, ch) for ch in cands.index[sel][:n_remove].tolist())
+        return removals, flops_cut(orig, after(k))
 
     @torch.no_grad()
     def zero_groups(self, removals) -> None:

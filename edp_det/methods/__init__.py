@@ -1,7 +1,7 @@
 """Compression methods behind one interface (:class:`CompressionMethod`), selected by ``method:`` in the config."""
 from __future__ import annotations
 
-from edp_det.methods.base import CompressionMethod
+from edp_det.methods.base import CompressionMethod, PruneResult
 from edp_det.methods.admm_lrs import ADMMLRSMethod
 from edp_det.methods.edp import EDPChannelMethod, EDPMethod, EDPRankMethod, EDPSeparateMethod
 from edp_det.methods.l1_filter import L1FilterMethod
@@ -47,4 +47,4 @@ def method_summaries() -> dict[str, str]:
     return {name: cls.summary for name, cls in METHODS.items()}
 
 
-__all__ = ["CompressionMethod", "METHODS", "register_method", "build_method", "config_schema", "method_summaries"]
+__all__ = ["CompressionMethod", "PruneResult", "METHODS", "register_method", "build_method", "config_schema", "method_summaries"]

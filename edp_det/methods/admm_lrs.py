@@ -44,6 +44,7 @@ from edp_det.ops.block import balanced_svd_factors
 from edp_det.edp.calibration import forward_batch
 from edp_det.ops.adapter import in_scope
 from edp_det.ops.graph import build_channel_graph, get_submodule, unwrap_model
+from edp_det.methods.base import PruneResult
 from edp_det.methods.common import PrunePointMethod
 from edp_det.runtime.schema import CompressOptions, option
 from edp_det.methods.lrs import (MaskedFineTuneMixin, allocate_lowrank_sparse, finalize_lowrank_sparse, layer_entry,
@@ -230,7 +231,7 @@ class ADMMLRSMethod(MaskedFineTuneMixin, PrunePointMethod):
 
     # ------------------------------------------------------------------ prune
     @torch.no_grad()
-    def prune(self, model, input_size) -> dict:
+    def prune(self, model, input_size) -> PruneResult:
         root = unwrap_model(model)
         if not self._x:
             raise ValueError("admm_lrs: calibrate() must run before prune() (the engine does this when "

@@ -10,19 +10,32 @@ Life cycle inside :class:`edp_det.train.engine.Trainer` (Algorithm 1 generalised
             optimizer.step(); method.after_step(model, lr, epoch)   # proximal steps, masks ...
         if epoch + 1 == method.prune_epoch:
             method.calibrate(model, batches, device)      # only if method.calibration_batches > 0
-            report = method.prune(model, input_size)      # structure changes
+            result = method.prune(model, input_size)      # structure changes -> PruneResult
     method.epoch_stats(model, input_size)         # sparsity curves for the report
 
-``prune`` returns a dict (written to ``pm_report.json``) and may carry a ``param_map`` (see
+``prune`` returns a :class:`PruneResult`: the report (written to ``pm_report.json``), the per-layer table
+(``layers.txt``) and, where parameters were sliced rather than replaced, a ``param_map`` (see
 :func:`edp_det.edp.pruning.transfer_optimizer_state`) so that optimizer state survives the structural change.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import nn
 
 from edp_det.runtime.schema import CompressOptions, option, parse_options
+
+
+@dataclass
+class PruneResult:
+    """What :meth:`CompressionMethod.prune` hands back to the engine."""
+
+    #: JSON-serialisable report, written to ``pm_report.json``
+    report: dict = field(default_factory=dict)
+    #: human-readable per-layer table, written to ``layers.txt`` (None: no file)
+    table: str | None = None
+    #: new parameter name -> (old name, kept indices per dim) for carrying optimizer state (None: nothing carried)
+    param_map: dict | None = None
 
 
 @dataclass
@@ -101,8 +114,8 @@ class CompressionMethod:
         """Look at ``calibration_batches`` training batches (an iterable of the task's raw batches, e.g.
         ``(images, targets)`` for detection) before :meth:`prune`; e.g. to record layer inputs."""
 
-    def prune(self, model: nn.Module, input_size) -> dict:
-        return {}
+    def prune(self, model: nn.Module, input_size) -> PruneResult:
+        return PruneResult()
 
     def epoch_stats(self, model: nn.Module, input_size) -> dict:
         return {}

@@ -21,12 +21,12 @@ from edp_det.edp.budget import BudgetError, structure_from_model
 from edp_det.edp.decompose import decompose, iter_blocks
 from edp_det.ops.graph import build_channel_graph, get_submodule, unwrap_model
 from edp_det.edp.pruning import prune_and_merge
-from edp_det.methods.base import CompressionMethod
+from edp_det.methods.base import CompressionMethod, PruneResult
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["PrunePointMethod", "channel_prune_to_target", "rank_truncate_to_target", "refactor_blocks_svd",
-           "pm_report_dict"]
+           "pm_result"]
 
 
 class PrunePointMethod(CompressionMethod):
@@ -64,13 +64,13 @@ class PrunePointMethod(CompressionMethod):
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def pm_report_dict(report, method: str, **extra) -> dict:
-    """PMReport → the dict ``Trainer`` writes to ``pm_report.json`` (+ ``table`` for layers.txt)."""
+def pm_result(report, method: str, **extra) -> PruneResult:
+    """PMReport → the :class:`PruneResult` of a method whose PM rebuilds every layer it touches (no optimizer
+    state is carried)."""
     out = report.to_dict()
     out["method"] = method
     out.update(extra)
-    out["table"] = report.format_table()
-    return out
+    return PruneResult(report=out, table=report.format_table())
 
 
 def _relu_constant(root: nn.Module, layer) -> torch.Tensor:

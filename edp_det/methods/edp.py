@@ -25,7 +25,7 @@ from edp_det.deploy.latency import LATENCY_MODES, measure_time_per_flop
 from edp_det.edp.pruning import prune_and_merge
 from edp_det.ops.flops import cut_reaches, flops_cut
 from edp_det.edp.regularizer import EDPRegularizer
-from edp_det.methods.base import CompressionMethod, ScopedOptions
+from edp_det.methods.base import CompressionMethod, PruneResult, ScopedOptions
 
 logger = logging.getLogger(__name__)
 
@@ -223,7 +223,7 @@ class EDPMethod(CompressionMethod):
                        100 * self.TARGET_TOLERANCE, self.lambda_rank, self.lambda_channel)
         return False
 
-    def prune(self, model, input_size) -> dict:
+    def prune(self, model, input_size) -> PruneResult:
         target = self.options.flops_target
         weights = None
         if self.latency_weights is not None and target is not None:
@@ -245,9 +245,7 @@ class EDPMethod(CompressionMethod):
         out = report.to_dict()
         if weights is not None:
             out["layer_weights"] = weights           # pm_report.json: reusable as compress.latency.weights
-        out["param_map"] = report.param_map
-        out["table"] = report.format_table()
-        return out
+        return PruneResult(report=out, table=report.format_table(), param_map=report.param_map)
 
     def epoch_stats(self, model, input_size) -> dict:
         if self.pruned or not is_decomposed(model):

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 import torch
 
 from edp_det.ops.graph import build_channel_graph, get_submodule, unwrap_model
-from edp_det.methods.common import PrunePointMethod, channel_prune_to_target, pm_report_dict
+from edp_det.methods.base import PruneResult
+from edp_det.methods.common import PrunePointMethod, channel_prune_to_target, pm_result
 from edp_det.runtime.schema import CompressOptions, option
 
 
@@ -60,8 +61,8 @@ class L1FilterMethod(PrunePointMethod):
         super().__init__(compress_cfg, total_epochs)
         self.normalize = self.options.l1_normalize
 
-    def prune(self, model, input_size) -> dict:
+    def prune(self, model, input_size) -> PruneResult:
         scores = l1_filter_scores(model, self.normalize)
         report = channel_prune_to_target(model, scores, self.flops_target, input_size, round_to=self.round_to)
         self.pruned = True
-        return pm_report_dict(report, self.name, criterion=f"filter L1 ({self.normalize})")
+        return pm_result(report, self.name, criterion=f"filter L1 ({self.normalize})")

@@ -37,6 +37,7 @@ from edp_det.ops.flops import count_flops
 from edp_det.ops.graph import build_channel_graph, get_submodule, set_submodule, unwrap_model
 from edp_det.ops.layers import LowRankSparseConv2d
 from edp_det.edp.regularizer import zero_momentum
+from edp_det.methods.base import PruneResult
 from edp_det.methods.common import PrunePointMethod
 from edp_det.runtime.schema import CompressOptions, option
 
@@ -269,7 +270,7 @@ class LRSMethod(MaskedFineTuneMixin, PrunePointMethod):
                 "sparse_S": zeros / max(total, 1)}
 
     @torch.no_grad()
-    def prune(self, model, input_size) -> dict:
+    def prune(self, model, input_size) -> PruneResult:
         root = unwrap_model(model)
         mods = lowrank_sparse_layers(root)
         if not mods:
@@ -329,7 +330,7 @@ class LRSMethod(MaskedFineTuneMixin, PrunePointMethod):
                                      lrs_rank_ratio=self.rank_ratio)
 
 
-def lowrank_sparse_report(root, input_size, method: str, target: float, layers: list[dict], **extra) -> dict:
+def lowrank_sparse_report(root, input_size, method: str, target: float, layers: list[dict], **extra) -> PruneResult:
     """Recount the real model; the pm_report dict of LRS-type methods (counted and dense-execution FLOPs)."""
     rep, prefixes, flops_after = scope_flops(root, input_size)
     dense_exec = 0
@@ -348,10 +349,10 @@ def lowrank_sparse_report(root, input_size, method: str, target: float, layers: 
            "flops_dense_execution": dense_exec, "params_after": rep.params, "input_size": list(rep.input_size),
            "sparse_nnz": sum(l.get("sparse_nnz", 0) for l in layers)}
     out.update(extra)
-    out["table"] = format_layers(layers, f"FLOPs {orig / 1e9:.4f} G -> {flops_after / 1e9:.4f} G counted "
+    table = format_layers(layers, f"FLOPs {orig / 1e9:.4f} G -> {flops_after / 1e9:.4f} G counted "
                                          f"(non-zero sparse weights only; R_FLOPs requested {target:.1%}, achieved "
                                          f"{achieved:.1%}), {dense_exec / 1e9:.4f} G executed densely "
                                          f"(R_FLOPs {1 - dense_exec / orig:.1%})")
     logger.info("%s: R_FLOPs achieved %.4f (requested %.4f); dense execution %.4f", method, achieved, target,
                 1 - dense_exec / orig)
-    return out
+    return PruneResult(report=out, table=table)

@@ -30,7 +30,8 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 from edp_det.ops.graph import build_channel_graph, get_submodule, set_submodule, unwrap_model
 from edp_det.ops.layers import FixedStatBatchNorm2d
 from edp_det.edp.regularizer import zero_momentum
-from edp_det.methods.common import PrunePointMethod, channel_prune_to_target, pm_report_dict
+from edp_det.methods.base import PruneResult
+from edp_det.methods.common import PrunePointMethod, channel_prune_to_target, pm_result
 from edp_det.runtime.schema import CompressOptions, option
 
 
@@ -102,7 +103,7 @@ class SlimmingMethod(PrunePointMethod):
         return {"zero_scale_channels": int((g == 0).sum()), "sparse_channels": float((g == 0).float().mean()),
                 "gamma_abs_mean": float(g.mean())}
 
-    def prune(self, model, input_size) -> dict:
+    def prune(self, model, input_size) -> PruneResult:
         root = unwrap_model(model)
         scores = {}
         for conv_name, norm in self._trainable_norms(root).items():
@@ -113,4 +114,4 @@ class SlimmingMethod(PrunePointMethod):
         report = channel_prune_to_target(root, scores, self.flops_target, input_size, round_to=self.round_to)
         self.pruned = True
         self.gammas = []
-        return pm_report_dict(report, self.name, criterion="abs(gamma), global threshold", slimming_lambda=self.lam)
+        return pm_result(report, self.name, criterion="abs(gamma), global threshold", slimming_lambda=self.lam)

@@ -14,8 +14,8 @@ conv + norm compute; with BatchNorm2d the conv weight itself is decomposed.
 """
 from __future__ import annotations
 
-from edp_det.methods.base import ScopedOptions
-from edp_det.methods.common import PrunePointMethod, pm_report_dict, rank_truncate_to_target
+from edp_det.methods.base import PruneResult, ScopedOptions
+from edp_det.methods.common import PrunePointMethod, pm_result, rank_truncate_to_target
 
 
 class SVDMethod(PrunePointMethod):
@@ -23,9 +23,9 @@ class SVDMethod(PrunePointMethod):
     summary = "truncated SVD with ranks chosen globally by energy"
     Options = ScopedOptions
 
-    def prune(self, model, input_size) -> dict:
+    def prune(self, model, input_size) -> PruneResult:
         report = rank_truncate_to_target(model, self.flops_target, input_size,
                                          scope=self.options.scope, round_to=self.round_to)
         self.pruned = True
         # the factors are new parameters (the trained model was not decomposed): they start with fresh momentum
-        return pm_report_dict(report, self.name, criterion="singular-value energy, global threshold")
+        return pm_result(report, self.name, criterion="singular-value energy, global threshold")

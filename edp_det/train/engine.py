@@ -35,7 +35,7 @@ from edp_det.runtime.logs import (MetricsLogger, ProgressMeter, console_logging_
 from edp_det.runtime.rundir import check_run_dir, start_run_dir, truncate_metrics_log
 from edp_det.methods import build_method
 from edp_det.models import describe_model
-from edp_det.edp.pruning import transfer_optimizer_state
+from edp_det.edp.pruning import PMReport, transfer_optimizer_state
 from edp_det.deploy.serialization import apply_spec, architecture_spec, save_compressed
 
 logger = logging.getLogger(__name__)
@@ -348,7 +348,8 @@ class Trainer:
         if n_calib > 0:   # methods fitting layer responses (ADMM-LRS) see a few training batches first
             batches = itertools.islice(self.task.train_loader(epoch, dist), n_calib)
             method.calibrate(root, batches, device if device is not None else next(root.parameters()).device)
-        report = method.prune(root, input_size)
+        result = method.prune(root, input_size)
+        report = result.report
         n_bn = method.options.bn_recalib_batches
         if n_bn > 0 and batchnorm_layers(root):
             # the pre-PM running statistics no longer match the pruned convolutions (see edp_det.edp.calibration)
@@ -357,16 +358,14 @@ class Trainer:
                                          next(root.parameters()).device, distributed=dist.distributed)
             report["bn_recalibrated_batches"] = used
         new_opt = build_optimizer(root, self.tcfg)
-        param_map = report.pop("param_map", None)
-        if param_map is not None:
-            from edp_det.edp.pruning import PMReport
-            carried = transfer_optimizer_state(old_state, old_names, root, new_opt, PMReport(param_map=param_map))
+        if result.param_map is not None:
+            carried = transfer_optimizer_state(old_state, old_names, root, new_opt,
+                                               PMReport(param_map=result.param_map))
             logger.info("PM: optimizer state carried for %d parameters", carried)
         method.attach(root, new_opt)
         if dist.is_main:
-            table = report.pop("table", None)
             atomic_write_text(json.dumps(report, indent=2, default=float), self.out / "pm_report.json")
-            if table:
-                atomic_write_text(table + "\n", self.out / "layers.txt")
-                logger.info("PM done:\n%s", table.splitlines()[-1])
+            if result.table:
+                atomic_write_text(result.table + "\n", self.out / "layers.txt")
+                logger.info("PM done:\n%s", result.table.splitlines()[-1])
         return root, new_opt, self._wrap(root, dist)
