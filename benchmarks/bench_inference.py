@@ -8,7 +8,7 @@ Budget variants (``--budgets``): ``all`` = the default budget (rank groups of ev
 ``rank_layers="tied"`` (rank cut only where outputs feed a residual add, channel-prunable layers stay dense);
 ``-r8`` = ``round_to=8``; ``-lat`` = latency-aware: ``layer_weights=measure_time_per_flop(m, x)`` (marginal model,
 per residual block) measured at the setting's own input ``x`` (so those models are pruned per setting);
-``-latavg`` the same with ``mode="average"`` (each layer's dense conv alone, the session-3 model).
+``-latavg`` the same with ``mode="average"`` (each layer's dense conv alone).
 
 Variants per setting (all timed alternately in one run, one untimed warm-up call per variant per round; ratios
 per round, median over rounds):

@@ -19,9 +19,9 @@ Two latency models (``mode``):
   block (torchvision ``BasicBlock``/``Bottleneck``) containing the layer, or the layer itself outside blocks — is
   timed in both forms on the input it really sees; the unit's slope ``(t_dense − t_thin) / (F_dense − F_thin)``
   is the weight of all its layers. What a block keeps however thin it gets (its residual-width tensors) does not
-  count as removable time, which the average model below wrongly does: on ResNet-50 at batch 1 this moves the cut
-  from layer1 (large maps, little removable time) to layer3/4 and takes the 60 % model from 0.83–0.89 to 0.96–0.98
-  of its FLOPs-ideal speed-up (docs/BENCHMARKS.md, section 3).
+  count as removable time, which the average model below wrongly does: on ResNet-50 this moves the cut from layer1
+  (large maps, little removable time) to layer3/4, closer to the FLOPs-ideal speed-up (figures in
+  docs/BENCHMARKS.md, "Inference").
 * ``"average"``: a dense ``nn.Conv2d`` of each layer's original shape alone, time / FLOPs.
 
 Weights are normalised so that their FLOPs-weighted mean is 1 (``marginal``: Σ Δt / Σ ΔF over units;
@@ -29,7 +29,7 @@ Weights are normalised so that their FLOPs-weighted mean is 1 (``marginal``: Σ 
 Shapes are the original ones, not the live structure: the weights describe the hardware and the dense network and
 do not depend on how training has sparsified it. Measure on the device, dtype, batch size and thread count you
 will serve with, on an otherwise idle machine: the norm ÷ weight ranking has many near-ties, so timing noise can
-change the structure materially (docs/RESULTS.md, raccoon); ``compress.latency_weights`` reuses saved weights.
+change the structure materially (docs/RESULTS.md, raccoon); ``compress.latency.weights`` reuses saved weights.
 """
 from __future__ import annotations
 

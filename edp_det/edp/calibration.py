@@ -3,8 +3,8 @@ structural change, and feeding layer-fitting methods (ADMM-LRS) with real inputs
 
 Why BatchNorm needs it: a from-scratch detector normalises with running means/variances recorded *before* PM.
 Pruning removes channels, ranks and (with a FLOPs target) non-zero groups, so the pre-activations that reach each
-BatchNorm change; evaluating with the stale statistics can collapse accuracy (measured on the built-in demo:
-mAP 0.0 right after PM). Re-estimating them on a few batches costs forward passes only and restores the match.
+BatchNorm change; evaluating with the stale statistics can collapse accuracy (docs/RESULTS.md, built-in demo).
+Re-estimating them on a few batches costs forward passes only and restores the match.
 ``FrozenBatchNorm2d`` (pretrained detectors) holds fixed statistics that belong to the affine transform and is
 left alone.
 """

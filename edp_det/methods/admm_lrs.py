@@ -86,7 +86,7 @@ def admm_lowrank_sparse(w: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: to
     Returns ``(beta (c_out × rank), theta (rank × n), S (c_out × n), kernel_mask (c_out × c_in))`` in the
     unscaled (conv-weight) space, float64 (computed in float32).
     """
-    dt = torch.float32                  # ample for a ridge-regularised fit; float64 costs 2-4x on CPU
+    dt = torch.float32                  # ample for a ridge-regularised fit; float64 is much slower on CPU
     w, x, a, b = w.to(dt), x.to(dt), a.to(dt), b.to(dt)
     co, n = w.shape
     p = x.shape[1]

@@ -30,8 +30,8 @@ def balanced_svd_factors(w2d: torch.Tensor, r: int) -> tuple[torch.Tensor, torch
     """``β = U_r √S_r`` ``(c_out, r)`` and ``θ' = √S_r V_rᵀ`` ``(r, n)`` of ``w2d = U S Vᵀ``, in float64.
 
     Computed from the symmetric eigendecomposition of the smaller Gram matrix (``W Wᵀ`` or ``Wᵀ W``) rather than a
-    direct SVD: LAPACK's SVD of the wide 3×3-conv matrices (e.g. 512×4608) is 5–10× slower on CPU, which made
-    ``decompose`` of a ResNet-50 take tens of seconds. The eigenvector basis is orthonormal to rounding, so the
+    direct SVD: LAPACK's SVD of the wide 3×3-conv matrices (e.g. 512×4608) is much slower on CPU and dominated the
+    time of ``decompose`` on a ResNet-50. The eigenvector basis is orthonormal to rounding, so the
     product stays exact at any condition number (full rank: ``β θ' = U Uᵀ W = W``); the singular values are taken
     as the norms of the projections (``‖u_jᵀ W‖``, resp. ``‖W v_j‖``), columns sorted by them, descending.
     """
