@@ -24,8 +24,8 @@ Two options change which groups are candidates and how they rank (both opt-in, m
     slower per FLOP than a dense conv on CPUs);
   * ``layer_weights``: ``{layer: relative time per FLOP}`` (:func:`edp_det.deploy.latency.measure_time_per_flop`); the
     score is divided by the layer's weight, so slow-per-FLOP layers are cut first (latency-aware budget). Such a
-    strong preference can empty a layer down to its strongest group (on the demo detector it cut layer4 of a
-    ResNet-18 to 8 channels); ``max_layer_cut`` = f lets the budget remove at most floor(f · live) groups of
+    strong preference can empty a layer down to its strongest group (docs/RESULTS.md, demo detector);
+    ``max_layer_cut`` = f lets the budget remove at most floor(f · live) groups of
     each layer and kind (like Torch-Pruning's / NNCF's per-layer maximum pruning ratio).
 The strongest group of each layer and kind is never removed by the budget (a layer is never emptied
 by it; a layer trained to zero is still removed). Groups are removed in ascending score; the smallest prefix of
