@@ -254,11 +254,16 @@ def check_saved_detector(obj, model: nn.Module, path) -> None:
         if k in file_kw and k in own_kw and file_kw[k] != own_kw[k]:
             raise ValueError(f"{path}: model.weights has another architecture than the config's model "
                              f"(model.{k}: {file_kw[k]!r} in the file, {own_kw[k]!r} in the config)")
-    compressed = [(n, d.get("type")) for n, d in obj["spec"].items() if d.get("type") not in _PLAIN_SPEC_TYPES]
-    if compressed:
-        name, kind = compressed[0]
-        raise ValueError(f"{path}: model.weights is a compressed model (layer {name} is {kind!r}); start from the "
-                         "uncompressed detector (e.g. the baseline run's model_final.pt)")
+    modules = dict(model.named_modules())
+    for name, d in obj["spec"].items():
+        kind, own_m = d.get("type"), modules.get(name)
+        pruned = kind == "conv2d" and isinstance(own_m, nn.Conv2d) and name.startswith("backbone.") and \
+            (d.get("in"), d.get("out")) != (own_m.in_channels, own_m.out_channels)
+        if kind not in _PLAIN_SPEC_TYPES or pruned:
+            what = f"is {kind!r}" if not pruned else f"has {d.get('in')}->{d.get('out')} channels, the config's " \
+                f"{own_m.in_channels}->{own_m.out_channels}"
+            raise ValueError(f"{path}: model.weights is a compressed model (layer {name} {what}); start from the "
+                             "uncompressed detector (e.g. the baseline run's model_final.pt)")
 
 
 def replace_box_predictor(model: nn.Module, num_classes: int) -> None:

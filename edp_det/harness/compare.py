@@ -362,7 +362,9 @@ class _Grid:
 
     def finish(self, run: PlannedRun, ok: bool, wall: float, error: str | None, log: Path | None) -> None:
         self.status[run.name] = "done" if ok else "failed"
+        now = time.time()
         self.record["runs"][run.name] = {"status": self.status[run.name], "wall_s": round(wall, 1),
+                                         "started": round(now - wall, 3), "ended": round(now, 3),
                                          "log": None if log is None else str(log), "error": error}
         self.walls.append(wall)
         left = self.total - len(self.status)
