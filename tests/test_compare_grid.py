@@ -6,7 +6,6 @@ import importlib.util
 import json
 import logging
 import math
-import shutil
 from pathlib import Path
 
 import pytest

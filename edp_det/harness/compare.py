@@ -1,18 +1,27 @@
-"""Same-harness comparison of compression methods on one detector, data set, schedule and seed, and its report.
+"""Same-harness comparison of compression methods on one detector, data set and schedule, over seeds, and its report.
 
-:func:`run_comparison` trains every ``method × flops_target`` with the one engine (:class:`edp_det.train.engine.Trainer`
-+ :class:`edp_det.train.detection.DetectionTask`) into ``<out>/<method>_<target>/`` (the baseline once, into
-``<out>/baseline/``). A run whose ``metrics.json`` exists is skipped; an interrupted one resumes from its latest
-checkpoint. :func:`build_report` then reads the finished runs back and writes ``<out>/report.md`` with
+:func:`plan_grid` lays out the runs: every ``method × flops_target`` (the baseline once) per seed, in
+``<out>/<method>_<target>/seed<k>/`` (without seeds: ``<out>/<method>_<target>/``, the config's seed). With the
+trained-start protocol (``start="trained"``) each seed's baseline trains with ``train.*`` first; every compressed run
+and a ``control`` run (the baseline trained on without compression) start from its ``model_final.pt`` with
+``compress.schedule``. :func:`run_comparison` trains what is not finished with the one engine
+(:class:`edp_det.train.engine.Trainer` + :class:`edp_det.train.detection.DetectionTask`), in this process or ``jobs``
+subprocesses of ``tools/train_det.py`` at once: a run whose ``metrics.json`` exists is skipped, an interrupted one
+resumes from its latest checkpoint, a failed one is recorded and the others go on. ``<out>/grid.json`` holds the
+grid's config hash, the reproducibility record and every run's status and wall time. :func:`build_report` reads the
+finished runs back and writes ``<out>/report.md`` with
 
-* the Table-XII-style table (:func:`edp_det.harness.report.comparison_rows` / :func:`format_comparison_table`), FPS measured
-  side by side (:func:`edp_det.deploy.benchmark.compare_side_by_side`, cached in ``bench.json``) when
-  ``benchmark.enabled``, else the per-run figures of ``metrics.json``;
-* ``fig4_map_vs_flops.png`` — mAP vs backbone FLOPs cut, one curve per method (paper Fig. 4);
-* ``fig5_layers_<target>.png`` — per-layer live output channels and ranks of EDP, Slimming and SVD (Fig. 5, from
-  each run's ``pm_report.json``);
+* mean ± standard deviation over seeds per (method, target) and the paired differences to EDP and to the control
+  (or baseline) with 95 % t intervals (:mod:`edp_det.harness.stats`), one sentence per target;
+* the Table-XII-style table of every run (:func:`edp_det.harness.report.comparison_rows` /
+  :func:`format_comparison_table`), FPS measured side by side (:func:`edp_det.deploy.benchmark.compare_side_by_side`,
+  cached in ``bench.json``) when ``benchmark.enabled``, else the per-run figures of ``metrics.json``;
+* ``fig4_map_vs_flops.png`` — mAP vs backbone FLOPs cut, one curve per method, error bars over seeds (Fig. 4);
+* ``fig5_layers_<target>.png`` — per-layer live output channels and ranks of EDP, Slimming and SVD of one seed
+  (Fig. 5, from each run's ``pm_report.json``);
 * ``fig3_sparsity.png`` — sparse ratio of params and FLOPs per epoch during regularised training with the ES epoch
-  marked (Fig. 3, from the ``end_epoch`` records of ``metrics_log.jsonl``).
+  marked (Fig. 3, from the ``end_epoch`` records of ``metrics_log.jsonl``), one seed;
+* the reproducibility record (command, config hash, package versions, machine, wall time per run).
 """
 from __future__ import annotations
 
@@ -859,7 +868,11 @@ def build_report(output_dir, cfg: dict | None = None, expected=None, bench: dict
     c = first.config or {}
     tr, cp = c.get("train") or {}, c.get("compress") or {}
     lines = ["# Compression methods compared on one harness", "",
-             f"Runs in `{out}`: same detector, data, schedule and seed; every method trains "
+             f"Runs in `{out}`: same detector, data and schedule"
+             + (" and seed" if seeds == [None] else f", seeds {', '.join(str(x) for x in seeds)}")
+             + (" (compressed runs and the control start from the seed's trained baseline with "
+                "`compress.schedule`)" if any(r.group == CONTROL for r in runs.values()) else "")
+             + "; every method trains "
              f"{tr.get('epochs', '?')} epochs in total and compresses after epoch `compress.epoch_es` = "
              f"{cp.get('epoch_es', '?')} (regularised before where the method has a regulariser; fine-tuning after, "
              "the LR schedule continuing). Data: `" + str((c.get("data") or {}).get("root")) + "`; model: "
