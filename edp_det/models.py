@@ -26,7 +26,7 @@ from edp_det.ops.adapter import body_of
 logger = logging.getLogger(__name__)
 
 __all__ = ["MODEL_REGISTRY", "register_model", "build_model", "describe_model", "load_backbone_weights",
-           "load_detector_weights", "read_state_dict"]
+           "load_detector_weights", "read_state_dict", "check_saved_detector"]
 
 MODEL_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
@@ -166,12 +166,12 @@ def describe_model(model: nn.Module) -> dict:
                      "edp_det.build_model(...) or pass arch={'name': ..., 'kwargs': {...}}")
 
 
-def read_state_dict(path, what: str) -> dict:
+def read_state_dict(path, what: str, obj=None) -> dict:
     """The state dict in a local file (plain, or under 'model' / 'state_dict' / 'model_state'); ``what`` names
-    the config field in the error message."""
+    the config field in the error message. ``obj``: the file's content when it is already loaded."""
     from edp_det.runtime.checkpoint import load_checkpoint
 
-    obj = load_checkpoint(path)
+    obj = load_checkpoint(path) if obj is None else obj
     if isinstance(obj, dict):
         for key in ("model", "state_dict", "model_state"):
             if key in obj and isinstance(obj[key], dict):
@@ -207,8 +207,14 @@ def load_backbone_weights(model: nn.Module, path: str | Path) -> list[str]:
 
 def load_detector_weights(model: nn.Module, path: str | Path) -> None:
     """Load a full Faster R-CNN checkpoint (e.g. torchvision's COCO one, local file). If the class count differs
-    the box predictor is re-initialised (and logged); any other mismatch raises a ValueError naming the key."""
-    sd = read_state_dict(path, "model.weights")
+    the box predictor is re-initialised (and logged); any other mismatch raises a ValueError naming the key.
+    A ``model_final.pt`` written by edp-det (architecture spec + state dict) loads when it holds the uncompressed
+    detector of the same architecture (:func:`check_saved_detector`)."""
+    from edp_det.runtime.checkpoint import load_checkpoint
+
+    obj = load_checkpoint(path)
+    check_saved_detector(obj, model, path)
+    sd = read_state_dict(path, "model.weights", obj=obj)
     own = model.state_dict()
     head_keys = [k for k in sd if k.startswith("roi_heads.box_predictor.")]
     if head_keys and any(k in own and own[k].shape != sd[k].shape for k in head_keys):
@@ -225,6 +231,39 @@ def load_detector_weights(model: nn.Module, path: str | Path) -> None:
     if unexpected:
         raise ValueError(f"{path}: model.weights has keys the model lacks, e.g. {unexpected[:3]}")
     logger.info("loaded detector weights from %s (%d missing keys)", path, len(missing))
+
+
+#: builder arguments that change a Faster R-CNN's weights (the others: resize, proposal and detection counts)
+_WEIGHT_SHAPING_KWARGS = ("depth", "v2", "norm", "returned_layers", "fpn_out_channels", "representation_size",
+                          "anchor_sizes")
+_PLAIN_SPEC_TYPES = ("conv2d", "batchnorm2d", "frozenbn", "linear", "identity")
+
+
+def check_saved_detector(obj, model: nn.Module, path) -> None:
+    """ValueError (naming ``model.weights`` and the first difference) when ``obj``, the content of an edp-det model
+    file (``arch`` + ``spec`` + ``state_dict``), is not an uncompressed detector of ``model``'s architecture; any
+    other file content passes unchecked."""
+    if not (isinstance(obj, dict) and isinstance(obj.get("arch"), dict) and isinstance(obj.get("spec"), dict)):
+        return
+    arch, own = obj["arch"], getattr(model, "edp_arch", None) or {"name": "fasterrcnn", "kwargs": {}}
+    if arch.get("name") != own["name"]:
+        raise ValueError(f"{path}: model.weights holds a {arch.get('name')!r} model, the config builds "
+                         f"{own['name']!r}")
+    file_kw, own_kw = arch.get("kwargs") or {}, own["kwargs"]
+    for k in _WEIGHT_SHAPING_KWARGS:
+        if k in file_kw and k in own_kw and file_kw[k] != own_kw[k]:
+            raise ValueError(f"{path}: model.weights has another architecture than the config's model "
+                             f"(model.{k}: {file_kw[k]!r} in the file, {own_kw[k]!r} in the config)")
+    modules = dict(model.named_modules())
+    for name, d in obj["spec"].items():
+        kind, own_m = d.get("type"), modules.get(name)
+        pruned = kind == "conv2d" and isinstance(own_m, nn.Conv2d) and name.startswith("backbone.") and \
+            (d.get("in"), d.get("out")) != (own_m.in_channels, own_m.out_channels)
+        if kind not in _PLAIN_SPEC_TYPES or pruned:
+            what = f"is {kind!r}" if not pruned else f"has {d.get('in')}->{d.get('out')} channels, the config's " \
+                f"{own_m.in_channels}->{own_m.out_channels}"
+            raise ValueError(f"{path}: model.weights is a compressed model (layer {name} {what}); start from the "
+                             "uncompressed detector (e.g. the baseline run's model_final.pt)")
 
 
 def replace_box_predictor(model: nn.Module, num_classes: int) -> None:

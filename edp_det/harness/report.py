@@ -6,7 +6,8 @@ FLOPs-ideal speedups, peak inference memory) — followed by notes that say what
 """
 from __future__ import annotations
 
-__all__ = ["comparison_rows", "format_comparison_table"]
+__all__ = ["comparison_rows", "format_comparison_table", "seed_summary", "format_seed_table", "format_paired_table",
+           "verdict_sentence", "ACCURACY_KEYS"]
 
 
 _SPEEDUP_KEYS = {"speedup": "detector_measured", "ideal_speedup": "detector_ideal",
@@ -49,7 +50,7 @@ def comparison_rows(metrics: dict[str, dict], bench: dict | None = None, baselin
                "backbone_speedup": s.get("backbone_speedup"), "backbone_ideal_speedup": s.get("backbone_ideal_speedup"),
                "peak_memory_mb": _first(s.get("peak_memory_mb"), m.get("peak_memory_mb")),
                "model_memory_mb": _first(s.get("model_memory_mb"), m.get("model_memory_mb")),
-               "mAP_voc07": m.get("mAP_voc07")}
+               "mAP_voc07": m.get("mAP_voc07"), "mAP_area": m.get("mAP_area"), "coco_ap": m.get("coco_ap")}
         if base.get("mAP_voc07") is not None and m.get("mAP_voc07") is not None:
             row["mAP_delta"] = m["mAP_voc07"] - base["mAP_voc07"]
         rows.append(row)
@@ -144,3 +145,82 @@ def format_comparison_table(rows: list[dict], markdown: bool = False) -> str:
     for n in notes:
         lines += [f"* {n}"] if markdown else _wrap(f"* {n}")
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ over seeds
+#: accuracy figures summarised over seeds (those present in the runs' metrics)
+ACCURACY_KEYS = ("mAP_voc07", "mAP_area", "coco_ap")
+SIZE_KEYS = ("r_flops_backbone", "params", "flops_backbone", "flops_detector", "fps")
+
+
+def seed_summary(groups: dict[str, list[dict]]) -> list[dict]:
+    """One row per group (a method at a target): ``{"group", "method", "target", "n", "seeds", <key>: Spread}``
+    for every key of :data:`ACCURACY_KEYS` and :data:`SIZE_KEYS` that some run has. ``groups``: group name → its
+    runs' table rows (:func:`comparison_rows`, with ``seed``)."""
+    from edp_det.harness.stats import spread
+
+    out = []
+    for group, rows in groups.items():
+        row = {"group": group, "method": rows[0].get("method"), "target": rows[0].get("r_flops_requested"),
+               "n": len(rows), "seeds": [r.get("seed") for r in rows]}
+        for k in ACCURACY_KEYS + SIZE_KEYS:
+            row[k] = spread(r.get(k) for r in rows)
+        out.append(row)
+    return out
+
+
+def _pm(sp, fmt: str, scale: float = 1.0) -> str:
+    return "-" if sp is None else f"{format(sp.mean / scale, fmt)} ± {format(sp.std / scale, fmt)}"
+
+
+def format_seed_table(summary: list[dict], markdown: bool = True) -> str:
+    """Mean ± standard deviation over seeds per group, n, min–max of mAP_voc07, achieved R_FLOPs, params, FLOPs
+    and FPS."""
+    acc_keys = [k for k in ACCURACY_KEYS if any(r.get(k) is not None for r in summary)]
+    head = ["group", "n"] + [f"{k} mean ± std" for k in acc_keys] + ["mAP_voc07 min–max", "R_FLOPs bb",
+                                                                    "params M", "GFLOPs bb", "GFLOPs det", "FPS"]
+    body = []
+    for r in summary:
+        m = r.get("mAP_voc07")
+        body.append([r["group"], str(r["n"])] + [_pm(r.get(k), ".3f") for k in acc_keys] +
+                    ["-" if m is None else f"{m.min:.3f}–{m.max:.3f}",
+                     _f(None if r.get("r_flops_backbone") is None else r["r_flops_backbone"].mean, ".1%"),
+                     _f(None if r.get("params") is None else r["params"].mean / 1e6, ".2f"),
+                     _f(None if r.get("flops_backbone") is None else r["flops_backbone"].mean / 1e9, ".3f"),
+                     _f(None if r.get("flops_detector") is None else r["flops_detector"].mean / 1e9, ".3f"),
+                     _pm(r.get("fps"), ".1f")])
+    return "\n".join(_table("Over seeds", head, body, markdown))
+
+
+def format_paired_table(title: str, diffs: list[tuple[str, object]], markdown: bool = True) -> str:
+    """Paired differences (:class:`edp_det.harness.stats.PairedDifference`, mAP_voc07 of a group minus the
+    reference's, same seeds): mean, the 95 % interval, n and the verdict."""
+    from edp_det.harness.stats import verdict
+
+    body = []
+    for group, d in diffs:
+        if d is None:
+            body.append([group, "-", "-", "0", "undetermined"])
+            continue
+        interval = "-" if d.half_width is None else f"[{d.low:+.3f}, {d.high:+.3f}]"
+        body.append([group, f"{d.mean:+.3f}", interval, str(d.n), verdict(d)])
+    return "\n".join(_table(title, ["group", "mean Δ mAP_voc07", "95 % interval", "n seeds", "verdict"], body,
+                            markdown))
+
+
+def verdict_sentence(target_text: str, reference: str, diffs: list[tuple[str, object]]) -> str:
+    """A plain sentence: which groups are better / worse than ``reference`` beyond the interval and which are
+    indistinguishable (or undetermined: fewer than two shared seeds)."""
+    from edp_det.harness.stats import verdict
+
+    by: dict[str, list[str]] = {}
+    for group, d in diffs:
+        by.setdefault(verdict(d), []).append(group)
+    parts = []
+    for key, text in (("better", f"better than {reference} beyond the 95 % interval"),
+                      ("worse", f"worse than {reference} beyond the 95 % interval"),
+                      ("indistinguishable", f"indistinguishable from {reference} (the interval holds 0)"),
+                      ("undetermined", "undetermined (fewer than two shared seeds)")):
+        if by.get(key):
+            parts.append(f"{', '.join(by[key])} {'is' if len(by[key]) == 1 else 'are'} {text}")
+    return f"{target_text}: " + ("; ".join(parts) if parts else "nothing to compare") + "."

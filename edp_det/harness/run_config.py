@@ -21,7 +21,7 @@ from edp_det.runtime.config import load_config
 from edp_det.runtime.errors import ConfigError
 from edp_det.runtime.schema import TASKS, format_config, markdown_reference
 
-__all__ = ["resolve_config", "format_resolved_config", "config_reference"]
+__all__ = ["resolve_config", "apply_compress_schedule", "format_resolved_config", "config_reference"]
 
 
 def resolve_config(config: str | os.PathLike | None, overrides: Iterable[str] = (), *, task: str,
@@ -48,7 +48,30 @@ def resolve_config(config: str | os.PathLike | None, overrides: Iterable[str] = 
     cfg["output_dir"] = str(output_dir or cfg["output_dir"] or Path("runs") / stem)
     if cfg["data"]["root"]:
         cfg["data"]["root"] = str(Path(cfg["data"]["root"]).expanduser())
+    apply_compress_schedule(cfg)
     build_method(cfg["method"], cfg["compress"], cfg["train"]["epochs"])   # cross-key checks of the method
+    return cfg
+
+
+def apply_compress_schedule(cfg: dict) -> dict:
+    """With ``compress.schedule.enabled``: the run trains with the compression schedule (its epochs, Epoch_ES, lr,
+    warm-up and lr steps replace ``train.*`` / ``compress.epoch_es``), in place; ConfigError when Epoch_ES leaves no
+    epoch to fine-tune. Applying it twice changes nothing (a stored config resolves to itself)."""
+    s = cfg["compress"].get("schedule") or {}
+    if not s.get("enabled"):
+        return cfg
+    if not s["epoch_es"] < s["epochs"]:
+        raise ConfigError(f"compress.schedule.epoch_es={s['epoch_es']} must be smaller than "
+                          f"compress.schedule.epochs={s['epochs']} (at least one fine-tuning epoch after the prune "
+                          "point)")
+    steps = list(s["lr_steps"] or [])
+    if any(not 0 < e < s["epochs"] for e in steps):
+        raise ConfigError(f"compress.schedule.lr_steps={steps} must lie in (0, compress.schedule.epochs={s['epochs']})")
+    t = cfg["train"]
+    t["epochs"], t["warmup_iters"], t["lr_steps"] = s["epochs"], s["warmup_iters"], steps
+    if s["lr"] is not None:
+        t["lr"] = s["lr"]
+    cfg["compress"]["epoch_es"] = s["epoch_es"]
     return cfg
 
 

@@ -30,7 +30,8 @@ from edp_det.runtime.errors import ConfigError
 
 __all__ = [
     "option", "section", "Leaf", "OPEN", "schema_tree", "tree_from_defaults", "defaults_of", "check_layer",
-    "parse_options", "ConfigSchema", "CompressOptions", "TrainConfig", "BenchmarkConfig", "AugmentConfig",
+    "parse_options", "ConfigSchema", "CompressOptions", "CompressSchedule", "TrainConfig", "BenchmarkConfig",
+    "AugmentConfig",
     "DetectionData", "DetectionModel", "DetectionEval", "ClassificationData", "ClassificationModel",
     "ClassificationEval", "DetectionConfig", "ClassificationConfig", "TASKS", "format_config", "markdown_reference",
     "type_name",
@@ -362,6 +363,19 @@ class TrainConfig:
 
 
 @dataclass
+class CompressSchedule:
+    """The schedule of compressing an already trained detector (``model.weights``): regularise, compress, fine-tune."""
+
+    enabled: bool = option(False, "train with this schedule instead of train.epochs/lr/warmup_iters/lr_steps and "
+                                  "compress.epoch_es (compress a trained detector; compare.py --start trained)")
+    epochs: int = option(4, "epochs of the whole compression run (regularised + fine-tuning)", ge=1)
+    epoch_es: int = option(2, "Epoch_ES of the compression run: regularised epochs before the prune point", ge=1)
+    lr: float | None = option(None, "learning rate of the compression run; null: train.lr", gt=0)
+    warmup_iters: int = option(0, "iterations of linear lr warm-up of the compression run", ge=0)
+    lr_steps: list[int] | None = option(None, "step schedule: epochs of lr decay in the compression run; null: none")
+
+
+@dataclass
 class CompressOptions:
     """Options every compression method accepts (the baseline ignores them, so that it can share a config with the
     compressed runs). Each method's own options extend this class."""
@@ -373,6 +387,7 @@ class CompressOptions:
     round_to: int | None = option(None, "round every surviving count to a multiple of this; null: no rounding", ge=1)
     bn_recalib_batches: int = option(16, "after the structural change: re-estimate BatchNorm statistics on this "
                                          "many training batches (0: off)", ge=0)
+    schedule: CompressSchedule = section(CompressSchedule, "compression schedule for a trained starting detector")
 
 
 @dataclass
