@@ -206,3 +206,18 @@ def test_compare_tool_end_to_end(synthetic_voc, tmp_path, capsys, restore_loggin
     (out / "report.md").unlink()
     tool.main(tool.get_args_parser().parse_args(argv + ["--report-only"]))
     assert (out / "report.md").exists()
+
+
+def test_method_specific_overrides_reach_only_the_methods_that_declare_them(tmp_path):
+    from edp_det.harness.compare import comparison_config
+    from edp_det.runtime.errors import ConfigError
+
+    cfg_file = Path(__file__).resolve().parents[1] / "configs" / "tiny_synthetic.yaml"   # an EDP config
+    ov = ["compress.slimming_lambda=0.5", "compress.lambda_rank=0.02", "train.epochs=2"]
+    slim = comparison_config(cfg_file, "slimming", 0.4, tmp_path, ov)
+    edp = comparison_config(cfg_file, "edp", 0.4, tmp_path, ov)
+    assert slim["compress"]["slimming_lambda"] == 0.5 and "lambda_rank" not in slim["compress"]
+    assert edp["compress"]["lambda_rank"] == 0.02 and "slimming_lambda" not in edp["compress"]
+    assert slim["train"]["epochs"] == edp["train"]["epochs"] == 2
+    with pytest.raises(ConfigError, match="slimming_lamda"):                  # a typo is still an error
+        comparison_config(cfg_file, "slimming", 0.4, tmp_path, ["compress.slimming_lamda=0.5"])

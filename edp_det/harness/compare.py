@@ -38,7 +38,7 @@ from pathlib import Path
 
 from edp_det.ops.adapter import short_body_name
 from edp_det.harness.run_config import resolve_config
-from edp_det.runtime.config import config_hash, dump_config, load_config
+from edp_det.runtime.config import config_hash, deep_merge, dump_config, load_config
 from edp_det.runtime.errors import ConfigError
 from edp_det.runtime.logs import format_duration, read_metrics
 from edp_det.harness.report import (comparison_rows, format_comparison_table, format_paired_table, format_seed_table,
@@ -158,15 +158,43 @@ def plan_grid(methods, targets, seeds=None, start: str = "scratch",
     return first, notes
 
 
+def method_overrides(overrides, method: str) -> tuple[list[str], dict]:
+    """Split the grid's ``key=value`` overrides for one run of ``method``: ``compress.*`` options that ``method``
+    declares become a partial config applied after the run's method is set (so ``compress.slimming_lambda=1``
+    reaches the Slimming runs of a grid built on an EDP config), options that only other methods declare are left
+    out of this run (logged), everything else stays an ordinary override (an unknown key is still an error)."""
+    from edp_det.methods import METHODS, config_schema
+    from edp_det.runtime.config import parse_overrides, set_by_dotted
+    from edp_det.runtime.schema import lookup
+
+    schema = config_schema("detection")
+    own = schema.tree(method)
+    others = [schema.tree(m) for m in METHODS if m != method]
+    plain, layer = [], {}
+    for text, (key, value) in zip(overrides, parse_overrides(overrides)):
+        if not key.startswith("compress."):
+            plain.append(text)
+        elif lookup(own, key) is not None:
+            layer = deep_merge(layer, set_by_dotted({}, key, value))
+        elif any(lookup(t, key) is not None for t in others):
+            logger.info("%s: %s is an option of other methods; not applied to this run", method, text)
+        else:
+            plain.append(text)
+    return plain, layer
+
+
 def comparison_config(config, method: str, target: float | None, data_root=None, overrides=(),
                       extra: dict | None = None) -> dict:
     """The config of one run: ``config`` + ``overrides`` + data root, then the run's method and FLOPs target (and
     ``extra``, a partial config) as a last layer (``compress`` keys of the config's method that ``method`` does not
-    declare are dropped, logged)."""
-    layer = {"method": method} if target is None else {"method": method, "compress": {"flops_target": target}}
+    declare are dropped, logged; method-specific overrides follow :func:`method_overrides`)."""
+    plain, own = method_overrides(list(overrides), method)
+    layer = deep_merge({"method": method}, own)
+    if target is not None:
+        layer = deep_merge(layer, {"compress": {"flops_target": target}})
     for key, value in (extra or {}).items():
         layer[key] = {**layer.get(key, {}), **value} if isinstance(value, dict) else value
-    return resolve_config(config, overrides, task="detection", data_root=data_root, extra=layer,
+    return resolve_config(config, plain, task="detection", data_root=data_root, extra=layer,
                           extra_source=f"comparison run {run_name(method, target)}")
 
 
