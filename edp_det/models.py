@@ -371,7 +371,13 @@ def describe_model(model: nn.Module, arch: dict | None = None) -> dict:
     built. Other model types need ``arch`` (or the stamp).
     """
     model = unwrap_model(model)
-    inferred = infer_arch(model)
+    stamp = getattr(model, "edp_arch", None)
+    try:
+        inferred = infer_arch(model)
+    except ValueError:
+        if arch is None and stamp is None:
+            raise
+        inferred = None   # a registered builder's own variant: the given arch or the stamp says how to build it
     if arch is not None:
         if not isinstance(arch, dict):
             raise ValueError(f"arch must be a dict {{'name': ..., 'kwargs': {{...}}}}, got {type(arch).__name__}")
@@ -383,20 +389,17 @@ def describe_model(model: nn.Module, arch: dict | None = None) -> dict:
         if not isinstance(arch.get("name"), str) or not isinstance(arch.get("kwargs", {}), dict):
             raise ValueError(f"arch must hold 'name' (str) and 'kwargs' (dict), got {arch!r}")
         given = {"name": arch["name"], "kwargs": dict(arch.get("kwargs", {}))}
-        if inferred is None:
-            return given
+        if inferred is None or given["name"] != inferred["name"]:   # another builder: save_compressed checks
+            return given                                            # that it rebuilds the model's structure
         diffs = arch_differences(given, inferred, given_only=True)
         if diffs:
             raise ValueError("arch contradicts the model (arch vs model): " + "; ".join(diffs))
         return {"name": given["name"], "kwargs": {**inferred["kwargs"], **given["kwargs"]}}
-    stamp = getattr(model, "edp_arch", None)
     if stamp is not None:
         stamp = {"name": stamp["name"], "kwargs": dict(stamp["kwargs"])}
-        if inferred is None:
+        if inferred is None or inferred["name"] != stamp["name"]:   # another registered builder
             return stamp
         diffs = [d.split(":")[0] for d in arch_differences(stamp, inferred)]
-        if "name" in diffs:
-            return inferred
         if diffs:
             logger.info("model changed after build_model (%s); its current settings are recorded", ", ".join(diffs))
         stamp["kwargs"].update({k: inferred["kwargs"][k] for k in diffs})
