@@ -5,7 +5,9 @@ Layered API:
   * plan/report: :class:`EDPRegularizer` (``penalty``, ``prox_step``, ``stats``), :class:`PMReport`,
     :class:`FlopsReport`,
   * one call: :func:`decompose`, :func:`prune_and_merge`, :func:`count_flops`, :func:`save_compressed` /
-    :func:`load_compressed`; :func:`measure_time_per_flop` for the latency-aware budget.
+    :func:`load_compressed`; :func:`measure_time_per_flop` for the latency-aware budget,
+  * after PM: :func:`carry_optimizer` (the optimizer over the pruned model, its state carried;
+    :func:`transfer_optimizer_state` for an optimizer built by hand) and :func:`recalibrate_batchnorm`.
 Importing this package has no side effects.
 """
 import importlib
@@ -20,6 +22,8 @@ _PUBLIC = {
     "measure_time_per_flop": "edp_det.deploy.latency",
     "build_model": "edp_det.models",
     "PMReport": "edp_det.edp.pruning", "prune_and_merge": "edp_det.edp.pruning",
+    "carry_optimizer": "edp_det.edp.pruning", "transfer_optimizer_state": "edp_det.edp.pruning",
+    "recalibrate_batchnorm": "edp_det.edp.calibration",
     "EDPRegularizer": "edp_det.edp.regularizer",
     "load_compressed": "edp_det.deploy.serialization", "save_compressed": "edp_det.deploy.serialization",
 }
@@ -41,4 +45,5 @@ __version__ = "0.1.0"
 
 __all__ = ["CompressedAwareConv2d", "decompose", "is_decomposed", "iter_blocks", "EDPRegularizer",
            "prune_and_merge", "PMReport", "count_flops", "FlopsReport", "save_compressed", "load_compressed",
-           "build_model", "measure_time_per_flop", "__version__"]
+           "build_model", "measure_time_per_flop", "carry_optimizer", "transfer_optimizer_state",
+           "recalibrate_batchnorm", "__version__"]

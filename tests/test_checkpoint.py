@@ -276,6 +276,33 @@ def test_pickled_classes_are_refused_not_unpickled(tmp_path):
     assert not (tmp_path / "never.pt").exists() and _tmp_leftovers(tmp_path) == []
 
 
+class BlockedModule:
+    """Unpickling this would call ``os.getpid`` (torch refuses modules such as os with another wording)."""
+
+    def __reduce__(self):
+        return (os.getpid, ())
+
+
+def _a_function():
+    return 1
+
+
+def test_pickled_objects_message_says_refused_for_safety(tmp_path):
+    """Every kind of pickled object (a custom class instance, a function reference, a callable from a module torch
+    blocks outright) is reported as code/objects other than tensors, refused for safety, never as a corrupted file
+    and never with torch's advice to retry with weights_only=False."""
+    for name, obj, what in (("instance", {"obj": Custom()}, "Custom"), ("function", {"fn": _a_function}, "_a_function"),
+                            ("blocked", {"x": BlockedModule()}, "getpid")):
+        p = tmp_path / f"{name}.pt"
+        torch.save(obj, p)
+        with pytest.raises(CheckpointError) as ei:
+            load_checkpoint(p)
+        msg = str(ei.value)
+        assert str(p) in msg and what in msg and "\n" not in msg, msg
+        assert "pickled Python objects" in msg and "other than tensors" in msg and "refused for safety" in msg, msg
+        assert "weights_only" not in msg and "corrupt" not in msg and "safe_globals" not in msg, msg
+
+
 def test_map_location(tmp_path):
     p = atomic_save({"w": torch.ones(2)}, tmp_path / "m.pt")
     out = load_checkpoint(p, map_location=torch.device("cpu"))

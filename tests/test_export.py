@@ -157,3 +157,82 @@ def test_export_cli_bad_input_exit_2(tmp_path, capsys):
         assert e.value.code == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and str(path.name) in err
+
+
+# ------------------------------------------------------------------------------ verification on real images
+def _with_score_thresh(model_path, tmp_path, thresh):
+    m = edp_det.load_compressed(model_path)
+    m.roi_heads.score_thresh = thresh     # 0: every proposal kept (detections on any image); > 1: none
+    return edp_det.save_compressed(m, tmp_path / f"thresh{thresh}.pt")
+
+
+def _png(tmp_path, seed, size=(80, 112)):
+    from PIL import Image
+
+    g = np.random.default_rng(seed)
+    p = tmp_path / f"img{seed}.png"
+    Image.fromarray(g.integers(0, 256, (*size, 3), dtype=np.uint8)).save(p)
+    return p
+
+
+def test_verify_detections_reports_differences_and_void(compressed_path, tmp_path):
+    from edp_det.deploy.export import verify_detections
+
+    m = edp_det.load_compressed(compressed_path)
+    m.roi_heads.score_thresh = 0.0
+    res = export_onnx(m, tmp_path / "d.onnx", SIZE)            # dynamic by default: any image size
+    assert res.dynamic and res.part == "detector"
+    images = [torch.rand(3, 80, 112, generator=torch.Generator().manual_seed(1)), torch.rand(3, *SIZE[1:])]
+    check = verify_detections(res, m, images)
+    assert check["ok"] and not check["void"] and check["resized"] == 0 and check["labels_equal"]
+    assert min(check["detections"]) > 0 and 0 <= check["max_box_diff"] < 1e-2 and check["max_score_diff"] < 1e-3
+    m.roi_heads.score_thresh = 1.5                              # nothing detected: nothing compared
+    check = verify_detections(res, m, images)
+    assert check["void"] and not check["ok"] and "void" in check["reason"]
+
+
+def test_export_cli_verify_on_images_and_void(compressed_path, tmp_path, capsys):
+    tool = _load_tool()
+    detects = _with_score_thresh(compressed_path, tmp_path, 0.0)
+    out = tmp_path / "det.onnx"
+    args = ["--model", str(detects), "--format", "onnx", "--output", str(out), "--verify",
+            "--verify-images", str(_png(tmp_path, 1)), str(_png(tmp_path, 2, (96, 70)))]
+    res = tool.main(tool.get_args_parser().parse_args(args))
+    text = capsys.readouterr().out
+    assert res.part == "detector" and res.dynamic and "(dynamic H, W)" in text
+    assert "verify: OK on 2 image(s) with" in text and "max |box diff|" in text and "max |score diff|" in text, text
+
+    blind = _with_score_thresh(compressed_path, tmp_path, 1.5)
+    with pytest.raises(SystemExit) as e:
+        tool.main(tool.get_args_parser().parse_args(["--model", str(blind), "--format", "onnx", "--output",
+                                                     str(tmp_path / "blind.onnx"), "--verify"]))
+    assert e.value.code == 1
+    text = capsys.readouterr().out
+    assert "random image" in text and "VOID" in text and "verify: OK" not in text, text
+
+
+def test_static_onnx_export_says_it_rejects_other_sizes(compressed_path, tmp_path, capsys):
+    tool = _load_tool()
+    detects = _with_score_thresh(compressed_path, tmp_path, 0.0)
+    res = tool.main(tool.get_args_parser().parse_args(
+        ["--model", str(detects), "--format", "onnx", "--static", "--output", str(tmp_path / "s.onnx"), "--verify",
+         "--verify-images", str(_png(tmp_path, 3))]))
+    text = capsys.readouterr().out
+    assert not res.dynamic and "rejects other image sizes" in text
+    assert "resized to the static export size 96x96" in text and "verify: OK" in text, text
+    sess = ort.InferenceSession(res.path, providers=["CPUExecutionProvider"])
+    with pytest.raises(Exception, match="(?i)dimension"):
+        sess.run(None, {"image": np.zeros((3, 80, 112), np.float32)})
+
+
+def test_export_cli_verify_on_voc_data_root(compressed_path, tmp_path, capsys):
+    from edp_det.data.synthetic import make_synthetic_voc
+
+    tool = _load_tool()
+    make_synthetic_voc(tmp_path / "voc", num_train=1, num_test=3, image_size=72, seed=0)
+    detects = _with_score_thresh(compressed_path, tmp_path, 0.0)
+    tool.main(tool.get_args_parser().parse_args(
+        ["--model", str(detects), "--format", "torchscript", "--output", str(tmp_path / "d.torchscript.pt"),
+         "--verify", "--data-root", str(tmp_path / "voc"), "--verify-count", "2"]))
+    text = capsys.readouterr().out
+    assert "verify: OK on 2 image(s) with" in text and "labels identical" in text, text

@@ -3,13 +3,19 @@
 examples:
   python tools/export.py --model runs/x/model_final.pt --format onnx
   python tools/export.py --model runs/x/model_final.pt --format torchscript --part backbone --output bb.pt
-  python tools/export.py --model runs/x/model_final.pt --format onnx --dynamic --verify
+  python tools/export.py --model runs/x/model_final.pt --format onnx --verify --data-root data/VOC2007
+  python tools/export.py --model runs/x/model_final.pt --format onnx --verify --verify-images a.jpg b.jpg
 
 --part detector (default) exports the whole Faster R-CNN with pre- and post-processing (one image [C, H, W] in;
 boxes, labels, scores out); if that fails the backbone + FPN is exported instead and the output says so.
---part backbone exports model.backbone (ResNet body + FPN). --verify compares the exported file with PyTorch on a
-random image (ONNX via onnxruntime), on CUDA when available, else on the CPU (--device chooses). Bad input prints
-one error line and exits with status 2; a model that cannot be exported, or a failed --verify, exits with 1.
+--part backbone exports model.backbone (ResNet body + FPN). ONNX files take any image size unless --static (which
+specialises the graph to --input-size and makes ONNX Runtime reject every other size).
+--verify runs the exported file (ONNX via onnxruntime) and PyTorch on real images (--verify-images, or the first
+--verify-count images of --split in the VOC folder --data-root) and states the largest box and score differences;
+it needs detections on at least one image: where PyTorch detects nothing the check is void and fails. Without
+images a random one is used, which a trained detector usually finds nothing in. The model runs on CUDA when
+available, else on the CPU (--device chooses). Bad input prints one error line and exits with status 2; a model
+that cannot be exported, or a failed or void --verify, exits with 1.
 """
 from __future__ import annotations
 
@@ -36,11 +42,19 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--part", choices=["detector", "backbone"], default="detector",
                    help="whole detector with pre/post-processing, or backbone + FPN only")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 11)")
-    p.add_argument("--dynamic", action="store_true", help="ONNX: dynamic image height/width (and backbone batch)")
+    p.add_argument("--static", action="store_true",
+                   help="ONNX: specialise the graph to --input-size (other image sizes are then rejected)")
+    p.add_argument("--dynamic", action="store_true",
+                   help="ONNX: dynamic image height/width and backbone batch (the default; kept for old scripts)")
     p.add_argument("--no-fallback", action="store_true",
                    help="fail instead of exporting the backbone + FPN when the detector cannot be exported")
     p.add_argument("--verify", action="store_true",
-                   help="compare the exported file with PyTorch on a random image (rtol 1e-3, atol 1e-4)")
+                   help="compare the exported file with PyTorch on real images (rtol 1e-3, atol 1e-4); fails when "
+                        "the model detects nothing on them")
+    p.add_argument("--verify-images", nargs="+", default=None, metavar="PATH", help="images for --verify")
+    p.add_argument("--data-root", default=None, help="VOC folder whose --split images --verify uses")
+    p.add_argument("--split", default="test", help="split of --data-root for --verify (default: test)")
+    p.add_argument("--verify-count", type=int, default=4, help="how many --data-root images --verify uses (4)")
     p.add_argument("--device", default=None,
                    help="device the model is traced and verified on (default: cuda if available, else cpu)")
     return p
@@ -52,7 +66,7 @@ def main(args: argparse.Namespace):
     from edp_det.deploy.benchmark import default_input_size
     from edp_det.harness.cli import resolve_device
     from edp_det.runtime.errors import ConfigError
-    from edp_det.deploy.export import export_onnx, export_torchscript, verify_onnx, verify_torchscript
+    from edp_det.deploy.export import export_onnx, export_torchscript
 
     if not os.path.isfile(args.model):
         raise ConfigError(f"--model: file not found: {args.model}")
@@ -71,20 +85,68 @@ def main(args: argparse.Namespace):
         src = Path(args.model)
         stem = src.stem + (".backbone" if args.part == "backbone" else "")
         out = src.with_name(stem + _SUFFIX[args.format])
+    if args.static and args.dynamic:
+        raise ConfigError("--static and --dynamic exclude each other")
+    images = _verify_images(args) if args.verify else None   # bad image paths fail before the export
     if args.format == "onnx":
-        res = export_onnx(model, out, input_size, args.part, opset=args.opset, dynamic=args.dynamic,
+        res = export_onnx(model, out, input_size, args.part, opset=args.opset, dynamic=not args.static,
                           fallback=not args.no_fallback)
     else:
         res = export_torchscript(model, out, input_size, args.part, fallback=not args.no_fallback)
     print(res.summary())
     if args.verify:
-        check = verify_onnx(res, model) if args.format == "onnx" else verify_torchscript(res, model)
+        _verify(res, model, images)
+    return res
+
+
+def _verify_images(args) -> list | None:
+    """The images --verify compares on ([C, H, W] tensors in [0, 1]); None: a random image."""
+    from torchvision.transforms.functional import to_tensor
+
+    from edp_det.data.voc import VOCDataset, load_image
+    from edp_det.runtime.errors import ConfigError
+
+    if args.verify_images:
+        return [to_tensor(load_image(p)) for p in args.verify_images]
+    if args.data_root:
+        if args.verify_count < 1:
+            raise ConfigError(f"--verify-count: must be >= 1, got {args.verify_count}")
+        ds = VOCDataset(args.data_root, args.split, check_images=False, evaluation=True)
+        return [ds[i][0] for i in range(min(args.verify_count, len(ds)))]
+    return None
+
+
+def _verify(res, model, images) -> None:
+    """Print the verification of the exported file; SystemExit(1) when it fails or checks nothing."""
+    from edp_det.deploy.export import verify_detections, verify_onnx, verify_torchscript
+
+    if res.part == "detector" and images is None:
+        from edp_det.deploy.export import example_inputs
+
+        images = [example_inputs(model, res.input_size, "detector")]
+        print("  verify: no --verify-images / --data-root given: using one random image")
+    if res.part != "detector":
+        check = verify_onnx(res, model) if res.format == "onnx" else verify_torchscript(res, model)
         status = "OK" if check["ok"] else f"MISMATCH ({check['reason']})"
         diff = "-" if check["max_abs_diff"] is None else f"{check['max_abs_diff']:.3g}"
         print(f"  verify: {status}; max |exported - pytorch| = {diff} over {check['num_outputs']} outputs")
         if not check["ok"]:
             raise SystemExit(1)
-    return res
+        return
+    check = verify_detections(res, model, images)
+    if check["resized"]:
+        print(f"  verify: {check['resized']} image(s) resized to the static export size "
+              f"{'x'.join(map(str, res.input_size[1:]))} (the file rejects other sizes)")
+    if check["void"]:
+        print(f"  verify: VOID: {check['reason']}; pass --verify-images or --data-root with images the model "
+              "detects objects in")
+        raise SystemExit(1)
+    status = "OK" if check["ok"] else f"MISMATCH ({check['reason']})"
+    print(f"  verify: {status} on {check['images']} image(s) with {sum(check['detections'])} detections; "
+          f"max |box diff| = {check['max_box_diff']:.3g} px, max |score diff| = {check['max_score_diff']:.3g}, "
+          f"labels {'identical' if check['labels_equal'] else 'DIFFERENT'}")
+    if not check["ok"]:
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

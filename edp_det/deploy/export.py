@@ -11,8 +11,8 @@ What is exported (``part``):
 
 ONNX: ``torch.onnx.export`` with the TorchScript-based exporter (``dynamo=False``, opset 17 by default), which
 handles torchvision's detection models (RoIAlign, NMS, data-dependent shapes); the torch.export-based exporter
-(``dynamo=True``, needs ``onnxscript``) is tried next if the first one fails. By default the graph is specialised
-to ``input_size``; ``dynamic=True`` makes H and W (and the backbone's batch) dynamic axes.
+(``dynamo=True``, needs ``onnxscript``) is tried next if the first one fails. By default H and W (and the backbone's
+batch) are dynamic axes; ``dynamic=False`` specialises the graph to ``input_size`` (other sizes are rejected).
 
 TorchScript: ``torch.jit.script`` (the detector scripts as torchvision supports it; a scripted torchvision
 detector returns a ``(losses, detections)`` tuple), falling back to ``torch.jit.trace`` for the backbone.
@@ -34,7 +34,8 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ExportError", "ExportResult", "export_model", "export_onnx", "export_torchscript", "verify_onnx", "verify_torchscript",
+__all__ = ["ExportError", "ExportResult", "export_model", "export_onnx", "export_torchscript", "verify_onnx",
+           "verify_torchscript", "verify_detections",
            "example_inputs", "run_pytorch", "FORMATS", "PARTS", "DEFAULT_OPSET"]
 
 FORMATS = ("onnx", "torchscript")
@@ -73,12 +74,18 @@ class ExportResult:
         d["input_size"] = list(self.input_size)
         return d
 
+    def _static_note(self) -> str:
+        size = "x".join(map(str, self.input_size[1:]))
+        if self.format == "onnx":
+            return f"static {size} only (the file rejects other image sizes; export with dynamic=True for any size)"
+        return f"at {'x'.join(map(str, self.input_size))}"
+
     def summary(self) -> str:
         what = {"detector": "full detector (pre-processing, backbone+FPN, RPN, ROI heads, post-processing)",
                 "backbone": "backbone + FPN only (model.backbone)"}[self.part]
         lines = [f"exported {what} as {self.format} to {self.path}",
                  f"  method: {self.method}; input {', '.join(self.input_names) or '-'} "
-                 f"{'(dynamic H, W)' if self.dynamic else 'at ' + 'x'.join(map(str, self.input_size))}; "
+                 f"{'(dynamic H, W)' if self.dynamic else self._static_note()}; "
                  f"outputs {', '.join(self.output_names) or '-'}"]
         if self.fell_back:
             lines.append(f"  NOTE: the {self.requested_part} could not be exported ({self.fallback_reason}); "
@@ -199,7 +206,7 @@ def _onnx_attempt(model, part, x, path, opset, dynamic, dynamo: bool):
 
 
 def export_onnx(model: nn.Module, path, input_size=(3, 800, 800), part: str = "detector", *,
-                opset: int = DEFAULT_OPSET, dynamic: bool = False, fallback: bool = True,
+                opset: int = DEFAULT_OPSET, dynamic: bool = True, fallback: bool = True,
                 check: bool = True) -> ExportResult:
     """Export ``model`` (or its backbone + FPN) to an ONNX file; see the module docstring.
 
@@ -209,7 +216,8 @@ def export_onnx(model: nn.Module, path, input_size=(3, 800, 800), part: str = "d
         input_size: ``(C, H, W)`` of the example image (use the network size, e.g. ``(3, min_size, min_size)``).
         part: ``"detector"`` or ``"backbone"``.
         opset: ONNX opset (>= 11 for detection models).
-        dynamic: make H, W (and the backbone's batch) dynamic axes.
+        dynamic: make H, W (and the backbone's batch) dynamic axes (default). ``False`` specialises the graph
+            to ``input_size``: ONNX Runtime then rejects images of any other size.
         fallback: if the detector cannot be exported, export the backbone + FPN instead.
         check: run ``onnx.checker.check_model`` on the result.
     Raises:
@@ -324,43 +332,109 @@ def _max_diff(ours: list[torch.Tensor], ref: list[torch.Tensor], names, rtol, at
     return {"ok": ok, "reason": reason, "max_abs_diff": worst}
 
 
-def verify_onnx(result: ExportResult, model: nn.Module, x: torch.Tensor | None = None, rtol: float = 1e-3,
-                atol: float = 1e-4) -> dict:
-    """Run the exported file with ONNX Runtime (CPU) and compare with PyTorch on ``x`` (default: the export's
-    example input). Returns ``{"ok", "reason", "max_abs_diff", "num_outputs"}``. Needs ``onnxruntime``."""
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        raise RuntimeError("verify_onnx needs onnxruntime (pip install onnxruntime)") from None
+def _exported_runner(result: ExportResult, device):
+    """A function ``x -> list of output tensors`` running the exported file (ONNX via ONNX Runtime on the CPU,
+    TorchScript on ``device``) on one input as :func:`run_pytorch` takes it."""
+    if result.format == "onnx":
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise RuntimeError("verifying an ONNX file needs onnxruntime (pip install onnxruntime)") from None
+        sess = ort.InferenceSession(result.path, providers=["CPUExecutionProvider"])
+        name = sess.get_inputs()[0].name
+        return lambda x: [torch.from_numpy(o) for o in sess.run(None, {name: x.detach().cpu().numpy()})]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sm = torch.jit.load(result.path, map_location=device)
+    sm.eval()
+
+    @torch.no_grad()
+    def run(x):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if result.part == "detector":
+                out = sm([x])
+                det = out[1][0] if isinstance(out, tuple) else out[0]   # scripted detectors: (losses, detections)
+                return [det[k] for k in DETECTOR_OUTPUTS]
+            return list(sm(x).values())
+    return run
+
+
+def _output_names(result: ExportResult) -> list[str]:
+    if result.format == "onnx":
+        return list(result.output_names)
+    return list(DETECTOR_OUTPUTS) if result.part == "detector" else list(BACKBONE_OUTPUTS)
+
+
+def _verify_one(result: ExportResult, model: nn.Module, x, rtol, atol) -> dict:
     with _Mode(model):
         if x is None:
             x = example_inputs(model, result.input_size, result.part)
         ref = run_pytorch(model, x, result.part)
-    sess = ort.InferenceSession(result.path, providers=["CPUExecutionProvider"])
-    outs = sess.run(None, {sess.get_inputs()[0].name: x.detach().cpu().numpy()})
-    res = _max_diff([torch.from_numpy(o) for o in outs], ref, result.output_names, rtol, atol)
-    res["num_outputs"] = len(outs)
+    ours = _exported_runner(result, x.device)(x)
+    res = _max_diff(ours, ref, _output_names(result), rtol, atol)
+    res["num_outputs"] = len(ours)
     return res
+
+
+def verify_onnx(result: ExportResult, model: nn.Module, x: torch.Tensor | None = None, rtol: float = 1e-3,
+                atol: float = 1e-4) -> dict:
+    """Run the exported file with ONNX Runtime (CPU) and compare with PyTorch on ``x`` (default: the export's
+    example input). Returns ``{"ok", "reason", "max_abs_diff", "num_outputs"}``. Needs ``onnxruntime``.
+    A random input usually gives a trained detector no detections: see :func:`verify_detections`."""
+    return _verify_one(result, model, x, rtol, atol)
 
 
 def verify_torchscript(result: ExportResult, model: nn.Module, x: torch.Tensor | None = None, rtol: float = 1e-3,
                        atol: float = 1e-4) -> dict:
     """Load the saved TorchScript module and compare it with PyTorch on ``x``."""
-    with _Mode(model):
-        if x is None:
-            x = example_inputs(model, result.input_size, result.part)
-        ref = run_pytorch(model, x, result.part)
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        sm = torch.jit.load(result.path, map_location=x.device)
-        sm.eval()
-        if result.part == "detector":
-            out = sm([x])
-            det = out[1][0] if isinstance(out, tuple) else out[0]   # scripted detectors: (losses, detections)
-            ours = [det[k] for k in DETECTOR_OUTPUTS]
-        else:
-            ours = list(sm(x).values())
-    names = list(DETECTOR_OUTPUTS) if result.part == "detector" else list(BACKBONE_OUTPUTS)
-    res = _max_diff(ours, ref, names, rtol, atol)
-    res["num_outputs"] = len(ours)
-    return res
+    return _verify_one(result, model, x, rtol, atol)
+
+
+def verify_detections(result: ExportResult, model: nn.Module, images: list, rtol: float = 1e-3,
+                      atol: float = 1e-4) -> dict:
+    """Compare an exported detector with PyTorch on real ``images`` (``[C, H, W]`` tensors in [0, 1]).
+
+    A comparison only means something where PyTorch detects objects: ``void`` is True when it detects nothing on
+    any image, and ``ok`` is then False. A static-size ONNX file accepts only ``result.input_size``: images of
+    another size are resized to it first (counted in ``resized``). Returns ``{"ok", "void", "reason", "images",
+    "detections" (PyTorch's count per image), "max_box_diff" (pixels), "max_score_diff", "labels_equal",
+    "resized"}``.
+    """
+    if result.part != "detector":
+        raise ValueError(f"verify_detections needs an exported detector, the file holds the {result.part}")
+    if not images:
+        raise ValueError("verify_detections: no images given")
+    dtype, device = _dtype_device(model)
+    run = _exported_runner(result, device)
+    static = result.format == "onnx" and not result.dynamic
+    out = {"ok": True, "void": False, "reason": None, "images": len(images), "detections": [],
+           "max_box_diff": 0.0, "max_score_diff": 0.0, "labels_equal": True, "resized": 0}
+    for i, img in enumerate(images):
+        x = img.to(device=device, dtype=dtype)
+        if static and tuple(x.shape) != tuple(result.input_size):
+            x = torch.nn.functional.interpolate(x[None], size=tuple(result.input_size[1:]), mode="bilinear",
+                                                align_corners=False)[0]
+            out["resized"] += 1
+        with _Mode(model):
+            ref = run_pytorch(model, x, "detector")
+        ours = run(x)
+        out["detections"].append(int(ref[0].shape[0]))
+        diff = _max_diff(ours, ref, list(DETECTOR_OUTPUTS), rtol, atol)
+        if diff["max_abs_diff"] is None:   # a different number of detections
+            out["ok"], out["labels_equal"] = False, False
+            out["reason"] = out["reason"] or f"image {i}: {diff['reason']}"
+            continue
+        (bo, lo, so), (br, lr, sr) = [[t.detach().cpu().double() for t in o] for o in (ours, ref)]
+        if br.numel():
+            out["max_box_diff"] = max(out["max_box_diff"], float((bo - br).abs().max()))
+            out["max_score_diff"] = max(out["max_score_diff"], float((so - sr).abs().max()))
+            out["labels_equal"] &= bool(torch.equal(lo, lr))
+        if not diff["ok"]:
+            out["ok"] = False
+            out["reason"] = out["reason"] or f"image {i}: {diff['reason']}"
+    if sum(out["detections"]) == 0:
+        out["ok"], out["void"] = False, True
+        out["reason"] = (f"PyTorch detects nothing on the {len(images)} image(s), so no output was compared: the "
+                         "check is void")
+    return out

@@ -29,9 +29,9 @@ from edp_det.ops.block import CompressedAwareConv2d
 from edp_det.ops.graph import set_submodule, unwrap_model
 from edp_det.ops.layers import FixedStatBatchNorm2d, LowRankSparseConv2d, MaskedConv2d
 from edp_det.ops.surgery import LowRankConv2d, is_lowrank_pair
-from edp_det.models import build_model, describe_model
+from edp_det.models import arch_differences, build_model, describe_model, infer_arch
 
-__all__ = ["save_compressed", "load_compressed", "architecture_spec", "apply_spec", "FORMAT"]
+__all__ = ["save_compressed", "load_compressed", "architecture_spec", "apply_spec", "check_rebuild", "FORMAT"]
 
 FORMAT = "edp-det/compressed"
 VERSION = 1
@@ -130,17 +130,49 @@ def apply_spec(model: nn.Module, spec: dict) -> nn.Module:
     return model
 
 
+def check_rebuild(model: nn.Module, arch: dict, spec: dict) -> None:
+    """Raise ValueError unless ``build_model(**arch)`` with ``spec`` applied has exactly the state-dict keys and
+    shapes of ``model`` and (for models :func:`~edp_det.models.infer_arch` can read) the same settings. The
+    skeleton is built on the meta device: nothing is allocated or initialised."""
+    try:
+        with torch.device("meta"):
+            skeleton = apply_spec(build_model(arch["name"], **arch["kwargs"]), spec)
+    except (KeyError, ValueError, TypeError, RuntimeError) as e:
+        raise ValueError(f"arch {arch['name']!r} cannot rebuild this model: {str(e).splitlines()[0]}") from None
+    mine, theirs = model.state_dict(), skeleton.state_dict()
+    problems = [f"{k} missing from the rebuild" for k in mine if k not in theirs]
+    problems += [f"{k} not in the model" for k in theirs if k not in mine]
+    problems += [f"{k} has shape {tuple(mine[k].shape)} in the model, {tuple(theirs[k].shape)} in the rebuild"
+                 for k in mine if k in theirs and mine[k].shape != theirs[k].shape]
+    try:
+        model_arch = infer_arch(model)
+    except ValueError:   # a registered builder's own variant: the structure check above is what can be checked
+        model_arch = None
+    if model_arch is not None and model_arch["name"] == arch["name"] and not problems:
+        problems += [f"setting {d} (rebuild vs model)" for d in arch_differences(infer_arch(skeleton), model_arch)]
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise ValueError(f"arch {arch['name']!r} {arch['kwargs']} would not rebuild this model: "
+                         + "; ".join(problems[:3]) + more)
+
+
 def save_compressed(model: nn.Module, path, *, arch: dict | None = None, meta: dict | None = None) -> Path:
     """Write ``model`` (decomposed, pruned or plain) as arch + spec + state_dict, atomically.
 
-    ``arch``: ``{"name", "kwargs"}`` of the registry builder (default: ``describe_model(model)``).
-    ``meta``: extra plain data (e.g. the resolved config, metrics).
+    ``arch``: ``{"name", "kwargs"}`` of the registry builder, or the keyword dict alone. Not needed for models made
+    by :func:`edp_det.build_model`, torchvision ResNet classifiers and torchvision ResNet-FPN Faster R-CNNs (v1 and
+    v2): their settings are read from the model (:func:`edp_det.models.describe_model`); a given ``arch`` is
+    completed from the model, and a field that contradicts it raises ValueError. Before writing, the rebuild is
+    checked against the model (:func:`check_rebuild`), so a file that would load as a different model is never
+    written. ``meta``: extra plain data (e.g. the resolved config, metrics).
     """
     from edp_det.runtime.checkpoint import atomic_save
 
     root = unwrap_model(model)
-    arch = arch if arch is not None else describe_model(root)
-    payload = {"format": FORMAT, "version": VERSION, "arch": arch, "spec": architecture_spec(root),
+    arch = describe_model(root, arch)
+    spec = architecture_spec(root)
+    check_rebuild(root, arch, spec)
+    payload = {"format": FORMAT, "version": VERSION, "arch": arch, "spec": spec,
                "state_dict": {k: v.detach().cpu() for k, v in root.state_dict().items()},
                "meta": dict(meta or {})}
     if getattr(root, "classes", None) is not None and "classes" not in payload["meta"]:

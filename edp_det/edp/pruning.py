@@ -14,10 +14,12 @@ the rounding of the merged product (computed in float64).
 from __future__ import annotations
 
 import logging
+import weakref
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from edp_det.edp.budget import (BudgetError, Structure, check_layer_weights, check_max_layer_cut, check_rank_layers,
                      structure_from_model)
@@ -29,7 +31,8 @@ from edp_det.ops.surgery import LowRankConv2d, kept_indices, merged_conv, select
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["prune_and_merge", "PMReport", "LayerChange", "transfer_optimizer_state", "apply_structure"]
+__all__ = ["prune_and_merge", "PMReport", "LayerChange", "transfer_optimizer_state", "apply_structure",
+           "carry_optimizer", "stale_parameters"]
 
 
 @dataclass
@@ -62,6 +65,7 @@ class PMReport:
     budget: str = "norm"               # "norm", or "norm/time" when layer_weights were given
     input_size: tuple[int, ...] = ()
     param_map: dict = field(default_factory=dict)   # new param name -> (old name, [index per dim or None])
+    old_param_names: dict = field(default_factory=dict, repr=False)   # id(param before PM) -> its name then
 
     def to_dict(self) -> dict:
         return {
@@ -164,7 +168,9 @@ def prune_and_merge(model: nn.Module, flops_target: float | None = None, input_s
         orig_params_delta += b.orig_in_channels * b.orig_out_channels * l.kk + (
             b.coeff.bias.numel() if b.coeff.bias is not None else 0) - sum(p.numel() for p in b.parameters())
     report.params_original = report.params_before + orig_params_delta
+    params_before_pm = dict(root.named_parameters())
     apply_structure(root, struct, report, merge)
+    _mark_replaced(report, params_before_pm, root)
     after = count_flops(root, input_size=input_size, example_inputs=example_inputs)
     prefixes = adapter.scope_prefixes(root, [l.name for l in struct.layers])
     report.params_after = after.params
@@ -251,3 +257,79 @@ def transfer_optimizer_state(old_state: dict, old_names: dict, new_model: nn.Mod
             new_optimizer.state[p] = new_st
             carried += 1
     return carried
+
+
+# ------------------------------------------------------------------------------ optimizers across PM
+_REPLACED_ATTR = "_edp_replaced_by_pm"   # set on every parameter PM took out of the model
+_checked_optimizers: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_hook_handle = None
+_pm_calls = 0   # optimizers checked before the latest PM are checked again
+
+
+def _mark_replaced(report: PMReport, before: dict, root: nn.Module) -> None:
+    """Record the pre-PM names (by id) in ``report`` and mark the parameters PM replaced, so that an optimizer
+    still holding them warns at its next step (:func:`stale_parameters`)."""
+    global _hook_handle, _pm_calls
+    _pm_calls += 1
+    alive = {id(p) for p in root.parameters()}
+    report.old_param_names = {id(p): n for n, p in before.items()}
+    for p in before.values():
+        if id(p) not in alive:
+            setattr(p, _REPLACED_ATTR, True)
+    if _hook_handle is None:
+        _hook_handle = register_optimizer_step_pre_hook(_warn_if_stale)
+
+
+def stale_parameters(optimizer: torch.optim.Optimizer) -> int:
+    """How many of ``optimizer``'s parameters :func:`prune_and_merge` has replaced (0: the optimizer fits)."""
+    return sum(1 for g in optimizer.param_groups for p in g["params"] if getattr(p, _REPLACED_ATTR, False))
+
+
+def _warn_if_stale(optimizer, args, kwargs) -> None:
+    n = sum(len(g["params"]) for g in optimizer.param_groups)
+    if _checked_optimizers.get(optimizer) == (n, _pm_calls):   # checked once per optimizer, its groups and PM
+        return
+    _checked_optimizers[optimizer] = (n, _pm_calls)
+    stale = stale_parameters(optimizer)
+    if stale:
+        logger.warning("a %s created before prune_and_merge is stepping: %d of its %d parameters were replaced by "
+                       "PM and are no longer in the model, so it updates only the %d that survived unchanged; "
+                       "use new_opt = edp_det.carry_optimizer(optimizer, model, report)", type(optimizer).__name__,
+                       stale, n, n - stale)
+
+
+def carry_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module, report: PMReport) -> torch.optim.Optimizer:
+    """A new optimizer of ``optimizer``'s class and hyper-parameters over the pruned ``model``, with the
+    per-parameter state (momentum, Adam moments, ...) of the surviving entries carried over
+    (:func:`transfer_optimizer_state`). ``optimizer`` is the one built before :func:`prune_and_merge`, ``report``
+    what PM returned. Each new parameter joins the group of the parameter it came from (a merged convolution: the
+    group of its block, with fresh state); parameters the old optimizer did not train stay out. A learning-rate
+    scheduler must be rebuilt on the new optimizer.
+    """
+    import inspect
+
+    root = unwrap_model(model)
+    old_names = {report.old_param_names[id(p)]: p for g in optimizer.param_groups for p in g["params"]
+                 if id(p) in report.old_param_names}
+    if not old_names:
+        raise ValueError("carry_optimizer: none of the optimizer's parameters belongs to the model that "
+                         "prune_and_merge changed (pass the optimizer built before PM and PM's report)")
+    group_of = {report.old_param_names[id(p)]: i for i, g in enumerate(optimizer.param_groups)
+                for p in g["params"] if id(p) in report.old_param_names}
+    members: list[list] = [[] for _ in optimizer.param_groups]
+    existed = set(report.old_param_names.values())
+    for name, p in root.named_parameters():
+        old = report.param_map[name][0] if name in report.param_map else name
+        if old not in existed:   # a merged conv: the group of its block's parameters
+            old = next((o for o in group_of if o.startswith(name.rsplit(".", 1)[0] + ".")), None)
+        if old is not None and old in group_of:
+            members[group_of[old]].append(p)
+    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": ps}
+              for g, ps in zip(optimizer.param_groups, members) if ps]
+    accepted = inspect.signature(type(optimizer)).parameters
+    defaults = {k: v for k, v in optimizer.defaults.items() if k in accepted}
+    new_opt = type(optimizer)(groups, **defaults)
+    carried = transfer_optimizer_state(optimizer.state, old_names, root, new_opt, report)
+    logger.info("carry_optimizer: %d parameters in %d groups, state carried for %d", sum(map(len, members)),
+                len(groups), carried)
+    return new_opt

@@ -21,6 +21,7 @@ the (synchronised) optimizer step, and the prox is deterministic, so they stay i
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -31,6 +32,8 @@ from edp_det.edp.decompose import iter_blocks
 from edp_det.ops.graph import get_submodule, unwrap_model
 
 __all__ = ["EDPRegularizer", "LayerStats", "zero_momentum"]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -81,6 +84,7 @@ class EDPRegularizer:
         self.lambda_rank = float(lambda_rank)
         self.lambda_channel = float(lambda_channel)
         self.optimizer = optimizer
+        self._warned_stale = False
         self.entries: list[_Entry] = []
         for name, block in iter_blocks(self.model):
             if not block.coeff.weight.requires_grad:
@@ -123,6 +127,8 @@ class EDPRegularizer:
             raise ValueError(f"lr must be a finite number ≥ 0, got {lr!r}") from None
         if not 0 <= lr < math.inf:  # a NaN threshold compares False with every norm: it would zero every group
             raise ValueError(f"lr must be a finite number ≥ 0, got {lr!r}")
+        if not self._warned_stale:
+            self._check_blocks()
         state = self.optimizer.state if self.optimizer is not None else None
         groups: dict = {}
         for e in self.entries:
@@ -140,6 +146,21 @@ class EDPRegularizer:
         for plan in plans:
             _apply_scales(plan, state)
         return True
+
+    def _check_blocks(self) -> None:
+        """Warn (once) when the model no longer holds the blocks this regulariser was built on (after
+        prune_and_merge): its prox would shrink detached copies and leave the model untouched."""
+        gone = 0
+        for e in self.entries:
+            try:
+                gone += get_submodule(self.model, e.name) is not e.block
+            except ValueError:
+                gone += 1
+        if gone:
+            self._warned_stale = True
+            logger.warning("EDPRegularizer: %d of its %d blocks are no longer in the model (created before "
+                           "prune_and_merge?); prox_step does not change the model — build a new EDPRegularizer "
+                           "on the current model if it still has CompressedAwareConv2d blocks", gone, len(self.entries))
 
     # ------------------------------------------------------------------ stats
     @torch.no_grad()

@@ -145,13 +145,34 @@ def atomic_write_text(text: str, path: str | os.PathLike) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------- load
-_UNSUPPORTED_GLOBAL_RE = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
-_WEIGHTS_ERROR_RE = re.compile(r"WeightsUnpickler error:\s*(.+?)\n\s*\n", re.S)
+# torch words its refusal of a pickled class/function "Unsupported global: GLOBAL x.y ..." or, for modules it never
+# allows (os, sys, ...), "Trying to load unsupported GLOBAL x.y whose module x is blocked"
+_UNSUPPORTED_GLOBAL_RE = re.compile(r"unsupported (?:global: )?GLOBAL ([\w.]+)", re.I)
+_SAFE_DATA = "only tensors and plain values (dict, list, str, int, float, bool, None) are loaded, nothing is unpickled"
 
 
 def _header(path: Path, n: int = 8) -> bytes:
     with open(path, "rb") as f:
         return f.read(n)
+
+
+def _refusal_detail(text: str) -> str:
+    """The reason in torch's weights-only refusal, without its preamble, its advice and its documentation link."""
+    m = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n\s*\n|$)", text, re.S)
+    if m:
+        return _without_advice(" ".join(m.group(1).split()))
+    for para in re.split(r"\n\s*\n", text.strip()):
+        para = " ".join(para.split())
+        if para and not para.startswith(("Weights only load failed", "Check the documentation")):
+            return _without_advice(para)
+    return ""
+
+
+def _without_advice(text: str) -> str:
+    """``text`` cut before torch's advice on how to load the file anyway (allow-listing globals or
+    ``weights_only=False``), which would unpickle code from the file."""
+    cut = re.split(r"\s*(?:Please use|Re-running|weights_only|add_safe_globals|safe_globals)", text, maxsplit=1)[0]
+    return cut.rstrip(" .;,:")
 
 
 def _describe_failure(path: Path, exc: BaseException) -> str:
@@ -164,19 +185,22 @@ def _describe_failure(path: Path, exc: BaseException) -> str:
     match = _UNSUPPORTED_GLOBAL_RE.search(text)
     if weights_only_refusal and match:
         return (
-            f"holds pickled Python objects ({match.group(1)}), not plain data; refusing to unpickle it "
-            "(only tensors/dicts/lists/str/int/float/bool/None are loaded)"
+            f"holds pickled Python objects ({match.group(1)}), i.e. code or objects other than tensors; refused "
+            f"for safety ({_SAFE_DATA})"
         )
-    if head.startswith(b"PK"):
-        if not zipfile.is_zipfile(path):
-            return "truncated or corrupted torch zip archive"
-        return f"corrupted torch archive ({type(exc).__name__}: {first})"
-    if isinstance(exc, EOFError) or "truncated" in text.lower() or "ran out of input" in text.lower():
+    if head.startswith(b"PK") and not zipfile.is_zipfile(path):
+        return "truncated or corrupted torch zip archive"
+    if not head.startswith(b"PK") and (isinstance(exc, EOFError) or "truncated" in text.lower()
+                                       or "ran out of input" in text.lower()):
         return "truncated legacy torch/pickle file"
     if weights_only_refusal:
-        detail = _WEIGHTS_ERROR_RE.search(text)
-        detail_text = " ".join(detail.group(1).split()) if detail else first
-        return f"not plain torch checkpoint data ({detail_text}); refusing to unpickle it"
+        detail_text = _refusal_detail(text)
+        return (
+            f"holds data other than tensors and plain values ({detail_text or type(exc).__name__}); refused for "
+            f"safety ({_SAFE_DATA})"
+        )
+    if head.startswith(b"PK"):
+        return f"corrupted torch archive ({type(exc).__name__}: {_without_advice(first)})"
     return f"not a loadable torch checkpoint ({type(exc).__name__}: {first})"
 
 
