@@ -192,8 +192,7 @@ def comparison_config(config, method: str, target: float | None, data_root=None,
     layer = deep_merge({"method": method}, own)
     if target is not None:
         layer = deep_merge(layer, {"compress": {"flops_target": target}})
-    for key, value in (extra or {}).items():
-        layer[key] = {**layer.get(key, {}), **value} if isinstance(value, dict) else value
+    layer = deep_merge(layer, extra or {})
     return resolve_config(config, plain, task="detection", data_root=data_root, extra=layer,
                           extra_source=f"comparison run {run_name(method, target)}")
 
