@@ -1,25 +1,24 @@
-"""Compress (or train a baseline) torchvision ResNet classifier on ImageFolder data with EDP (Algorithm 1).
+"""Train a torchvision ResNet classifier on ImageFolder data and compress it to a FLOPs target with EDP
+(Algorithm 1) or another method, or train the uncompressed baseline.
 
-    python tools/train_cls.py --config configs/imagenet_r50_edp.yaml [--data-root DIR] [--output-dir DIR]
-                              [--resume | --resume-from CKPT] [--print-config]
-                              [key=value ...]
+Examples:
+    python tools/train_cls.py --config configs/imagenet_r50_edp.yaml --data-root /data/imagenet
+    python tools/train_cls.py --config configs/tiny_imagefolder.yaml --data-root DIR --print-config
+    torchrun --nproc_per_node=8 tools/train_cls.py --config configs/imagenet_r50_edp.yaml --data-root /data/imagenet
 
-Data: ``DIR/train/<class>/*`` and ``DIR/val/<class>/*`` (ImageNet val sorted into class folders).
-Multi-GPU / multi-node: ``torchrun --nproc_per_node=N tools/train_cls.py ...`` (nccl on GPU, gloo on CPU);
-``train.batch_size`` is per process. Writes config.yaml, metrics_log.jsonl, checkpoints, pm_report.json +
-layers.txt (at PM), model_final.pt, metrics.json (top1, top5, params, flops, r_params, r_flops) into the output
-directory. ``model_final.pt`` (or any checkpoint) can seed a detector: ``model.backbone_checkpoint=PATH`` in
-tools/train_det.py.
+Data: DIR/train/<class>/* and DIR/val/<class>/* (ImageNet val sorted into class folders); train.batch_size is per
+process. Writes config.yaml, log.txt, metrics_log.jsonl, checkpoints, pm_report.json + layers.txt (at the prune
+point), model_final.pt and metrics.json (top1, top5, params, flops, r_params, r_flops) into the output directory.
+model_final.pt (or any checkpoint) can seed a detector: model.backbone_checkpoint=PATH in tools/train_det.py.
 """
-import argparse
 import os
 
 
-from edp_det.harness.cli import add_run_args, cli_main, resolve_run_config, resume_argument
+from edp_det.harness.cli import add_run_args, cli_main, resolve_run_config, resume_argument, tool_parser
 
 
 def get_args_parser():
-    return add_run_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]),
+    return add_run_args(tool_parser(__doc__),
                         data_help="ImageFolder root holding train/ and val/ (overrides data.root)")
 
 

@@ -1,22 +1,27 @@
-"""Compress (or train a baseline) torchvision Faster R-CNN on VOC-format data with EDP (Algorithm 1).
+"""Train a torchvision Faster R-CNN on VOC-format data and compress its backbone to a FLOPs target with EDP
+(Algorithm 1) or another method, or train the uncompressed baseline.
 
-    python tools/train_det.py --config configs/raccoon_frcnn_r50_edp.yaml [--data-root DIR] [--output-dir DIR]
-                              [--resume | --resume-from CKPT] [--print-config]
-                              [key=value ...]
+Examples:
+    python tools/train_det.py --config configs/raccoon_r18_cpu_edp.yaml --data-root ../shared/data/raccoon
+    python tools/train_det.py --config configs/raccoon_r18_cpu_trained.yaml --data-root ../shared/data/raccoon \
+        model.weights=runs/base/model_final.pt compress.schedule.enabled=true
+    python tools/train_det.py --config configs/raccoon_r18_cpu_edp.yaml --print-config method=slimming
+    python tools/train_det.py --config configs/raccoon_r18_cpu_edp.yaml --output-dir runs/x --resume
+    torchrun --nproc_per_node=8 tools/train_det.py --config configs/voc07_frcnn_r50_fpn_edp.yaml \
+        --data-root /data/VOCdevkit/VOC2007 model.weights_backbone=/weights/resnet50-0676ba61.pth
 
-Multi-GPU / multi-node: ``torchrun --nproc_per_node=N tools/train_det.py ...`` (nccl on GPU, gloo on CPU).
-Writes config.yaml, metrics_log.jsonl, checkpoints, pm_report.json + layers.txt (at PM), model_final.pt,
-metrics.json into the output directory.
+Writes config.yaml, log.txt, metrics_log.jsonl, checkpoints, pm_report.json + layers.txt (at the prune point),
+model_final.pt and metrics.json into the output directory. A folder that holds another run is refused unless
+--resume or --overwrite is given. Every key is listed in docs/CONFIG.md.
 """
-import argparse
 import os
 
 
-from edp_det.harness.cli import add_run_args, cli_main, resolve_run_config, resume_argument
+from edp_det.harness.cli import add_run_args, cli_main, resolve_run_config, resume_argument, tool_parser
 
 
 def get_args_parser():
-    return add_run_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
+    return add_run_args(tool_parser(__doc__))
 
 
 def main(args):
