@@ -240,6 +240,27 @@ class Structure:
                 if orig else 0.0
         return out
 
+    def group_costs(self) -> dict[str, tuple[float, float | None]]:
+        """FLOPs one group of each layer saves when it is removed, at the full (decomposed) widths of the blocks:
+        ``{layer name: (per column group, per row group or None)}``.
+
+        A column (rank) group of a block saves its θ' filter and its β column:
+        ``2 · positions · (c_in · k² + c_out)``; a row (output-channel) group saves its β row, ``2 · positions ·
+        r``, plus the input channel it feeds in every consumer's θ', ``2 · positions_c · r_c · k_c²`` (the
+        two-conv form of the cost; see the module docstring for the merged form)."""
+        out = {}
+        for l in self.layers:
+            b = l.block
+            col = 2.0 * l.positions * (b.in_channels * l.kk + b.out_channels)
+            row = None
+            if l.prunable:
+                row = 2.0 * l.positions * b.rank
+                for ci in l.consumers:
+                    c = self.layers[ci]
+                    row += 2.0 * c.positions * c.block.rank * c.kk
+            out[l.name] = (col, row)
+        return out
+
     # ------------------------------------------------------------------ selection
     @torch.no_grad()
     def select_for_target(self, flops_target: float, round_to: int | None = None, kinds=("col", "row"),

@@ -107,6 +107,10 @@ class CompressionMethod:
     def epoch_stats(self, model: nn.Module, input_size) -> dict:
         return {}
 
+    def step_stats(self) -> dict:
+        """Numbers merged into the engine's periodic step records (``train.log_interval``)."""
+        return {}
+
     # --- resume
     def state_dict(self) -> dict:
         return {}
