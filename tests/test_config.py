@@ -316,11 +316,11 @@ def test_options_of_another_method_are_rejected_naming_key_method_and_nearest():
     assert "'compress.compact'" in msg and "'l1_filter'" in msg and "edp" in msg and "nearest valid key" in msg
     with pytest.raises(ConfigError) as ei:       # an old key: named with its new name
         _resolve(TINY, "method=l1_filter", "compress.latency_aware=true")
-    assert "'compress.latency_aware' was renamed 'compress.latency.aware'" in str(ei.value)
+    assert "'compress.latency_aware' was renamed 'compress.group_weight'" in str(ei.value)
     assert "'l1_filter'" in str(ei.value)
     with pytest.raises(ConfigError, match=r"'compress\.latency' is an option of method edp.*not an option of "
                                           r"method 'l1_filter'"):
-        _resolve(TINY, "method=l1_filter", "compress.latency.aware=true")
+        _resolve(TINY, "method=l1_filter", "compress.latency.batch=2")
     with pytest.raises(ConfigError, match=r"'compress\.lamda_rank'.*method 'edp'.*'compress\.lambda_rank'"):
         _resolve(TINY, "compress.lamda_rank=1")
     with pytest.raises(ConfigError, match=r"'compress\.lambda_channel'.*method 'edp_rank'"):
@@ -346,7 +346,7 @@ def test_renamed_keys_fail_with_the_new_name(tmp_path):
     cfg = _resolve(TINY, "method=slimming", "compress.slimming_lambda=1")
     assert cfg["compress"]["slimming_lambda"] == 1.0
     assert _resolve(TINY, "compress.latency.mode=average")["compress"]["latency"] == {
-        "aware": False, "batch": 1, "mode": "average", "weights": None}
+        "batch": 1, "mode": "average", "weights": None}
 
 
 def test_switching_method_drops_the_other_methods_options_and_keeps_inherited_values(caplog):
@@ -450,6 +450,6 @@ def test_config_reference_is_up_to_date():
     text = config_reference()
     assert (REPO / "docs" / "CONFIG.md").read_text(encoding="utf-8") == text, \
         "docs/CONFIG.md is stale: python -m edp_det.harness.run_config --markdown > docs/CONFIG.md"
-    for key in ("`train.batch_size`", "`compress.latency.aware`", "`compress.slimming_lambda`",
+    for key in ("`train.batch_size`", "`compress.group_weight`", "`compress.slimming_lambda`",
                 "`data.augment.hflip`", "`data.check_images`", "`compress.admm_sparse_share`"):
         assert key in text

@@ -133,7 +133,7 @@ def test_weights_steer_the_budget():
 def test_edp_method_latency_aware_and_config_errors(tmp_path):
     _, m = cached("resnet18", num_classes=10)
     fresh = copy.deepcopy(m)
-    method = build_method("edp", {"epoch_es": 1, "flops_target": 0.4, "latency": {"aware": True, "batch": 2},
+    method = build_method("edp", {"epoch_es": 1, "flops_target": 0.4, "group_weight": "latency", "latency": {"batch": 2},
                                   "rank_layers": "tied"}, 2)
     model = method.prepare(m)
     out = method.prune(model, (3, 64, 64))
@@ -142,7 +142,8 @@ def test_edp_method_latency_aware_and_config_errors(tmp_path):
     # the measured weights, saved in pm_report.json, reproduce the same structure without measuring again
     report_file = tmp_path / "pm_report.json"
     report_file.write_text(json.dumps({k: v for k, v in out.items() if k not in ("param_map", "table")}))
-    again = build_method("edp", {"epoch_es": 1, "flops_target": 0.4, "latency": {"weights": str(report_file)},
+    again = build_method("edp", {"epoch_es": 1, "flops_target": 0.4, "group_weight": "latency",
+                                 "latency": {"weights": str(report_file)},
                                  "rank_layers": "tied"}, 2)
     out2 = again.prune(again.prepare(fresh), (3, 64, 64))
     assert out2["budget"] == "norm/time" and out2["layers"] == out["layers"]
@@ -158,14 +159,17 @@ def test_edp_method_latency_aware_and_config_errors(tmp_path):
         with pytest.raises(ValueError, match="compress.latency.weights") as e:
             build_method("edp", {"epoch_es": 1, "latency": {"weights": str(bad)}}, 2)
         assert msg in str(e.value)
-    with pytest.raises(ValueError, match="'compress.latency.aware' has value 'yes'"):
-        build_method("edp", {"epoch_es": 1, "flops_target": 0.4, "latency": {"aware": "yes"}}, 2)
+    with pytest.raises(ValueError, match="'compress.group_weight' = 'yes' is not one of"):
+        build_method("edp", {"epoch_es": 1, "flops_target": 0.4, "group_weight": "yes"}, 2)
     with pytest.raises(ValueError, match="'compress.latency.batch' = 0 is out of range"):
         build_method("edp", {"epoch_es": 1, "flops_target": 0.4, "latency": {"batch": 0}}, 2)
     with pytest.raises(ValueError, match="'compress.latency.mode' = 'fastest' is not one of"):
         build_method("edp", {"epoch_es": 1, "flops_target": 0.4, "latency": {"mode": "fastest"}}, 2)
-    with pytest.raises(ValueError, match="'compress.latency_aware'.*did you mean 'compress.latency.aware'"):
-        build_method("edp", {"epoch_es": 1, "flops_target": 0.4, "latency_aware": True}, 2)
+    # folded into group_weight: latency (the config loader names the new key: tests/test_config.py)
+    for old, key in (({"latency_aware": True}, "'compress.latency_aware'"),
+                     ({"latency": {"aware": True}}, "'compress.latency.aware'")):
+        with pytest.raises(ValueError, match=key):
+            build_method("edp", {"epoch_es": 1, "flops_target": 0.4, **old}, 2)
 
 
 def test_max_layer_cut_caps_every_layer():

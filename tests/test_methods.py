@@ -61,6 +61,9 @@ def _compress(name, model, target=0.4, **args):
     return method, model, report
 
 
+# the paper's constant λ with a uniform penalty (the tests of the fixed-λ mode)
+FIXED = {"regularization": "fixed", "group_weight": "uniform"}
+
 FAST_ARGS = {"admm_lrs": {"admm_iters": 2, "admm_samples": 256}}
 
 
@@ -222,7 +225,7 @@ def test_edp_variants_through_the_interface(name):
     model = tiny(torch.float32)
     lambdas = {"edp_rank": {"lambda_rank": 0.5}, "edp_channel": {"lambda_channel": 0.5}}.get(
         name, {"lambda_rank": 0.5, "lambda_channel": 0.5})     # each variant declares only the λ it uses
-    method = build_method(name, cfg(0.4) | lambdas, total_epochs=2)
+    method = build_method(name, cfg(0.4, regularization="fixed", group_weight="uniform") | lambdas, total_epochs=2)
     model = method.prepare(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     method.attach(model, opt)
@@ -247,7 +250,7 @@ def test_edp_stops_regularising_once_zero_groups_reach_the_target(stop, caplog):
     model = tiny(torch.float32)
     target = 0.3
     method = build_method("edp", {"epoch_es": 1, "flops_target": target, "lambda_rank": 1.0, "lambda_channel": 1.0,
-                                  "stop_reg_at_target": stop}, total_epochs=2)
+                                  "stop_reg_at_target": stop, **FIXED}, total_epochs=2)
     model = method.prepare(model)
     method.input_size = SIZE
     method.attach(model, torch.optim.SGD(model.parameters(), lr=0.01))
@@ -285,7 +288,7 @@ def test_extreme_lambda_respects_the_target(name, stop, caplog):
     model = tiny(torch.float32)
     target = 0.4
     method = build_method(name, {"epoch_es": 2, "flops_target": target, "lambda_rank": 1e9, "lambda_channel": 1e9,
-                                 "stop_reg_at_target": stop}, total_epochs=3)
+                                 "stop_reg_at_target": stop, **FIXED}, total_epochs=3)
     model = method.prepare(model)
     method.input_size = SIZE
     method.attach(model, torch.optim.SGD(model.parameters(), lr=0.01))
@@ -309,7 +312,7 @@ def test_extreme_lambda_respects_the_target(name, stop, caplog):
 def test_edp_separate_switches_to_channels():
     model = tiny(torch.float32)
     method = build_method("edp_separate", {"epoch_es": 4, "flops_target": 0.4, "lambda_rank": 0.1,
-                                           "lambda_channel": 0.2}, total_epochs=6)
+                                           "lambda_channel": 0.2, **FIXED}, total_epochs=6)
     model = method.prepare(model)
     method.attach(model, torch.optim.SGD(model.parameters(), lr=0.01))
     method.after_step(model, lr=0.0, epoch=3)

@@ -63,7 +63,8 @@ def test_resume_across_pm_matches_uninterrupted(cls_run, tmp_path, epoch):
 # the prox must keep going for epoch 2 to compact anything, so it is not stopped at the target)
 COMPACT_OVERRIDES = ["train.epochs=4", "compress.epoch_es=3", "compress.compact=true", "compress.lambda_rank=30",
                      "compress.lambda_channel=30", "train.checkpoint_keep=5", "benchmark.enabled=false",
-                     "train.threads=1", "compress.stop_reg_at_target=false"]
+                     "train.threads=1", "compress.stop_reg_at_target=false",
+                     "compress.regularization=fixed", "compress.group_weight=uniform"]
 
 
 def test_compaction_during_regularised_phase_and_resume(tmp_path):
@@ -140,7 +141,7 @@ def test_extreme_lambda_respects_the_flops_target(cls_run, tmp_path):
     rc = run_tool("train_cls", ["--config", str(TINY_CLS), "--data-root", str(data), "--output-dir", str(out),
                                 "--log-level", "WARNING", "train.epochs=2", "train.max_iters_per_epoch=2",
                                 "compress.lambda_rank=1e9", "compress.lambda_channel=1e9", "benchmark.enabled=false",
-                                "train.threads=1"])
+                                "train.threads=1", "compress.regularization=fixed", "compress.group_weight=uniform"])
     assert rc == 0
     m = json.loads((out / "metrics.json").read_text())
     assert 0.40 <= m["r_flops"] <= 0.42, m["r_flops"]
@@ -177,7 +178,8 @@ def _ddp_worker(rank, world, port, data, out, extra=()):
 @pytest.mark.slow
 @pytest.mark.parametrize("extra", [(), ("train.epochs=3", "compress.epoch_es=2", "compress.compact=true",
                                         "train.warmup_iters=0", "compress.lambda_rank=60",
-                                        "compress.lambda_channel=60")], ids=["plain", "compaction"])
+                                        "compress.lambda_channel=60", "compress.regularization=fixed",
+                                        "compress.group_weight=uniform")], ids=["plain", "compaction"])
 def test_ddp_two_process_gloo(cls_run, tmp_path, extra):
     data, _ = cls_run
     torch.multiprocessing.spawn(_ddp_worker, args=(2, _free_port(), str(data), str(tmp_path), extra), nprocs=2,

@@ -261,6 +261,29 @@ class Structure:
             out[l.name] = (col, row)
         return out
 
+    def marginal_costs(self) -> dict[str, tuple[float, float | None]]:
+        """FLOPs the removal of one more live group of each layer saves now (current live counts, the cost PM
+        would build, merged form included: a block still cheaper merged saves nothing per rank group):
+        ``{layer name: (per column group, per row group or None)}``."""
+        c = self.counts()
+        base = self.block_flops(c[:, 1], c[:, 2], c[:, 0])
+        total = int(base.sum())
+        out = {}
+        for i, l in enumerate(self.layers):
+            r = c[:, 1].clone()
+            r[i] = max(int(r[i]) - 1, 0)
+            col = float(base[i] - self.block_flops(r, c[:, 2], c[:, 0])[i])
+            row = None
+            if l.prunable:
+                co = c[:, 2].clone()
+                co[i] = max(int(co[i]) - 1, 0)
+                ci = c[:, 0].clone()
+                for j in l.consumers:
+                    ci[j] = co[i]
+                row = float(total - int(self.block_flops(c[:, 1], co, ci).sum()))
+            out[l.name] = (col, row)
+        return out
+
     # ------------------------------------------------------------------ selection
     @torch.no_grad()
     def select_for_target(self, flops_target: float, round_to: int | None = None, kinds=("col", "row"),

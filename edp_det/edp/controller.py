@@ -41,10 +41,11 @@ would zero (lowest norm/threshold) up to R are zeroed and the others are left as
 [R, R + one group's saving]. No avalanche can occur because the groups beyond the marginal one are never given a
 threshold that reaches them before the deadline.
 
-Once the cut reaches R the controller freezes: no proximal step on live groups any more, and after every
-optimizer step the groups that were zero at that moment are set to zero again, their optimizer state (SGD
-momentum, Adam first and second moments) included, so that neither stale moments nor weight decay revive them
-while the rest of the network trains on. PM then removes only exact zeros.
+A group the prox sets to zero stays zero for the rest of the phase: after every optimizer step it is set to zero
+again, its optimizer state (SGD momentum, Adam first and second moments) included, so that neither the gradient,
+stale moments nor weight decay revive it. This makes the zero-group cut monotone (the controller measures what
+it acts on) and lets PM remove only exact zeros. Once the cut reaches R the controller freezes: no proximal step
+on live groups any more, while the rest of the network trains on.
 """
 from __future__ import annotations
 
@@ -299,8 +300,9 @@ class TargetController:
             return
         # the marginal group: where the FLOPs the live groups save, summed in score order, cover what is missing
         # (an estimate: it ignores the dead-channel propagation and the merged form; the step guard is exact)
-        costs = self.struct.group_costs()
-        saved = torch.tensor([costs[n][k] for n, k in zip(names, kinds.tolist())], dtype=torch.float64).cumsum(0)
+        costs = self.struct.marginal_costs()
+        saved = torch.tensor([costs[n][k] or 0.0 for n, k in zip(names, kinds.tolist())],
+                             dtype=torch.float64).cumsum(0)
         need = (self.target - cut) * self.struct.original_flops
         k = min(int(torch.searchsorted(saved, torch.tensor([need], dtype=torch.float64))), len(names) - 1)
         q = float(scores[k])
@@ -329,16 +331,21 @@ class TargetController:
         return self._zero_for(names, kinds, idxs, len(names) if k is None else k)
 
     @torch.no_grad()
-    def _freeze(self) -> None:
-        self.frozen_step = self.t if self.frozen_step is None else self.frozen_step
-        self.held = {}
+    def _zero_masks(self) -> dict:
+        held = {}
         for e in self.reg.entries:
             beta = e.block.beta_2d()
             cols = (beta == 0).all(dim=0)
             rows = (beta == 0).all(dim=1)
             for p in e.row_params:
                 rows &= p == 0
-            self.held[e.name] = (cols, rows if e.block.channel_prunable else torch.zeros_like(rows))
+            held[e.name] = (cols, rows if e.block.channel_prunable else torch.zeros_like(rows))
+        return held
+
+    @torch.no_grad()
+    def _freeze(self) -> None:
+        self.frozen_step = self.t if self.frozen_step is None else self.frozen_step
+        self.held = self._zero_masks()
         self.struct.refresh()
         self.record.update(zero_cut=self._cut(), frozen_step=self.frozen_step)
         logger.info("EDP: the groups trained to zero cut %.2f %% of the FLOPs (target %.2f %%) at regularised step "
@@ -372,10 +379,12 @@ class TargetController:
         self._ratio = (lambda_rank / top, lambda_channel / top) if top > 0 else (0.0, 0.0)
         self.t += 1
         self._measure()
+        if self.held is not None:     # groups the prox zeroed stay zero: the optimizer step must not revive them
+            self.hold()
         if self.frozen_step is not None:
             if self.held is None:
                 self._freeze()
-            self.hold()
+                self.hold()
             self._snapshot()
             return
         if not self.scale:            # the first step only measures where the optimizer moves the groups
@@ -384,7 +393,6 @@ class TargetController:
         if self.lam is None or self.t % self.interval == 0 or self.t >= self.deadline - self.interval:
             self._update()
             if self.frozen_step is not None:
-                self.hold()
                 self._snapshot()
                 return
         for l, e in self._layers():
@@ -393,6 +401,7 @@ class TargetController:
             e.lam_row = (self.lam or 0.0) * ur if e.block.channel_prunable else 0.0
         self._capped = False
         self.reg.prox_step(1.0, guard=self._cap)
+        self.held = self._zero_masks()
         if self._capped:
             self.struct.refresh()
             self._freeze()

@@ -71,7 +71,7 @@ class _EDPCommonOptions(ScopedOptions):
                                            "flops_target)", choices=("target", "fixed"))
     group_weight: str = option("flops", "penalty weight of a group: flops (FLOPs its removal saves) | latency "
                                         "(time it saves, measured as compress.latency says) | uniform (the paper)",
-                               choices=GROUP_WEIGHTS, old=("latency.aware", "latency_aware"))
+                               choices=GROUP_WEIGHTS, old="latency_aware")
     stop_reg_at_target: bool = option(True, "regularization fixed: stop the prox once the zero groups alone reach "
                                             "flops_target")
     compact: bool = option(False, "after each regularised epoch before Epoch_ES, remove groups already exactly zero")
@@ -181,18 +181,18 @@ class EDPMethod(CompressionMethod):
         self.controller = None
         self._weights = None
         if self.group_weight == "latency" and self._layer_time is None:
-            self._layer_time = self._measure_layer_time(model)
+            self._layer_time = self._measure_layer_time(model, self.input_size)
 
     def _kinds(self) -> tuple:
         return tuple(k for k, on in (("col", self.use_rank), ("row", self.use_channel)) if on)
 
-    def _measure_layer_time(self, model) -> dict:
+    def _measure_layer_time(self, model, input_size) -> dict:
         if self.latency_weights is not None:
             return self.latency_weights          # measured once, reused: the same structure every run
-        if self.input_size is None:
+        if input_size is None:
             raise ValueError("EDP: compress.group_weight=latency needs the input size (method.input_size)")
         # every rank must weigh the groups the same: rank 0's measurement is used everywhere
-        return broadcast_object(measure_time_per_flop(model, input_size=tuple(self.input_size),
+        return broadcast_object(measure_time_per_flop(model, input_size=tuple(input_size),
                                                       batch_size=self.latency_batch, mode=self.latency_mode))
 
     def _structure_now(self):
@@ -311,7 +311,7 @@ class EDPMethod(CompressionMethod):
         weights = None
         if self.group_weight == "latency" and target is not None:
             if self._layer_time is None:
-                self._layer_time = self._measure_layer_time(model)
+                self._layer_time = self._measure_layer_time(model, input_size)
             weights = self._layer_time
         controlled = self.controller is not None
         frozen = controlled and self.controller.frozen_step is not None
