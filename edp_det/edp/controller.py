@@ -25,7 +25,7 @@ by their *score* ``q = ‖g‖ / (a·w·s)`` (steps-to-zero at λ = 1); the smal
 (with the groups already zero, through the dead-channel propagation of :class:`~edp_det.edp.budget.Structure`)
 reaches R ends at the *marginal group* of score q*. Under pure shrinkage a group dies after q/λ steps, so
 
-    λ = f · q* / max(1, ρ·T − t)
+    λ = f · q* / (ρ·T − t)          (from ρ·T − 1 on: max(f, 1) · q*, which zeroes the marginal group now)
 
 makes the marginal group — and, earlier, every weaker one — reach zero at the deadline ρ·T (ρ = 0.8). ``f`` is a
 slow correction towards the reference trajectory c*(t) = R·min(1, t/(ρT)) of the zero-group cut c:
@@ -310,7 +310,9 @@ class TargetController:
         self.correction = min(max(self.correction * math.exp(max(-self.MAX_CORRECTION,
                                                                   min(self.MAX_CORRECTION, err))),
                                   self.CORRECTION_RANGE[0]), self.CORRECTION_RANGE[1])
-        self.lam = self.correction * q / max(1.0, self.deadline - self.t)
+        left = self.deadline - self.t
+        # at the deadline the marginal group must die at this step, whatever the correction says
+        self.lam = self.correction * q / left if left > 1 else max(self.correction, 1.0) * q * (1 + 1e-6)
         self.record.update(reg_lambda_rank=self.lam * self._ratio[0] if "col" in self.kinds else 0.0,
                            reg_lambda_channel=self.lam * self._ratio[1] if "row" in self.kinds else 0.0)
 
