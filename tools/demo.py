@@ -71,6 +71,10 @@ def main(args: argparse.Namespace) -> list[dict]:
     b, e = runs["baseline"].metrics["mAP_voc07"], runs["edp"].metrics["mAP_voc07"]
     print(f"\nbaseline mAP_voc07 {b:.3f}, EDP {e:.3f} (Δ {e - b:+.3f}); backbone FLOPs cut "
           f"{runs['edp'].metrics['r_flops_backbone']:.1%}. Report: {out / 'demo_report.md'}")
+    pm = out / "edp" / "pm_report.json"
+    if pm.exists():
+        share = json.loads(pm.read_text(encoding="utf-8")).get("r_flops_from_zero_groups", 0.0)
+        print(f"groups trained to exactly zero cut {share:.1%} of the backbone FLOPs at PM (target {target:.0%})")
     return rows
 
 

@@ -319,6 +319,50 @@ class Structure:
                 if orig else 0.0
         return out
 
+    def group_costs(self) -> dict[str, tuple[float, float | None]]:
+        """FLOPs one group of each layer saves when it is removed, at the full (decomposed) widths of the blocks:
+        ``{layer name: (per column group, per row group or None)}``.
+
+        A column (rank) group of a block saves its θ' filter and its β column:
+        ``2 · positions · (c_in · k² + c_out)``; a row (output-channel) group saves its β row, ``2 · positions ·
+        r``, plus the input channel it feeds in every consumer's θ', ``2 · positions_c · r_c · k_c²`` (the
+        two-conv form of the cost; see the module docstring for the merged form)."""
+        out = {}
+        for l in self.layers:
+            b = l.block
+            col = 2.0 * l.positions * (b.in_channels * l.kk + b.out_channels)
+            row = None
+            if l.prunable:
+                row = 2.0 * l.positions * b.rank
+                for ci in l.consumers:
+                    c = self.layers[ci]
+                    row += 2.0 * c.positions * c.block.rank * c.kk
+            out[l.name] = (col, row)
+        return out
+
+    def marginal_costs(self) -> dict[str, tuple[float, float | None]]:
+        """FLOPs the removal of one more live group of each layer saves now (current live counts, the cost PM
+        would build, merged form included: a block still cheaper merged saves nothing per rank group):
+        ``{layer name: (per column group, per row group or None)}``."""
+        c = self.counts()
+        base = self.block_flops(c[:, 1], c[:, 2], c[:, 0])
+        total = int(base.sum())
+        out = {}
+        for i, l in enumerate(self.layers):
+            r = c[:, 1].clone()
+            r[i] = max(int(r[i]) - 1, 0)
+            col = float(base[i] - self.block_flops(r, c[:, 2], c[:, 0])[i])
+            row = None
+            if l.prunable:
+                co = c[:, 2].clone()
+                co[i] = max(int(co[i]) - 1, 0)
+                ci = c[:, 0].clone()
+                for j in l.consumers:
+                    ci[j] = co[i]
+                row = float(total - int(self.block_flops(c[:, 1], co, ci).sum()))
+            out[l.name] = (col, row)
+        return out
+
     # ------------------------------------------------------------------ selection
     @torch.no_grad()
     def group_norms(self, kinds=("col", "row"), rank_layers: str = "all"):

@@ -31,7 +31,11 @@ from torch import nn
 from edp_det.edp.decompose import iter_blocks
 from edp_det.ops.graph import get_submodule, unwrap_model
 
-__all__ = ["EDPRegularizer", "LayerStats", "zero_momentum"]
+__all__ = ["EDPRegularizer", "LayerStats", "zero_momentum", "zero_optimizer_state", "OPTIMIZER_STATE_KEYS"]
+
+#: per-parameter optimizer buffers that can move a weight: SGD momentum, Adam(W) first and second moments (and
+#: AMSGrad's maximum); a group held at zero has all of them zeroed
+OPTIMIZER_STATE_KEYS = ("momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
 logger = logging.getLogger(__name__)
 
@@ -114,13 +118,16 @@ class EDPRegularizer:
 
     # ------------------------------------------------------------------ prox
     @torch.no_grad()
-    def prox_step(self, lr: float, guard=None) -> bool:
+    def prox_step(self, lr: float, guard=None, keep: dict | None = None) -> bool:
         """Group soft-thresholding with step ``lr`` (the learning rate of the optimizer step just taken).
 
         ``guard``: optional callable, asked before anything is written whenever the step would set a non-zero
         group exactly to zero. It receives ``{block name: (cols, rows)}``: bool masks of the β columns and of the
         row groups (``None`` where that kind is not regularised) that would be zero after the step, and the step
-        is applied only if it returns True. Returns whether the step was applied."""
+        is applied only if it returns True. It may instead return a dict of the same form: the groups the step
+        may set to zero (a group it would zero that is not named there is left as it is, not shrunk); the step
+        is then applied that way. ``keep``: optional ``{block name: (cols, rows)}`` bool masks (or ``None``) of
+        groups the step leaves unchanged (neither shrunk nor zeroed). Returns whether the step was applied."""
         try:
             lr = float(lr)
         except (TypeError, ValueError):
@@ -136,13 +143,20 @@ class EDPRegularizer:
                 w = e.block.coeff.weight
                 groups.setdefault((w.device, w.dtype), []).append(e)
         plans = [_prox_scales(entries, lr) for entries in groups.values()]
+        if keep:
+            for plan in plans:
+                plan.keep(keep)
         if guard is not None and any(plan.dying() for plan in plans):
             zero = {}
             for plan in plans:
                 for e, cs, rs in zip(plan.entries, plan.col_scale, plan.row_scale):
                     zero[e.name] = (None if cs is None else cs == 0, None if rs is None else rs == 0)
-            if not guard(zero):
+            verdict = guard(zero)
+            if verdict is False:
                 return False
+            if isinstance(verdict, dict):
+                for plan in plans:
+                    plan.restrict(verdict)
         for plan in plans:
             _apply_scales(plan, state)
         return True
@@ -208,11 +222,42 @@ class _ProxPlan:
         self.row_scale: list = [None] * len(entries)
         self.col_all = self.row_all = self.col_norms = self.row_norms = None
 
+    def restrict(self, allowed: dict) -> None:
+        """Leave unchanged (factor 1) every group the step would zero that ``allowed`` (``{block name: (cols,
+        rows)}`` bool masks or ``None``) does not name; groups already zero stay zero."""
+        for e, cs, rs in zip(self.entries, self.col_scale, self.row_scale):
+            ok_c, ok_r = allowed.get(e.name, (None, None))
+            for sc, ok in ((cs, ok_c), (rs, ok_r)):
+                if sc is not None:
+                    keep = sc == 0
+                    if ok is not None:
+                        keep &= ~ok
+                    sc.masked_fill_(keep & _nonzero_groups(e, sc is cs), 1.0)
+
+    def keep(self, masks: dict) -> None:
+        """Factor 1 for the groups ``masks`` (``{block name: (cols, rows)}`` bool masks or ``None``) names."""
+        for e, cs, rs in zip(self.entries, self.col_scale, self.row_scale):
+            km_c, km_r = masks.get(e.name, (None, None))
+            for sc, km in ((cs, km_c), (rs, km_r)):
+                if sc is not None and km is not None:
+                    sc.masked_fill_(km.to(sc.device), 1.0)
+
     def dying(self) -> bool:
         """Whether the step would set a non-zero group exactly to zero."""
         return any(bool(((sc == 0) & (nm > 0)).any()) for sc, nm in ((self.col_all, self.col_norms),
                                                                    (self.row_all, self.row_norms))
                    if sc is not None)
+
+
+def _nonzero_groups(e: _Entry, columns: bool) -> torch.Tensor:
+    """Bool mask of the non-zero column (``columns``) or row groups of entry ``e``."""
+    beta = e.block.beta_2d()
+    if columns:
+        return (beta != 0).any(dim=0)
+    live = (beta != 0).any(dim=1)
+    for p in e.row_params:
+        live = live | (p != 0)
+    return live
 
 
 def _prox_scales(entries: list, lr: float) -> _ProxPlan:
@@ -338,3 +383,16 @@ def _zero_momentum_groups(state, param: torch.Tensor, dim: int, dead: torch.Tens
     shape = [1] * param.dim()
     shape[dim] = -1
     zero_momentum(state, param, dead.view(shape))
+
+
+def zero_optimizer_state(state, param: torch.Tensor, dim: int, dead: torch.Tensor) -> None:
+    """Zero every buffer of :data:`OPTIMIZER_STATE_KEYS` of ``param`` in optimizer ``state`` at the indices of
+    dimension ``dim`` where ``dead`` (bool vector) is True."""
+    st = state.get(param)
+    if not st or not bool(dead.any()):
+        return
+    idx = torch.nonzero(dead).flatten()
+    for key in OPTIMIZER_STATE_KEYS:
+        buf = st.get(key)
+        if isinstance(buf, torch.Tensor) and buf.shape == param.shape:
+            buf.index_fill_(dim, idx, 0)

@@ -36,6 +36,9 @@ class PruneResult:
     table: str | None = None
     #: new parameter name -> (old name, kept indices per dim) for carrying optimizer state (None: nothing carried)
     param_map: dict | None = None
+    #: PM left the network's function unchanged (it removed only exact zeros and merged), so the BatchNorm running
+    #: statistics still hold and the engine does not re-estimate them
+    function_preserved: bool = False
 
 
 @dataclass
@@ -118,6 +121,10 @@ class CompressionMethod:
         return PruneResult()
 
     def epoch_stats(self, model: nn.Module, input_size) -> dict:
+        return {}
+
+    def step_stats(self) -> dict:
+        """Numbers merged into the engine's periodic step records (``train.log_interval``)."""
         return {}
 
     # --- resume

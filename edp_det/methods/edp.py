@@ -17,6 +17,7 @@ from torch import nn
 
 from edp_det.edp.budget import RANK_LAYERS, check_layer_weights, structure_from_model
 from edp_det.edp.compaction import compact_zero_groups
+from edp_det.edp.controller import GROUP_WEIGHTS, TargetController, group_weights
 from edp_det.edp.decompose import decompose, is_decomposed
 from edp_det.ops.block import FORWARD_MODES
 from edp_det.runtime.distributed import broadcast_object
@@ -32,7 +33,8 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class LatencyOptions:
-    """``compress.latency``: rank the PM budget's groups by the time they remove on this hardware."""
+    """``compress.latency``: rank the PM budget's groups by the time they remove on this hardware (``aware``); the
+    measurement also gives the training-time weights of ``compress.group_weight: latency``."""
 
     aware: bool = option(False, "PM budget: cut layers that are slow per FLOP first (measured at PM time)",
                          old="latency_aware")
@@ -45,7 +47,8 @@ class LatencyOptions:
 
 @dataclass
 class _RankOptions(ScopedOptions):
-    lambda_rank: float = option(1e-3, "λ1: weight of the rank (β column) group penalty", ge=0)
+    lambda_rank: float = option(1e-3, "λ1: weight of the rank (β column) group penalty (regularization: target: "
+                                      "only the ratio λ1:λ2 matters)", ge=0)
 
 
 @dataclass
@@ -65,7 +68,15 @@ class _EDPCommonOptions(ScopedOptions):
                                      "those feeding a residual add", choices=RANK_LAYERS)
     max_layer_cut: float | None = option(None, "PM budget: at most this fraction of a layer's live groups (per "
                                                "kind); null: all but one", gt=0, le=1)
-    stop_reg_at_target: bool = option(True, "stop the prox once the zero groups alone reach flops_target")
+    regularization: str = option("fixed", "fixed: the paper's constant λ1/λ2; target (experimental): λ adapted during the regularised phase so that the groups "
+                                           "trained to exactly zero cut flops_target by Epoch_ES, then held at "
+                                           "zero, the strongest group of each layer and kind kept (needs a "
+                                           "flops_target)", choices=("fixed", "target"))
+    group_weight: str = option("uniform", "penalty weight of a group during training: uniform (the paper) | flops "
+                                          "(FLOPs its removal saves) | latency (time it saves, measured as "
+                                          "compress.latency says; experimental)", choices=GROUP_WEIGHTS)
+    stop_reg_at_target: bool = option(True, "regularization fixed: stop the prox once the zero groups alone reach "
+                                            "flops_target")
     compact: bool = option(False, "after each regularised epoch before Epoch_ES, remove groups already exactly zero")
     latency: LatencyOptions = section(LatencyOptions, "latency-aware PM budget")
 
@@ -86,21 +97,30 @@ class EDPChannelOptions(_EDPCommonOptions, _ChannelOptions):
 
 
 class EDPMethod(CompressionMethod):
-    """Algorithm 1. With ``compress.stop_reg_at_target`` (default on) and a ``flops_target``, the FLOPs cut of the
-    exactly-zero groups never exceeds the target by more than :attr:`TARGET_TOLERANCE`: before every proximal step
-    that would set a non-zero group exactly to zero, the cut the zero groups would then give is computed (analytic
-    cost of the structure PM would build, as in :mod:`edp_det.edp.budget`; steps that zero nothing cost one check)
-    and
+    """Algorithm 1.
+
+    ``compress.regularization: target`` (opt-in, experimental; needs a ``flops_target``): λ is not taken from the config
+    but adapted during the regularised phase by :class:`edp_det.edp.controller.TargetController` so that the
+    groups trained to exactly zero cut ``flops_target`` by Epoch_ES (within :attr:`TARGET_TOLERANCE`), after which
+    they are held at zero (weights and optimizer state) and PM removes only zeros. λ1:λ2 of the config set the
+    ratio between the two kinds; ``group_weight`` how groups of different layers are weighed.
+    If the phase ends before the target is reached, PM tops the cut up with the budget's norm ranking (WARNING
+    naming the share the zero groups gave).
+
+    ``regularization: fixed`` (the default): the paper's constant λ (prox threshold lr·λ·group weight). With
+    ``stop_reg_at_target`` (default on) and a ``flops_target``, the FLOPs cut of the exactly-zero groups never
+    exceeds the target by more than :attr:`TARGET_TOLERANCE`: before every proximal step that would set a non-zero
+    group exactly to zero, the cut the zero groups would then give is computed and
       * below the target: the step is applied;
       * reaching the target, by at most the tolerance: the step is applied and the proximal steps stop for the rest
         of the regularised phase (INFO);
-      * beyond target + tolerance (a λ too strong for the schedule, e.g. 1e9, whose first step would zero almost
-        every group): the step is *not* applied, the proximal steps stop (WARNING naming λ), and PM's FLOPs-target
-        selection removes the weakest groups up to the target.
-    So the pruned model's cut lies in [target, target + tolerance] (PM never undershoots). The paper tunes λ so
-    that the target is not reached before ``epoch_es``; with a λ too strong for the schedule the regulariser
-    otherwise zeroes almost the whole backbone. With ``stop_reg_at_target: false`` the prox runs to ``epoch_es``
-    whatever it zeroes, and PM warns when the cut exceeds target + tolerance."""
+      * beyond target + tolerance (a λ too strong for the schedule): the step is *not* applied, the proximal steps
+        stop (WARNING naming λ), and PM's FLOPs-target selection removes the weakest groups up to the target.
+    With ``stop_reg_at_target: false`` the prox runs to ``epoch_es`` whatever it zeroes, and PM warns when the cut
+    exceeds target + tolerance.
+
+    The controlled mode needs the number of optimizer steps per epoch (:attr:`iters_per_epoch`, set by the
+    trainer) and :attr:`input_size`."""
 
     name = "edp"
     summary = "EDP: rank (λ1) and channel (λ2) groups jointly, then PM"
@@ -124,6 +144,8 @@ class EDPMethod(CompressionMethod):
         self.rank_layers = o.rank_layers
         self.max_layer_cut = o.max_layer_cut
         self.latency_aware = o.latency.aware
+        self.group_weight = o.group_weight
+        self.target_driven = o.regularization == "target" and o.flops_target is not None
         self.latency_batch = o.latency.batch
         self.latency_mode = o.latency.mode
         self.latency_weights = self._load_latency_weights(o.latency.weights)
@@ -131,6 +153,12 @@ class EDPMethod(CompressionMethod):
         self.steps = 0
         self.reg_stopped_step: int | None = None
         self._structure = None
+        #: optimizer steps per epoch (the trainer sets it); the controlled mode needs it
+        self.iters_per_epoch: int | None = None
+        self.controller: TargetController | None = None
+        self._controller_state: dict | None = None
+        self._weights: dict | None = None      # group weights, computed once per decomposed model
+        self._layer_time: dict | None = None   # measured time per FLOP (group_weight: latency)
 
     @property
     def prune_epoch(self):
@@ -152,6 +180,56 @@ class EDPMethod(CompressionMethod):
             return
         self.reg = EDPRegularizer(model, self.lambda_rank, self.lambda_channel, optimizer=optimizer)
         self._structure = None
+        if self.controller is not None:
+            self._controller_state = self.controller.state_dict()
+        self.controller = None
+        self._weights = None
+        if self.group_weight == "latency" and self._layer_time is None:
+            self._layer_time = self._measure_layer_time(model, self.input_size)
+
+    def _kinds(self) -> tuple:
+        return tuple(k for k, on in (("col", self.use_rank), ("row", self.use_channel)) if on)
+
+    def _measure_layer_time(self, model, input_size) -> dict:
+        if self.latency_weights is not None:
+            return self.latency_weights          # measured once, reused: the same structure every run
+        if input_size is None:
+            raise ValueError("EDP: compress.group_weight=latency needs the input size (method.input_size)")
+        # every rank must weigh the groups the same: rank 0's measurement is used everywhere
+        return broadcast_object(measure_time_per_flop(model, input_size=tuple(input_size),
+                                                      batch_size=self.latency_batch, mode=self.latency_mode))
+
+    def _structure_now(self):
+        if self._structure is None:   # layers and their positions do not change while the blocks stay decomposed
+            if self.input_size is None:
+                raise ValueError(f"EDP: compress.group_weight={self.group_weight} / regularization=target need the "
+                                 f"input size the FLOPs are counted at (method.input_size; the trainer sets it)")
+            self._structure = structure_from_model(self.reg.model, input_size=self.input_size)
+        return self._structure
+
+    def _group_weights(self) -> dict | None:
+        """Per-layer weights of the penalty (None: uniform)."""
+        if self.group_weight == "uniform":
+            return None
+        if self._weights is None:
+            self._weights = group_weights(self._structure_now(), self.group_weight, self._layer_time,
+                                          kinds=self._kinds())
+        return self._weights
+
+    def _ensure_controller(self) -> TargetController:
+        if self.controller is None:
+            if not self.iters_per_epoch:
+                raise ValueError("EDP: regularization=target needs the optimizer steps per epoch "
+                                 "(method.iters_per_epoch; the trainer sets it)")
+            weights = self._group_weights()
+            if weights is None:
+                weights = group_weights(self._structure_now(), "uniform", kinds=self._kinds())
+            self.controller = TargetController(self.reg, self._structure_now(), float(self.options.flops_target),
+                                               self.epoch_es * int(self.iters_per_epoch), weights=weights,
+                                               kinds=self._kinds())
+            if self._controller_state:
+                self.controller.load_state_dict(self._controller_state)
+        return self.controller
 
     @staticmethod
     def _load_latency_weights(path) -> dict | None:
@@ -183,17 +261,28 @@ class EDPMethod(CompressionMethod):
         report = compact_zero_groups(model, optimizer=optimizer, regularizer=self.reg)
         if report.changed:
             self._structure = None    # the target check's cached structure describes the old blocks
+            self._weights = None
+            if self.controller is not None:
+                self.controller.weights = self._group_weights() or group_weights(
+                    self._structure_now(), "uniform", kinds=self._kinds())
+                self.controller.reset_structure(self._structure_now())
         return report
 
     def _lambdas(self, epoch: int) -> tuple[float, float]:
         return self.lambda_rank, self.lambda_channel
 
     def after_step(self, model, lr: float, epoch: int) -> None:
+        if self.reg is not None and self.regularizing(epoch) and self.target_driven:
+            self.steps += 1
+            self._ensure_controller().step(*self._lambdas(epoch))
+            return
         if self.reg is not None and self.regularizing(epoch) and self.reg_stopped_step is None:
             lr_, lc = self._lambdas(epoch)
+            weights = self._group_weights() or {}
             for e in self.reg.entries:
-                e.lam_col = lr_
-                e.lam_row = lc if e.block.channel_prunable else 0.0
+                wc, wr = weights.get(e.name, (1.0, 1.0))
+                e.lam_col = lr_ * wc
+                e.lam_row = lc * (wr or 0.0) if e.block.channel_prunable else 0.0
             self.steps += 1
             guarded = self.stop_at_target and self.options.flops_target is not None and self.input_size is not None
             self.reg.prox_step(lr, guard=self._target_guard if guarded else None)
@@ -201,9 +290,7 @@ class EDPMethod(CompressionMethod):
     def _target_guard(self, zero: dict) -> bool:
         """Whether a prox step that zeroes the groups in ``zero`` may be applied (see the class docstring)."""
         target = float(self.options.flops_target)
-        if self._structure is None:   # layers and their positions do not change while the blocks stay decomposed
-            self._structure = structure_from_model(self.reg.model, input_size=self.input_size)
-        struct = self._structure
+        struct = self._structure_now()
         struct.refresh(zero=zero)     # live masks as the step would leave them
         after = struct.flops_after()
         if not cut_reaches(struct.original_flops, after, target):
@@ -233,19 +320,33 @@ class EDPMethod(CompressionMethod):
             weights = broadcast_object(measure_time_per_flop(model, input_size=tuple(input_size),
                                                              batch_size=self.latency_batch,
                                                              mode=self.latency_mode))
+        controlled = self.controller is not None
+        frozen = controlled and self.controller.frozen_step is not None
         report = prune_and_merge(model, flops_target=target, input_size=input_size,
                                  round_to=self.options.round_to, rank_layers=self.rank_layers,
                                  layer_weights=weights, max_layer_cut=self.max_layer_cut)
         self.pruned = True
         self.reg = None
+        self.controller = None
+        if self.target_driven and report.r_flops_from_zero_groups < 0.95 * float(target):
+            logger.warning("EDP: the groups trained to zero cut only %.1f %% of the FLOPs (target %.1f %%%s); PM "
+                           "removed %d more groups by the budget's ranking to reach it (give the regularised phase "
+                           "more steps: compress.epoch_es)", 100 * report.r_flops_from_zero_groups, 100 * float(target),
+                           "" if frozen or not controlled else ", not reached in the regularised phase",
+                           report.budget_removed_groups)
         if target is not None and report.achieved_r_flops > float(target) + self.TARGET_TOLERANCE:
             logger.warning("EDP: the pruned model cuts %.1f %% of the FLOPs where %.1f %% was requested (the groups "
                            "training zeroed cut %.1f %%; compress.stop_reg_at_target=%s)", 100 * report.achieved_r_flops,
                            100 * float(target), 100 * report.r_flops_from_zero_groups, self.stop_at_target)
         out = report.to_dict()
+        # PM removed only groups trained to zero (and merged): the network computes the same function
+        out["lossless"] = report.budget_removed_groups == 0
+        if target is not None:
+            out["zero_share_of_target"] = report.r_flops_from_zero_groups / float(target)
         if weights is not None:
             out["layer_weights"] = weights           # pm_report.json: reusable as compress.latency.weights
-        return PruneResult(report=out, table=report.format_table(), param_map=report.param_map)
+        return PruneResult(report=out, table=report.format_table(), param_map=report.param_map,
+                           function_preserved=self.target_driven and out["lossless"])
 
     def epoch_stats(self, model, input_size) -> dict:
         if self.pruned or not is_decomposed(model):
@@ -254,16 +355,26 @@ class EDPMethod(CompressionMethod):
         out = reg.sparsity(input_size=input_size)
         if self.reg_stopped_step is not None:
             out["reg_stopped_step"] = self.reg_stopped_step
+        out.update(self.step_stats())
         return out
 
+    def step_stats(self) -> dict:
+        """The controller's latest record: λ per kind, zero-group FLOPs cut and its reference, live counts."""
+        return dict(self.controller.record) if self.controller is not None else {}
+
     def state_dict(self) -> dict:
-        return {"pruned": self.pruned, "steps": self.steps, "reg_stopped_step": self.reg_stopped_step}
+        out = {"pruned": self.pruned, "steps": self.steps, "reg_stopped_step": self.reg_stopped_step}
+        ctrl = self.controller.state_dict() if self.controller is not None else self._controller_state
+        if ctrl:
+            out["controller"] = ctrl
+        return out
 
     def load_state_dict(self, state: dict) -> None:
         self.pruned = bool(state.get("pruned", False))
         self.steps = int(state.get("steps", 0))
         stopped = state.get("reg_stopped_step")
         self.reg_stopped_step = None if stopped is None else int(stopped)
+        self._controller_state = state.get("controller")
 
 
 class EDPRankMethod(EDPMethod):

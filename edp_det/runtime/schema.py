@@ -461,6 +461,8 @@ class DetectionModel:
 class DetectionEval:
     iou_thresh: float = option(0.5, "IoU threshold of a true positive (VOC)", gt=0, lt=1)
     coco: bool = option(True, "also compute COCO-style mAP")
+    around_pm: bool = option(False, "also evaluate right before and right after PM (eval_before_pm_* / "
+                                    "eval_after_pm_* in metrics_log.jsonl)")
     batch_size: int = option(1, "images per evaluation batch", ge=1)
 
 
@@ -491,6 +493,8 @@ class ClassificationModel:
 @dataclass
 class ClassificationEval:
     batch_size: int = option(64, "images per evaluation batch", ge=1)
+    around_pm: bool = option(False, "also evaluate right before and right after PM (eval_before_pm_* / "
+                                    "eval_after_pm_* in metrics_log.jsonl)")
 
 
 @dataclass

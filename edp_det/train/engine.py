@@ -176,6 +176,7 @@ class Trainer:
         self.iters_per_epoch = task.iters_per_epoch(dist)
         if tcfg["max_iters_per_epoch"]:
             self.iters_per_epoch = min(self.iters_per_epoch, int(tcfg["max_iters_per_epoch"]))
+        method.iters_per_epoch = self.iters_per_epoch
         # every check passed: only now does the run write into its folder
         self.ckpt_mgr = CheckpointManager(self.out, keep_last=tcfg["checkpoint_keep"]) if main else None
         if main:
@@ -257,7 +258,7 @@ class Trainer:
                 meter.update(loss_value, terms)
                 if self.main and (it % tcfg["log_interval"] == 0 or it + 1 == n_iter):
                     rec = {"epoch": epoch + 1, "iter": it + 1, "step": self.step, "lr": lr, "loss": loss_value,
-                           **terms}
+                           **terms, **method.step_stats()}
                     self.log.log(rec)
                     logger.info("%s", meter.line(epoch + 1, epochs, it + 1, lr))
                     if self.tb is not None:
@@ -290,10 +291,16 @@ class Trainer:
                 epoch_rec.update(compacted_columns=comp.removed_columns, compacted_channels=comp.removed_channels,
                                  params_compacted=comp.params_after)
         if method.prune_epoch is not None and epoch + 1 == method.prune_epoch:
+            if self.cfg.get("eval", {}).get("around_pm"):
+                epoch_rec.update({f"eval_before_pm_{k}": v for k, v in self.task.evaluate(self.model, self.device)
+                                  .items() if isinstance(v, (int, float))})
             self.model, self.optimizer, self.ddp_model = self._prune(self.model, self.optimizer, method,
                                                                      self.input_size, dist, epoch=epoch,
                                                                      device=self.device)
             epoch_rec["pruned"] = True
+            if self.cfg.get("eval", {}).get("around_pm"):
+                epoch_rec.update({f"eval_after_pm_{k}": v for k, v in self.task.evaluate(self.model, self.device)
+                                  .items() if isinstance(v, (int, float))})
         if tcfg["eval_interval"] and (epoch + 1) % tcfg["eval_interval"] == 0 and epoch + 1 < tcfg["epochs"]:
             epoch_rec.update({f"eval_{k}": v for k, v in self.task.evaluate(self.model, self.device).items()
                               if isinstance(v, (int, float))})
@@ -351,7 +358,7 @@ class Trainer:
         result = method.prune(root, input_size)
         report = result.report
         n_bn = method.options.bn_recalib_batches
-        if n_bn > 0 and batchnorm_layers(root):
+        if n_bn > 0 and batchnorm_layers(root) and not result.function_preserved:
             # the pre-PM running statistics no longer match the pruned convolutions (see edp_det.edp.calibration)
             batches = itertools.islice(self.task.train_loader(epoch, dist), n_bn)
             used = recalibrate_batchnorm(root, batches, device if device is not None else

@@ -1,0 +1,286 @@
+"""Target-driven regularisation (edp_det.edp.controller): the groups trained to exactly zero reach the FLOPs target
+within tolerance under SGD and AdamW, at different learning rates and from a trained start; they stay zero
+(weights and optimizer state) afterwards; PM after it removes only zeros (float64-exact); cost weights decide
+which groups go first; bad values fail clearly."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from edp_det import count_flops
+from edp_det.edp.budget import BudgetError, structure_from_model
+from edp_det.edp.controller import TargetController, group_weights
+from edp_det.edp.regularizer import OPTIMIZER_STATE_KEYS, EDPRegularizer
+from edp_det.methods import build_method
+from edp_det.ops.flops import flops_cut
+
+from test_methods import SIZE, tiny
+
+from _core_helpers import one_thread  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+STEPS = 30
+TARGET = 0.4
+TOL = 0.02
+#: the opt-in controlled mode with FLOPs weights (the defaults are the fixed λ and the uniform penalty)
+TARGET_MODE = {"regularization": "target", "group_weight": "flops"}
+
+
+def _batch(dtype):
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(8, *SIZE, generator=g, dtype=dtype), torch.randint(0, 10, (8,), generator=g)
+
+
+def _optimizer(model, kind, lr):
+    if kind == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
+    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-2)
+
+
+def _train_step(model, opt, x, y):
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+
+
+def _controlled(kind="adamw", lr=1e-3, pre_steps=0, dtype=torch.float32, steps=STEPS, extra=None, total=None):
+    """A tiny Bottleneck ResNet trained ``steps`` steps under the controller (``pre_steps`` plain steps first)."""
+    model = tiny(dtype).train()
+    x, y = _batch(dtype)
+    method = build_method("edp", {"epoch_es": 1, "flops_target": TARGET, **TARGET_MODE, **(extra or {})},
+                          total_epochs=2)
+    model = method.prepare(model)
+    method.input_size = SIZE
+    method.iters_per_epoch = total or steps
+    opt = _optimizer(model, kind, lr)
+    for _ in range(pre_steps):
+        _train_step(model, opt, x, y)
+    method.attach(model, opt)
+    records = []
+    for _ in range(steps):
+        _train_step(model, opt, x, y)
+        method.after_step(model, lr, epoch=0)
+        records.append(method.step_stats())
+    return method, model, opt, records, (x, y)
+
+
+def _zero_cut(method):
+    """FLOPs cut of the scope (vs the original network) that the exactly-zero groups give."""
+    struct = structure_from_model(method.reg.model, input_size=SIZE)
+    return flops_cut(struct.original_flops, struct.flops_after())
+
+
+@pytest.mark.parametrize("kind,lr,pre", [("sgd", 0.05, 0), ("sgd", 0.005, 0), ("adamw", 1e-3, 0),
+                                         ("adamw", 1e-4, 0), ("adamw", 1e-4, 20)],
+                         ids=["sgd-0.05", "sgd-0.005", "adamw-1e-3", "adamw-1e-4", "adamw-trained-start"])
+def test_controller_reaches_the_target_within_tolerance(kind, lr, pre):
+    method, model, opt, records, _ = _controlled(kind, lr, pre)
+    ctrl = method.controller
+    assert ctrl.frozen_step is not None and ctrl.frozen_step <= STEPS
+    cut = _zero_cut(method)
+    assert TARGET <= cut <= TARGET + TOL, cut
+    # the trajectory: λ per kind, zero-group cut and its reference, live counts
+    updates = [r for r in records if "reg_lambda_rank" in r]
+    assert updates and all(r["reg_lambda_rank"] > 0 and r["reg_lambda_channel"] > 0 for r in updates)
+    assert all({"zero_cut", "zero_cut_ref", "live_rank", "live_channels"} <= set(r) for r in updates)
+    assert records[-1]["frozen_step"] == ctrl.frozen_step
+    assert method.epoch_stats(model, SIZE)["zero_cut"] == pytest.approx(cut)
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adamw"])
+def test_zero_groups_stay_zero_with_their_optimizer_state(kind):
+    method, model, opt, _, (x, y) = _controlled(kind, 0.05 if kind == "sgd" else 1e-3, steps=STEPS)
+    held = method.controller.held
+    assert method.controller.frozen_step is not None
+    assert any(bool(c.any()) or bool(r.any()) for c, r in held.values())
+    cut = _zero_cut(method)
+    live_before = {e.name: e.block.beta_2d().clone() for e in method.reg.entries}
+    for _ in range(8):   # the rest trains on; weight decay and the moments would revive the held groups
+        _train_step(model, opt, x, y)
+        method.after_step(model, 0.05, epoch=0)
+    assert _zero_cut(method) == cut
+    moved = False
+    for e in method.reg.entries:
+        cols, rows = held[e.name]
+        beta = e.block.beta_2d()
+        assert not bool(beta[:, cols].any()) and not bool(beta[rows, :].any())
+        for p in e.row_params:
+            assert not bool(p[rows].any())
+        st = opt.state[e.block.coeff.weight]
+        for key in OPTIMIZER_STATE_KEYS:
+            if key in st:
+                assert not bool(st[key].view(beta.shape)[:, cols].any())
+                assert not bool(st[key].view(beta.shape)[rows, :].any())
+        moved |= not torch.equal(beta, live_before[e.name])
+    assert moved      # the live groups still train (no prox on them: only the optimizer)
+
+
+def test_pm_after_a_controlled_run_is_exact_and_reports_the_zero_share():
+    method, model, opt, _, (x, _) = _controlled("sgd", 0.05, dtype=torch.float64)
+    model.eval()
+    with torch.no_grad():
+        before = model(x)
+    report = method.prune(model, SIZE).report
+    with torch.no_grad():
+        after = model(x)
+    assert torch.allclose(before, after, rtol=1e-10, atol=1e-10)
+    assert report["lossless"] and report["budget_removed_groups"] == 0
+    assert report["r_flops_from_zero_groups"] >= 0.95 * TARGET
+    assert report["zero_share_of_target"] == pytest.approx(report["r_flops_from_zero_groups"] / TARGET)
+    assert TARGET <= report["achieved_r_flops"] <= TARGET + TOL
+
+
+def test_too_few_steps_falls_back_to_the_budget_with_a_warning(caplog):
+    """The phase ends (PM) long before the controller's deadline: PM tops the cut up and says how much came from
+    zeros."""
+    method, model, _, _, _ = _controlled("adamw", 1e-4, steps=3, total=1000)
+    assert method.controller.frozen_step is None
+    with caplog.at_level(logging.WARNING, logger="edp_det.methods.edp"):
+        report = method.prune(model, SIZE).report
+    assert not report["lossless"] and report["budget_removed_groups"] > 0
+    assert TARGET <= report["achieved_r_flops"]
+    assert "groups trained to zero cut only" in caplog.text and "not reached in the regularised phase" in caplog.text
+
+
+def test_flops_weights_zero_costlier_groups_first():
+    """Two column groups of equal norm in layers whose groups save different FLOPs: under the FLOPs weight the
+    costlier one reaches zero first; under the uniform penalty they shrink alike."""
+    model = tiny(torch.float64)
+    from edp_det.edp.decompose import decompose
+    decompose(model)
+    struct = structure_from_model(model, input_size=SIZE)
+    costs = struct.group_costs()
+    names = [l.name for l in struct.layers]
+    cheap = min(names, key=lambda n: costs[n][0])
+    dear = max(names, key=lambda n: costs[n][0])
+    assert costs[dear][0] > costs[cheap][0]
+    w = group_weights(struct, "flops")
+    assert w[dear][0] / w[cheap][0] == pytest.approx(costs[dear][0] / costs[cheap][0])
+    assert all(v == (1.0, None if c[1] is None else 1.0) for v, c in
+               zip(group_weights(struct, "uniform").values(), costs.values()))
+    blocks = {l.name: l.block for l in struct.layers}
+    with torch.no_grad():
+        for n in (cheap, dear):
+            blocks[n].beta_2d()[:, 0] = 0
+            blocks[n].beta_2d()[0, 0] = 1.0      # column 0: norm 1 in both layers
+    for mode, expect_dear, expect_cheap in (("flops", True, False), ("uniform", False, False)):
+        m = build_method("edp", {"epoch_es": 1, "flops_target": TARGET, "regularization": "fixed",
+                                 "group_weight": mode, "lambda_rank": 1.0, "lambda_channel": 0.0}, 2)
+        import copy
+        mm = copy.deepcopy(model)
+        m.input_size = SIZE
+        m.attach(mm, torch.optim.SGD(mm.parameters(), lr=0.1))
+        # a threshold between the two weighted penalties: 1 < lr·λ·w_dear, lr·λ·w_cheap < 1
+        lr = 2.0 / (w[dear][0] + w[cheap][0]) if mode == "flops" else 0.5
+        m.after_step(mm, lr, epoch=0)
+        got = {n: dict(mm.named_modules())[n].beta_2d()[:, 0].norm().item() == 0 for n in (cheap, dear)}
+        assert got[dear] is expect_dear and got[cheap] is expect_cheap, (mode, got)
+
+
+def test_bad_values_fail_clearly():
+    model = tiny(torch.float32)
+    from edp_det.edp.decompose import decompose
+    decompose(model)
+    struct = structure_from_model(model, input_size=SIZE)
+    reg = EDPRegularizer(model, 1.0, 1.0)
+    name = struct.layers[0].name
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="positive finite"):
+            group_weights(struct, "latency", {name: bad})
+        with pytest.raises(ValueError, match="finite number ≥ 0"):
+            TargetController(reg, struct, 0.4, 10, weights={name: (bad, 1.0)})
+    with pytest.raises(ValueError, match="needs the layers' time"):
+        group_weights(struct, "latency")
+    with pytest.raises(ValueError, match="group_weight must be one of"):
+        group_weights(struct, "params")
+    with pytest.raises(ValueError, match="≥ 1 step"):
+        TargetController(reg, struct, 0.4, 0)
+    # rank groups only, in a network whose residual-tied layers keep their channels: not every cut is reachable
+    with pytest.raises(BudgetError, match="cannot be reached by regularisation"):
+        TargetController(reg, struct, 0.99, 10, kinds=("col",))
+    # the controlled mode needs the phase length and the FLOPs input size
+    method = build_method("edp", {"epoch_es": 1, "flops_target": 0.4, **TARGET_MODE}, 2)
+    m = method.prepare(tiny(torch.float32))
+    method.attach(m, torch.optim.SGD(m.parameters(), lr=0.01))
+    with pytest.raises(ValueError, match="iters_per_epoch"):
+        method.after_step(m, 0.01, epoch=0)
+    method.iters_per_epoch = 5
+    with pytest.raises(ValueError, match="input_size"):
+        method.after_step(m, 0.01, epoch=0)
+
+
+def test_without_target_the_regularisation_is_fixed():
+    method = build_method("edp", {"epoch_es": 1, "flops_target": None, "group_weight": "uniform",
+                                  "lambda_rank": 0.5, "lambda_channel": 0.5}, 2)
+    m = method.prepare(tiny(torch.float32))
+    method.attach(m, torch.optim.SGD(m.parameters(), lr=0.01))
+    method.after_step(m, 0.01, epoch=0)
+    assert method.controller is None and all(e.lam_col == 0.5 for e in method.reg.entries)
+    assert count_flops(m, input_size=SIZE).flops > 0
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adamw"])
+def test_the_strongest_group_of_every_layer_and_kind_is_never_zeroed(kind):
+    """One layer's groups weigh 10⁴ times the others': the controller would zero every rank and channel of it
+    (the next BatchNorm then normalises a zero signal); it keeps the strongest group of each layer and kind, as
+    the PM budget does, and still reaches the target."""
+    from edp_det.edp.decompose import decompose
+    model = tiny(torch.float32).train()
+    decompose(model)
+    x, y = _batch(torch.float32)
+    opt = _optimizer(model, kind, 0.05 if kind == "sgd" else 1e-3)
+    struct = structure_from_model(model, input_size=SIZE)
+    weights = group_weights(struct, "uniform")
+    victims = [l.name for l in struct.layers if l.prunable][:2]
+    for name in victims:
+        weights[name] = (1e4, 1e4)
+    reg = EDPRegularizer(model, 1.0, 1.0, optimizer=opt)
+    ctrl = TargetController(reg, struct, TARGET, STEPS, weights=weights, optimizer=opt)
+    for _ in range(STEPS):
+        _train_step(model, opt, x, y)
+        ctrl.step()
+    assert ctrl.frozen_step is not None
+    struct.refresh()
+    assert TARGET <= flops_cut(struct.original_flops, struct.flops_after()) <= TARGET + TOL
+    for e in reg.entries:
+        beta = e.block.beta_2d()
+        assert bool((beta != 0).any(dim=0).any()), f"every rank of {e.name} was zeroed"
+        if e.block.channel_prunable:
+            rows = (beta != 0).any(dim=1)
+            for p in e.row_params:
+                rows |= p != 0
+            assert bool(rows.any()), f"every channel of {e.name} was zeroed"
+    # the weighted layers lost all their groups but the strongest of each kind
+    for name in victims:
+        beta = dict(model.named_modules())[name].beta_2d()
+        assert int((beta != 0).any(dim=0).sum()) == 1, name
+    model.eval()
+    assert torch.isfinite(model(x)).all()
+
+
+@pytest.mark.parametrize("weight", ["flops", "uniform"])
+def test_target_mode_trains_the_tiny_classifier_to_finite_results(tmp_path, weight):
+    """End to end through the engine (tools/train_cls.py, the tiny ResNet-18 classifier): under the controlled
+    mode the FLOPs target is met, every logged loss is finite and the pruned model's accuracy is a number (an
+    emptied layer made the loss non-finite right after PM)."""
+    import json
+    import math
+
+    from _cls_helpers import CLS_OVERRIDES, TINY_CLS, make_cls_data, run_tool
+
+    data = make_cls_data(tmp_path / "data")
+    out = tmp_path / "run"
+    rc = run_tool("train_cls", ["--config", str(TINY_CLS), "--data-root", str(data), "--output-dir", str(out),
+                                "--log-level", "WARNING", *CLS_OVERRIDES, "compress.regularization=target",
+                                f"compress.group_weight={weight}"])
+    assert rc == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert 0.40 <= m["r_flops"] <= 0.42 and math.isfinite(m["top1"])
+    records = [json.loads(line) for line in (out / "metrics_log.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert losses and all(math.isfinite(v) for v in losses)
+    assert any("zero_cut" in r for r in records)
