@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from _common import machine_info, table
 from edp_det import EDPRegularizer, decompose
 from edp_det.deploy.timing import time_alternating
-from edp_det.edp.regularizer import _shrink, zero_momentum
+from edp_det.edp.regularizer import shrink_factors, zero_momentum
 
 
 @torch.no_grad()
@@ -30,7 +30,7 @@ def reference_prox(reg: EDPRegularizer, lr: float) -> None:
     for e in reg.entries:
         beta = e.block.beta_2d()
         if e.lam_col > 0:
-            scale = _shrink(beta.norm(dim=0), lr * e.lam_col)
+            scale = shrink_factors(beta.norm(dim=0), lr * e.lam_col)
             beta.mul_(scale)
             if state is not None:
                 zero_momentum(state, e.block.coeff.weight, (scale == 0).view(1, -1, 1, 1))
@@ -38,7 +38,7 @@ def reference_prox(reg: EDPRegularizer, lr: float) -> None:
             sq = beta.pow(2).sum(dim=1)
             for p in e.row_params:
                 sq += p.pow(2)
-            scale = _shrink(sq.sqrt(), lr * e.lam_row)
+            scale = shrink_factors(sq.sqrt(), lr * e.lam_row)
             beta.mul_(scale.unsqueeze(1))
             for p in e.row_params:
                 p.mul_(scale)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torchvision.models import resnet18
 
 from edp_det import EDPRegularizer, decompose
-from edp_det.edp.regularizer import _shrink
+from edp_det.edp.regularizer import shrink_factors
 
 _CACHE: dict = {}
 
@@ -42,14 +42,14 @@ def _reference_prox(reg: EDPRegularizer, lr: float) -> None:
     for e in reg.entries:
         beta = e.block.beta_2d()
         if e.lam_col > 0:
-            scale = _shrink(beta.norm(dim=0), lr * e.lam_col)
+            scale = shrink_factors(beta.norm(dim=0), lr * e.lam_col)
             beta.mul_(scale)
             zero(e.block.coeff.weight, (scale == 0).view(1, -1, 1, 1))
         if e.lam_row > 0:
             sq = beta.pow(2).sum(dim=1)
             for p in e.row_params:
                 sq += p.pow(2)
-            scale = _shrink(sq.sqrt(), lr * e.lam_row)
+            scale = shrink_factors(sq.sqrt(), lr * e.lam_row)
             beta.mul_(scale.unsqueeze(1))
             for p in e.row_params:
                 p.mul_(scale)

@@ -31,7 +31,7 @@ from torch import nn
 from edp_det.edp.decompose import iter_blocks
 from edp_det.ops.graph import get_submodule, unwrap_model
 
-__all__ = ["EDPRegularizer", "LayerStats", "zero_momentum", "zero_optimizer_state", "OPTIMIZER_STATE_KEYS"]
+__all__ = ["EDPRegularizer", "LayerStats", "zero_momentum", "zero_optimizer_state", "OPTIMIZER_STATE_KEYS", "shrink_factors"]
 
 #: per-parameter optimizer buffers that can move a weight: SGD momentum, Adam(W) first and second moments (and
 #: AMSGrad's maximum); a group held at zero has all of them zeroed
@@ -286,7 +286,7 @@ def _prox_scales(entries: list, lr: float) -> _ProxPlan:
     if cols:
         sizes = [betas[i].shape[1] for i in cols]
         norms = torch.cat([col_sums[i] for i in cols]).sqrt_()
-        col_all = _shrink(norms, _thresholds(lr, [entries[i].lam_col for i in cols], sizes, norms))
+        col_all = shrink_factors(norms, _thresholds(lr, [entries[i].lam_col for i in cols], sizes, norms))
         plan.col_all, plan.col_norms = col_all, norms
         for i, sc in zip(cols, col_all.split(sizes)):
             col_scale[i] = sc
@@ -300,7 +300,7 @@ def _prox_scales(entries: list, lr: float) -> _ProxPlan:
                 rs = rs + torch.stack(entries[i].row_params).square().sum(dim=0)
             parts.append(rs)
         norms = torch.cat(parts).sqrt_()
-        row_all = _shrink(norms, _thresholds(lr, [entries[i].lam_row for i in rows], sizes, norms))
+        row_all = shrink_factors(norms, _thresholds(lr, [entries[i].lam_row for i in rows], sizes, norms))
         plan.row_all, plan.row_norms = row_all, norms
         for i, sc in zip(rows, row_all.split(sizes)):
             row_scale[i] = sc
@@ -345,7 +345,7 @@ def _thresholds(lr: float, lams: list, sizes: list, ref: torch.Tensor):
     return torch.repeat_interleave(per_block, torch.tensor(sizes, device=ref.device))
 
 
-def _shrink(norms: torch.Tensor, thresh) -> torch.Tensor:
+def shrink_factors(norms: torch.Tensor, thresh) -> torch.Tensor:
     """``max(0, 1 − thresh/‖g‖)`` with 0 for zero groups; same dtype/device as ``norms``."""
     return torch.where(norms > thresh, 1 - thresh / norms.clamp_min(torch.finfo(norms.dtype).tiny),
                        torch.zeros_like(norms))
