@@ -892,16 +892,21 @@ def build_report(output_dir, cfg: dict | None = None, expected=None, bench: dict
     targets = sorted({r.target for r in runs.values() if r.target is not None})
     fig5 = [(t, plot_layerwise(one, out / f"fig5_layers_{t:g}.png", t), layerwise_methods(one, t)) for t in targets]
     first = next(iter(runs.values()))
-    c = first.config or {}
+    # the schedule the compressed runs trained with (in the trained-start protocol the baseline's differs)
+    comp = next((r for r in runs.values() if r.target is not None), first)
+    c = comp.config or {}
     tr, cp = c.get("train") or {}, c.get("compress") or {}
+    trained = any(r.group == CONTROL for r in runs.values())
+    base_epochs = ((first.config or {}).get("train") or {}).get("epochs", "?")
     lines = ["# Compression methods compared on one harness", "",
              f"Runs in `{out}`: same detector, data and schedule"
              + (" and seed" if seeds == [None] else f", seeds {', '.join(str(x) for x in seeds)}")
-             + (" (compressed runs and the control start from the seed's trained baseline with "
-                "`compress.schedule`)" if any(r.group == CONTROL for r in runs.values()) else "")
-             + "; every method trains "
-             f"{tr.get('epochs', '?')} epochs in total and compresses after epoch `compress.epoch_es` = "
-             f"{cp.get('epoch_es', '?')} (regularised before where the method has a regulariser; fine-tuning after, "
+             + (f"; the baseline of each seed trains {base_epochs} epochs, then every compressed run and the control "
+                f"start from its final weights with `compress.schedule`: {tr.get('epochs', '?')} epochs, compressing "
+                f"after epoch {cp.get('epoch_es', '?')}" if trained else
+                f"; every method trains {tr.get('epochs', '?')} epochs in total and compresses after epoch "
+                f"`compress.epoch_es` = {cp.get('epoch_es', '?')}")
+             + " (regularised before where the method has a regulariser; fine-tuning after, "
              "the LR schedule continuing). Data: `" + str((c.get("data") or {}).get("root")) + "`; model: "
              f"Faster R-CNN ResNet-{(c.get('model') or {}).get('depth', '?')}, input "
              f"{first.metrics.get('input_size', '?')}.", ""]
