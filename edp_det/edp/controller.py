@@ -59,7 +59,7 @@ import math
 
 import torch
 
-from edp_det.edp.budget import BudgetError, Structure
+from edp_det.edp.budget import BudgetError, Structure, shortest_prefix
 from edp_det.edp.regularizer import EDPRegularizer, zero_optimizer_state
 from edp_det.ops.flops import cut_reaches, flops_cut
 
@@ -311,16 +311,7 @@ class TargetController:
         try:
             if not reaches(n):
                 return None
-            lo, hi = 0, n
-            if reaches(0):
-                return 0
-            while hi - lo > 1:
-                mid = (lo + hi) // 2
-                if reaches(mid):
-                    hi = mid
-                else:
-                    lo = mid
-            return hi
+            return shortest_prefix(n, reaches)
         finally:
             self.struct.refresh()
 
