@@ -242,3 +242,24 @@ def test_parallel_runs_overlap_and_a_failed_run_is_reported(synthetic_voc, tmp_p
     (s1, e1), (s2, e2) = span("baseline/seed0"), span("slimming_0.4/seed0")
     assert s1 <= e2 and s2 <= e1
     assert "l1_filter_0.4/seed0 | failed: train_det: " in res["report"].read_text()
+
+
+def test_a_key_added_later_at_its_default_does_not_make_another_grid(tmp_path):
+    import copy
+    import json
+
+    from edp_det.harness.compare import check_grid, comparison_config, grid_record
+    from edp_det.runtime.errors import ConfigError
+
+    cfg_file = Path(__file__).resolve().parents[1] / "configs" / "tiny_synthetic.yaml"
+    record = grid_record(comparison_config(cfg_file, "edp", None, tmp_path), "trained")
+    older = copy.deepcopy(record)
+    del older["config"]["eval"]["around_pm"]             # written before the option existed
+    older["config_hash"] = "0123456789"
+    (tmp_path / "grid.json").write_text(json.dumps(older))
+    check_grid(tmp_path, record, cfg_file)               # same grid: no error
+    changed = copy.deepcopy(record)
+    changed["config"]["eval"]["around_pm"] = True        # set to a non-default value: another grid
+    changed["config_hash"] = "9876543210"
+    with pytest.raises(ConfigError, match="around_pm"):
+        check_grid(tmp_path, changed, cfg_file)

@@ -272,11 +272,28 @@ def check_grid(out: Path, record: dict, config) -> None:
         raise ConfigError(f"--start {record['start']}: {out} holds a grid made with --start {old.get('start')}; "
                           "choose a new --output-dir")
     if old.get("config_hash") not in (None, record["config_hash"]):
-        keys = _differing_keys(old.get("config") or {}, record["config"])
+        keys = [k for k in _differing_keys(old.get("config") or {}, record["config"])
+                if not _added_with_default(k, old.get("config") or {}, record["config"])]
+        if not keys:    # only keys a newer edp-det added, at their defaults: the same grid
+            return
         raise ConfigError(f"--config {config}: {out} holds a grid made with another config (config hash "
                           f"{old['config_hash']} there, {record['config_hash']} now; differs in "
                           f"{', '.join(keys[:5]) or 'its content'}); choose a new --output-dir, or delete {out} to "
                           "start over")
+
+
+def _added_with_default(key: str, old: dict, new: dict) -> bool:
+    """Whether ``key`` is absent from the ``old`` config and holds its schema default in ``new`` (an option that a
+    later version added does not make an existing grid another one)."""
+    from edp_det.methods import config_schema
+    from edp_det.runtime.config import get_by_dotted
+
+    missing = object()
+    if get_by_dotted(old, key, default=missing) is not missing:
+        return False
+    defaults = config_schema(new.get("task", "detection")).defaults(new.get("method"))
+    default = get_by_dotted(defaults, key, default=missing)
+    return default is not missing and get_by_dotted(new, key, default=missing) == default
 
 
 def _differing_keys(a, b, prefix: str = "") -> list[str]:
