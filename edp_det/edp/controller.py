@@ -263,26 +263,17 @@ class TargetController:
             col_n, row_n = self._norms(l, e)
             uc, ur = (e.lam_col, e.lam_row) if by_threshold else self._unit(l.name)
             sel_c, sel_r = (only or {}).get(l.name, (None, None)) if only is not None else (True, True)
-            if uc > 0 and sel_c is not None:
-                n = col_n
+            for kind, n, u, sel, ok in ((0, col_n, uc, sel_c, True), (1, row_n, ur, sel_r, l.prunable)):
+                if not (u > 0 and ok and sel is not None):
+                    continue
                 m = (n > 0) & ~self._strongest_of(n)
-                if sel_c is not True:
-                    m &= sel_c
+                if sel is not True:
+                    m &= sel
                 i = torch.nonzero(m).flatten()
                 names += [l.name] * len(i)
-                kinds += [0] * len(i)
+                kinds += [kind] * len(i)
                 idxs.append(i.cpu())
-                scores.append((n[i] / uc).cpu())
-            if ur > 0 and l.prunable and sel_r is not None:
-                n = row_n
-                m = (n > 0) & ~self._strongest_of(n)
-                if sel_r is not True:
-                    m &= sel_r
-                i = torch.nonzero(m).flatten()
-                names += [l.name] * len(i)
-                kinds += [1] * len(i)
-                idxs.append(i.cpu())
-                scores.append((n[i] / ur).cpu())
+                scores.append((n[i] / u).cpu())
         if not names:
             return [], torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), torch.zeros(0)
         kinds_t, idx_t, score_t = torch.tensor(kinds), torch.cat(idxs), torch.cat(scores)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from typing import Any, Sequence
 
 import torch
@@ -127,19 +126,6 @@ def predict_detections(
 
 def save_detections_json(dets: Sequence[dict[str, Any]], path: str | os.PathLike) -> None:
     """Write detections as a JSON list, atomically (temp file in the same folder + fsync + os.replace)."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".detections.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(list(dets), f, allow_nan=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    from edp_det.runtime.checkpoint import atomic_write_text
+
+    atomic_write_text(json.dumps(list(dets), allow_nan=False), path)
