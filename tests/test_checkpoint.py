@@ -128,6 +128,51 @@ def test_atomic_save_failure_keeps_previous_file(tmp_path, monkeypatch):
     assert path.read_bytes() == before and os.listdir(tmp_path) == ["ckpt.pt"]
 
 
+def test_atomic_save_full_disk_is_one_clear_error(tmp_path, monkeypatch, capsys):
+    """torch's writer reports a full disk as an internal RuntimeError; the caller gets a WriteError naming the file
+    and the free space, the previous file stays, and a tool exits 2 with that one line."""
+    from edp_det.harness.cli import cli_main
+    from edp_det.runtime.errors import WriteError
+
+    path = tmp_path / "model_final.pt"
+    atomic_save({"v": torch.tensor([1.0])}, path)
+    before = path.read_bytes()
+
+    def full_disk(obj, f, *a, **k):
+        f.write(b"PK\x03\x04" * 10)
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file "
+                           "data/0: file write failed")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda d: collections.namedtuple("U", "total used free")(
+        10 * 2**30, 10 * 2**30 - 2**20, 2**20))
+    with pytest.raises(WriteError, match=r"model_final\.pt: could not be written \(no space left on the device: "
+                                         r"1\.0 MiB free\); the previous file is unchanged"):
+        atomic_save({"v": torch.tensor([2.0])}, path)
+    assert path.read_bytes() == before and os.listdir(tmp_path) == ["model_final.pt"]
+
+    with pytest.raises(SystemExit) as e:
+        cli_main(lambda args: atomic_save({"v": 2}, tmp_path / "new.pt"), None, "train_det")
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "new.pt: could not be written (no space left" in err[0] and "nothing was written" in err[0]
+    assert os.listdir(tmp_path) == ["model_final.pt"]
+
+    # a Ctrl-C that torch wraps into its RuntimeError stays an interruption (exit 130), not a write error
+    def interrupted(obj, f, *a, **k):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as ki:
+            raise RuntimeError("[enforce fail] write interrupted") from ki
+
+    monkeypatch.setattr(torch, "save", interrupted)
+    with pytest.raises(RuntimeError, match="write interrupted"):
+        atomic_save({"v": 3}, path)
+    with pytest.raises(SystemExit) as e:
+        cli_main(lambda args: atomic_save({"v": 3}, path), None, "train_det")
+    assert e.value.code == 130 and path.read_bytes() == before
+
+
 def test_atomic_save_failure_in_replace(tmp_path, monkeypatch):
     path = tmp_path / "ckpt.pt"
     atomic_save({"v": 1}, path)

@@ -15,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-from edp_det.runtime.errors import ConfigError, EDPError
+from edp_det.runtime.errors import ConfigError, EDPError, caused_by_interrupt
 
 __all__ = ["add_run_args", "resolve_run_config", "resume_argument", "cli_main", "check_output_dir", "default_device",
            "resolve_device", "tool_parser", "json_safe", "write_json"]
@@ -91,18 +91,6 @@ def resolve_device(name: str | None, flag: str = "--device"):
     return device
 
 
-def _interrupted(exc: BaseException) -> bool:
-    """True when ``exc`` is, or was raised while handling, a KeyboardInterrupt (torch wraps a Ctrl-C during a
-    checkpoint write into a RuntimeError chained from it)."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        if isinstance(exc, KeyboardInterrupt):
-            return True
-        seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
-    return False
-
-
 def _one_line(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
         return f"{exc.filename}: {exc.strerror}"
@@ -131,7 +119,7 @@ def cli_main(fn, args, prog: str):
         print(f"{prog}: interrupted; checkpoints written so far are intact", file=sys.stderr)
         raise SystemExit(130) from None
     except Exception as e:  # noqa: BLE001 - classified below, anything else propagates unchanged
-        if _interrupted(e):
+        if caused_by_interrupt(e):
             print(f"{prog}: interrupted; checkpoints written so far are intact", file=sys.stderr)
             raise SystemExit(130) from None
         if _run_failure(e):

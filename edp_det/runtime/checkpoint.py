@@ -16,6 +16,7 @@ import collections
 import logging
 import os
 import pickle
+import shutil
 import re
 import sys
 import warnings
@@ -26,7 +27,7 @@ from typing import Any
 
 import torch
 
-from edp_det.runtime.errors import CheckpointError
+from edp_det.runtime.errors import CheckpointError, WriteError, caused_by_interrupt
 
 __all__ = [
     "atomic_save",
@@ -119,14 +120,32 @@ def _atomic_write(path: str | os.PathLike, write) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(e, (OSError, RuntimeError)) and not caused_by_interrupt(e):
+            raise WriteError(f"{path}: could not be written ({_write_failure(e, directory)}); "
+                             f"{'the previous file is unchanged' if path.exists() else 'nothing was written'}") from e
         raise
     _fsync_dir(str(directory))
     return path
+
+
+def _write_failure(exc: BaseException, directory: Path) -> str:
+    """The reason of a failed write in a few words: the OS error, or the free space left when torch's own writer
+    failed (it reports a full disk only as an internal "file write failed")."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    try:
+        free = shutil.disk_usage(directory).free
+    except OSError:
+        free = None
+    if free is not None and free < 64 * 2**20:
+        return f"no space left on the device: {free / 2**20:.1f} MiB free"
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return f"{type(exc).__name__}: {first}"
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
