@@ -85,7 +85,14 @@ def test_controller_reaches_the_target_within_tolerance(kind, lr, pre):
     assert TARGET <= cut <= TARGET + TOL, cut
     # the trajectory: λ per kind, zero-group cut and its reference, live counts
     updates = [r for r in records if "reg_lambda_rank" in r]
-    assert updates and all(r["reg_lambda_rank"] > 0 and r["reg_lambda_channel"] > 0 for r in updates)
+    assert updates and all(r["reg_lambda_rank"] >= 0 and r["reg_lambda_channel"] >= 0 for r in updates)
+    assert any(r["reg_lambda_rank"] > 0 and r["reg_lambda_channel"] > 0 for r in updates)
+    # smooth approach: in the first half of the ramp the cut stays near the reference H steps ahead (no burst
+    # to the target; the tolerance is one layer's worth of groups of this tiny network)
+    deadline, horizon = ctrl.deadline, ctrl.HORIZON * ctrl.deadline
+    early = [r for r in updates if r["reg_step"] <= deadline / 2]
+    assert early and all(r["zero_cut"] <= TARGET * (r["reg_step"] + horizon) / deadline + 0.1 for r in early), \
+        [(r["reg_step"], r["zero_cut"]) for r in early]
     assert all({"zero_cut", "zero_cut_ref", "live_rank", "live_channels"} <= set(r) for r in updates)
     assert records[-1]["frozen_step"] == ctrl.frozen_step
     assert method.epoch_stats(model, SIZE)["zero_cut"] == pytest.approx(cut)

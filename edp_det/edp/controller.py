@@ -20,26 +20,29 @@ sets, after every optimizer step of the phase, the proximal threshold of every g
   cost per norm reaches zero earlier.
 * ``a_kind``: λ1 : λ2 of the config as a ratio (the larger one is 1).
 
-How λ is chosen (every ``interval`` ≈ T/50 steps, and every step near the deadline): the live groups are ranked
-by their *score* ``q = ‖g‖ / (a·w·s)`` (steps-to-zero at λ = 1); the smallest prefix of that order whose removal
-(with the groups already zero, through the dead-channel propagation of :class:`~edp_det.edp.budget.Structure`)
-reaches R ends at the *marginal group* of score q*. Under pure shrinkage a group dies after q/λ steps, so
+How λ is chosen (every ``interval`` ≈ T/50 steps, and every step near the deadline): the zero-group cut c
+follows the reference c*(t) = R·min(1, t/(ρT)), a straight line to R at the deadline ρT (ρ = 0.8). The live
+groups are ranked by their *score* ``q = ‖g‖ / (a·w·s)`` (steps-to-zero at λ = 1); the shortest prefix of that
+order whose removal adds to c what is missing for the reference H steps ahead, c*(t + H) (R itself once the
+deadline is within H), ends at the *marginal group* of score q*. Under pure shrinkage a group dies after q/λ
+steps, so
 
-    λ = f · q* / (ρ·T − t)          (from ρ·T − 1 on: max(f, 1) · q*, which zeroes the marginal group now)
+    λ = q* / min(H, ρT − t)        (H = T/5, one quarter of the deadline; from ρT − 1 on: q*, which zeroes the
+                                    marginal group now; 0 while c is already at or above c*(t + H))
 
-makes the marginal group — and, earlier, every weaker one — reach zero at the deadline ρ·T (ρ = 0.8). ``f`` is a
-slow correction towards the reference trajectory c*(t) = R·min(1, t/(ρT)) of the zero-group cut c:
-``f ← f·exp(clip((c* − c)/R, ±0.25))``, kept within [1/8, 8].
+makes the marginal group, and every weaker one, reach zero when the reference gets there: each group fades over
+up to H steps (the network adapts while it fades) and the cut grows along the line, not in a burst at the start
+(a single horizon to the deadline zeroes the many weak groups of a trained network at once).
 
-Why this is stable: λ is recomputed from the current state (the weights' scores and the steps left), not
-integrated from an error, so there is no integrator wind-up and no oscillation: a group pushed back by the loss
-raises q* and λ at the next update, a cut ahead of the reference lowers f. The deadline term grows without bound
-as t → ρT (at ρT it is q* itself, which zeroes the marginal group in one step), so the target is reached by ρT
-whatever the optimizer, learning rate or starting point, with ≥ (1 − ρ)·T steps to spare. Overshoot is
-prevented per step: when a proximal step would take the cut to R or beyond, only the weakest of the groups it
-would zero (lowest norm/threshold) up to R are zeroed and the others are left as they are, so the cut lands in
-[R, R + one group's saving]. No avalanche can occur because the groups beyond the marginal one are never given a
-threshold that reaches them before the deadline.
+Why this is stable: λ is recomputed from the current state (the weights' scores, the cut and the steps left),
+not integrated from an error, so there is no wind-up and no oscillation: a group the loss pushes back raises q*
+and λ at the next update, a cut ahead of the reference sets λ to 0 until the line catches up. The deadline term
+grows without bound as t → ρT (at ρT it is q* itself, which zeroes the marginal group in one step), so the
+target is reached by ρT whatever the optimizer, learning rate or starting point, with ≥ (1 − ρ)·T steps to
+spare. Overshoot is prevented per step: when a proximal step would take the cut to R or beyond, only the weakest
+of the groups it would zero (lowest norm/threshold) up to R are zeroed and the others are left as they are, so
+the cut lands in [R, R + one group's saving]. No avalanche can occur because the groups beyond the marginal one
+are never given a threshold that reaches them within the horizon.
 
 The strongest live group of each layer and kind (largest norm, the PM budget's rule: see
 :meth:`edp_det.edp.budget.Structure.candidates`) is never zeroed nor shrunk: it is not a candidate for the marginal
@@ -123,8 +126,7 @@ class TargetController:
     RAMP = 0.8            # ρ: the deadline as a fraction of T
     UPDATES = 50          # λ updates over the phase
     EMA = 0.9             # of the optimizer step size
-    MAX_CORRECTION = 0.25
-    CORRECTION_RANGE = (1 / 8, 8.0)
+    HORIZON = 0.25        # H as a fraction of the deadline ρT: how far ahead the reference is aimed at
 
     def __init__(self, reg: EDPRegularizer, structure: Structure, target: float, total_steps: int,
                  weights: dict | None = None, optimizer=None, kinds=("col", "row")):
@@ -148,7 +150,6 @@ class TargetController:
         self.scale: dict[str, list] = {}          # layer -> [column step size, row step size]
         self._snap = None
         self.lam: float | None = None
-        self.correction = 1.0
         self.t = 0
         self.frozen_step: int | None = None
         self.held: dict | None = None
@@ -325,16 +326,19 @@ class TargetController:
         costs = self.struct.marginal_costs()
         saved = torch.tensor([costs[n][k] or 0.0 for n, k in zip(names, kinds.tolist())],
                              dtype=torch.float64).cumsum(0)
-        need = (self.target - cut) * self.struct.original_flops
+        left = self.deadline - self.t
+        horizon = max(float(self.interval), self.HORIZON * self.deadline)
+        goal = self.target if left <= horizon else self.target * min(1.0, (self.t + horizon) / self.deadline)
+        if goal <= cut:               # ahead of the reference: no shrinkage until it catches up
+            self.lam = 0.0
+            self.record.update(reg_lambda_rank=0.0, reg_lambda_channel=0.0)
+            return
+        need = (goal - cut) * self.struct.original_flops
         k = min(int(torch.searchsorted(saved, torch.tensor([need], dtype=torch.float64))), len(names) - 1)
         q = float(scores[k])
-        err = (ref - cut) / self.target
-        self.correction = min(max(self.correction * math.exp(max(-self.MAX_CORRECTION,
-                                                                  min(self.MAX_CORRECTION, err))),
-                                  self.CORRECTION_RANGE[0]), self.CORRECTION_RANGE[1])
-        left = self.deadline - self.t
-        # at the deadline the marginal group must die at this step, whatever the correction says
-        self.lam = self.correction * q / left if left > 1 else max(self.correction, 1.0) * q * (1 + 1e-6)
+        # receding horizon: the groups of the cut the reference reaches H steps from now die by then (from the
+        # last horizon before the deadline on: by the deadline); at the deadline the marginal group must die at this step
+        self.lam = q / min(horizon, left) if left > 1 else q * (1 + 1e-6)
         self.record.update(reg_lambda_rank=self.lam * self._ratio[0] if "col" in self.kinds else 0.0,
                            reg_lambda_channel=self.lam * self._ratio[1] if "row" in self.kinds else 0.0)
 
@@ -440,11 +444,10 @@ class TargetController:
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
-        return {"lam": self.lam, "correction": self.correction, "t": self.t, "frozen_step": self.frozen_step}
+        return {"lam": self.lam, "t": self.t, "frozen_step": self.frozen_step}
 
     def load_state_dict(self, state: dict) -> None:
         self.lam = state.get("lam")
-        self.correction = float(state.get("correction", 1.0))
         self.t = int(state.get("t", 0))
         fs = state.get("frozen_step")
         self.frozen_step = None if fs is None else int(fs)
