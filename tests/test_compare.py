@@ -221,3 +221,17 @@ def test_method_specific_overrides_reach_only_the_methods_that_declare_them(tmp_
     assert slim["train"]["epochs"] == edp["train"]["epochs"] == 2
     with pytest.raises(ConfigError, match="slimming_lamda"):                  # a typo is still an error
         comparison_config(cfg_file, "slimming", 0.4, tmp_path, ["compress.slimming_lamda=0.5"])
+
+
+def test_seed_table_summarises_the_measured_backbone_speedup():
+    """Over seeds, the backbone speed-up (each run against its seed's baseline) is mean ± std with the ideal one."""
+    from edp_det.harness.report import format_seed_table, seed_summary
+
+    rows = [{"seed": s, "method": "edp", "r_flops_requested": 0.4, "mAP_voc07": m, "backbone_speedup": sp,
+             "backbone_ideal_speedup": 1 / 0.6} for s, m, sp in ((0, 0.70, 1.2), (1, 0.74, 1.4))]
+    table = format_seed_table(seed_summary({"edp_0.4": rows, "baseline": [
+        {"seed": 0, "method": "baseline", "mAP_voc07": 0.75}]}))
+    head, _, edp, base = table.splitlines()[-4:]
+    assert head.split("|")[-2].strip() == "speed-up bb meas / ideal"
+    assert edp.split("|")[-2].strip() == "1.30 ± 0.14 / 1.67"   # std of (1.2, 1.4) = 0.1414
+    assert base.split("|")[-2].strip() == "-"                    # not timed: no figure

@@ -150,7 +150,8 @@ def format_comparison_table(rows: list[dict], markdown: bool = False) -> str:
 # ------------------------------------------------------------------------------------------------ over seeds
 #: accuracy figures summarised over seeds (those present in the runs' metrics)
 ACCURACY_KEYS = ("mAP_voc07", "mAP_area", "coco_ap")
-SIZE_KEYS = ("r_flops_backbone", "params", "flops_backbone", "flops_detector", "fps")
+SIZE_KEYS = ("r_flops_backbone", "params", "flops_backbone", "flops_detector", "fps", "backbone_speedup",
+             "backbone_ideal_speedup")
 
 
 def seed_summary(groups: dict[str, list[dict]]) -> list[dict]:
@@ -174,11 +175,12 @@ def _pm(sp, fmt: str, scale: float = 1.0) -> str:
 
 
 def format_seed_table(summary: list[dict], markdown: bool = True) -> str:
-    """Mean ± standard deviation over seeds per group, n, min–max of mAP_voc07, achieved R_FLOPs, params, FLOPs
-    and FPS."""
+    """Mean ± standard deviation over seeds per group, n, min–max of mAP_voc07, achieved R_FLOPs, params, FLOPs,
+    FPS and the backbone's measured speed-up (each run against the baseline of its seed) with the FLOPs-ideal one."""
     acc_keys = [k for k in ACCURACY_KEYS if any(r.get(k) is not None for r in summary)]
     head = ["group", "n"] + [f"{k} mean ± std" for k in acc_keys] + ["mAP_voc07 min–max", "R_FLOPs bb",
-                                                                    "params M", "GFLOPs bb", "GFLOPs det", "FPS"]
+                                                                    "params M", "GFLOPs bb", "GFLOPs det", "FPS",
+                                                                    "speed-up bb meas / ideal"]
     body = []
     for r in summary:
         m = r.get("mAP_voc07")
@@ -188,7 +190,9 @@ def format_seed_table(summary: list[dict], markdown: bool = True) -> str:
                      _f(None if r.get("params") is None else r["params"].mean / 1e6, ".2f"),
                      _f(None if r.get("flops_backbone") is None else r["flops_backbone"].mean / 1e9, ".3f"),
                      _f(None if r.get("flops_detector") is None else r["flops_detector"].mean / 1e9, ".3f"),
-                     _pm(r.get("fps"), ".1f")])
+                     _pm(r.get("fps"), ".1f"),
+                     "-" if r.get("backbone_speedup") is None or r.get("backbone_ideal_speedup") is None else
+                     f"{_pm(r['backbone_speedup'], '.2f')} / {r['backbone_ideal_speedup'].mean:.2f}"])
     return "\n".join(_table("Over seeds", head, body, markdown))
 
 
