@@ -269,6 +269,44 @@ def test_the_strongest_group_of_every_layer_and_kind_is_never_zeroed(kind):
     assert torch.isfinite(model(x)).all()
 
 
+@pytest.mark.parametrize("kind", ["sgd", "adamw"])
+def test_only_the_selected_prefix_is_shrunk(kind):
+    """The proximal step changes only the groups of the prefix chosen at the last update (the weakest ones up to the
+    reference cut ahead); every other group keeps its weights exactly."""
+    from edp_det.edp.decompose import decompose
+    model = tiny(torch.float64).train()
+    decompose(model)
+    x, y = _batch(torch.float64)
+    opt = _optimizer(model, kind, 0.05 if kind == "sgd" else 1e-3)
+    struct = structure_from_model(model, input_size=SIZE)
+    reg = EDPRegularizer(model, 1.0, 1.0, optimizer=opt)
+    ctrl = TargetController(reg, struct, TARGET, 100, weights=group_weights(struct, "uniform"), optimizer=opt)
+    checked = 0
+    for _ in range(12):
+        _train_step(model, opt, x, y)
+        ctrl.step()
+        if not ctrl.lam or ctrl.selected is None or ctrl.frozen_step is not None:
+            continue
+        before = {e.name: (e.block.beta_2d().clone(), [p.clone() for p in e.row_params]) for e in reg.entries}
+        ctrl.reg.prox_step(1.0, guard=ctrl._cap, keep=ctrl._kept())
+        n_selected = 0
+        for e in reg.entries:
+            sel_cols, sel_rows = ctrl.selected[e.name]
+            if not e.block.channel_prunable:
+                sel_rows = torch.zeros_like(sel_rows)
+            beta0, rows0 = before[e.name]
+            # an entry of β may change only if its column or its row is a selected group
+            changed = e.block.beta_2d() != beta0
+            assert not bool((changed & ~(sel_rows[:, None] | sel_cols[None, :])).any()), \
+                f"{e.name}: groups outside the prefix were shrunk"
+            for p, p0 in zip(e.row_params, rows0):
+                assert not bool(((p != p0) & ~sel_rows).any()), f"{e.name}: rows outside the prefix were shrunk"
+            n_selected += int(sel_cols.sum()) + int(sel_rows.sum())
+        assert n_selected > 0
+        checked += 1
+    assert checked > 0
+
+
 @pytest.mark.parametrize("weight", ["flops", "uniform"])
 def test_target_mode_trains_the_tiny_classifier_to_finite_results(tmp_path, weight):
     """End to end through the engine (tools/train_cls.py, the tiny ResNet-18 classifier): under the controlled
