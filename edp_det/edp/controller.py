@@ -22,38 +22,40 @@ sets, after every optimizer step of the phase, the proximal threshold of every g
 
 How λ is chosen (every ``interval`` ≈ T/50 steps, and every step near the deadline): the zero-group cut c
 follows the reference c*(t) = R·min(1, t/(ρT)), a straight line to R at the deadline ρT (ρ = 0.8). The live
-groups are ranked by their *score* ``q = ‖g‖ / (a·w·s)`` (steps-to-zero at λ = 1); the shortest prefix of that
-order whose removal adds to c what is missing for the reference H steps ahead, c*(t + H) (R itself once the
-deadline is within H), ends at the *marginal group* of score q*. Under pure shrinkage a group dies after q/λ
-steps, so
+groups are put in *removal order*: norm relative to the strongest group of the same layer and kind (the PM
+budget's order, :class:`~edp_det.edp.budget.RelativeNorm`), divided by ``a·w``. The order does not involve ``s``:
+under SGD ``s`` follows the gradient, which is largest in the early layers, and ranking by it would thin them first.
+The shortest prefix of that order whose removal adds to c what is missing for the reference H steps ahead,
+c*(t + H) (R itself once the deadline is within H), is the *selected* set; q = ‖g‖ / (a·w·s) is a group's number of
+steps to zero at λ = 1, and q* the largest q in the set. Under pure shrinkage a group dies after q/λ steps, so
 
     λ = q* / min(H, ρT − t)        (H = T/5, one quarter of the deadline; from ρT − 1 on: q*, which zeroes the
-                                    marginal group now; 0 while c is already at or above c*(t + H))
+                                    selected groups now; 0 while c is already at or above c*(t + H))
 
-makes the marginal group, and every weaker one, reach zero when the reference gets there: each group fades over
+makes every selected group reach zero when the reference gets there: each group fades over
 up to H steps (the network adapts while it fades) and the cut grows along the line, not in a burst at the start
 (a single horizon to the deadline zeroes the many weak groups of a trained network at once).
 
 Only the groups of that prefix are shrunk; the proximal step leaves every other group as it is. Soft-thresholding
-every group, as the paper's fixed penalty does, takes about the marginal group's norm off every surviving group
+every group, as the paper's fixed penalty does, takes about the last removed group's norm off every surviving group
 within the ramp: over a long schedule the loss restores them, over the few hundred steps of a compression
-schedule it does not (a trained raccoon detector lost a third of its mAP during the ramp). The prefix is chosen
+schedule it does not, and the network reaches PM far below its starting accuracy. The prefix is chosen
 again at every update from the current norms, so a group the loss strengthens leaves it, and the groups in it only
 get weaker: the order stays the training's.
 
 Why this is stable: λ is recomputed from the current state (the weights' scores, the cut and the steps left),
 not integrated from an error, so there is no wind-up and no oscillation: a group the loss pushes back raises q*
 and λ at the next update, a cut ahead of the reference sets λ to 0 until the line catches up. The deadline term
-grows without bound as t → ρT (at ρT it is q* itself, which zeroes the marginal group in one step), so the
+grows without bound as t → ρT (at ρT it is q* itself, which zeroes the selected groups in one step), so the
 target is reached by ρT whatever the optimizer, learning rate or starting point, with ≥ (1 − ρ)·T steps to
 spare. Overshoot is prevented per step: when a proximal step would take the cut to R or beyond, only the weakest
 of the groups it would zero (lowest norm/threshold) up to R are zeroed and the others are left as they are, so
-the cut lands in [R, R + one group's saving]. No avalanche can occur because the groups beyond the marginal one
-are never given a threshold that reaches them within the horizon.
+the cut lands in [R, R + one group's saving]. No avalanche can occur because no group outside the selected set is
+shrunk at all.
 
 The strongest live group of each layer and kind (largest norm, the PM budget's rule: see
-:meth:`edp_det.edp.budget.Structure.candidates`) is never zeroed nor shrunk: it is not a candidate for the marginal
-group and the proximal step leaves it unchanged. So no layer is emptied by training (an emptied or near-empty
+:meth:`edp_det.edp.budget.Structure.candidates`) is never zeroed nor shrunk: it is never selected and the proximal
+step leaves it unchanged. So no layer is emptied by training (an emptied or near-empty
 layer gives the following BatchNorm a near-zero signal to normalise, which makes training diverge).
 
 A group the prox sets to zero stays zero for the rest of the phase: after every optimizer step it is set to zero
@@ -263,19 +265,24 @@ class TargetController:
         return out
 
     @torch.no_grad()
-    def _candidates(self, only: dict | None = None, by_threshold: bool = False):
+    def _candidates(self, only: dict | None = None, by_threshold: bool = False, relative: bool = False):
         """Live groups (the strongest of each layer and kind excluded) as (layer name, kind, index, score)
-        tensors sorted by ascending score. ``only``: restrict to these ``{name: (cols, rows)}`` masks;
-        ``by_threshold``: score = norm / the entry's current threshold."""
-        names, kinds, idxs, scores = [], [], [], []
+        tensors, score = norm / unit threshold (steps to zero at λ = 1), sorted by ascending score.
+        ``only``: restrict to these ``{name: (cols, rows)}`` masks; ``by_threshold``: score = norm / the entry's
+        current threshold; ``relative``: sorted instead by the removal order (:meth:`_update`): norm relative to
+        the strongest group of the same layer and kind, divided by the group's cost weight."""
+        names, kinds, idxs, scores, keys = [], [], [], [], []
         for l, e in self._layers():
             col_n, row_n = self._norms(l, e)
             uc, ur = (e.lam_col, e.lam_row) if by_threshold else self._unit(l.name)
+            wc, wr = self.weights.get(l.name, (1.0, None))
             sel_c, sel_r = (only or {}).get(l.name, (None, None)) if only is not None else (True, True)
-            for kind, n, u, sel, ok in ((0, col_n, uc, sel_c, True), (1, row_n, ur, sel_r, l.prunable)):
+            for kind, n, u, w, sel, ok in ((0, col_n, uc, wc * self._ratio[0], sel_c, True),
+                                           (1, row_n, ur, (wr or 0.0) * self._ratio[1], sel_r, l.prunable)):
                 if not (u > 0 and ok and sel is not None):
                     continue
-                m = (n > 0) & ~self._strongest_of(n)
+                strongest = self._strongest_of(n)
+                m = (n > 0) & ~strongest
                 if sel is not True:
                     m &= sel
                 i = torch.nonzero(m).flatten()
@@ -283,10 +290,12 @@ class TargetController:
                 kinds += [kind] * len(i)
                 idxs.append(i.cpu())
                 scores.append((n[i] / u).cpu())
+                if relative:
+                    keys.append((n[i] / (n.max() * w)).cpu())
         if not names:
             return [], torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), torch.zeros(0)
         kinds_t, idx_t, score_t = torch.tensor(kinds), torch.cat(idxs), torch.cat(scores)
-        order = torch.sort(score_t, stable=True).indices
+        order = torch.sort(torch.cat(keys) if relative else score_t, stable=True).indices
         return [names[i] for i in order.tolist()], kinds_t[order], idx_t[order], score_t[order]
 
     def _zero_for(self, names, kinds, idxs, k: int) -> dict:
@@ -326,10 +335,10 @@ class TargetController:
         if self._reaches():
             self._freeze()
             return
-        names, kinds, idxs, scores = self._candidates()
+        names, kinds, idxs, scores = self._candidates(relative=True)
         if not len(names):
             return
-        # the marginal group: where the FLOPs the live groups save, summed in score order, cover what is missing
+        # the selected set: where the FLOPs the live groups save, summed in removal order, cover what is missing
         # (an estimate: it ignores the dead-channel propagation and the merged form; the step guard is exact)
         costs = self.struct.marginal_costs()
         saved = torch.tensor([costs[n][k] or 0.0 for n, k in zip(names, kinds.tolist())],
@@ -343,12 +352,12 @@ class TargetController:
             return
         need = (goal - cut) * self.struct.original_flops
         k = min(int(torch.searchsorted(saved, torch.tensor([need], dtype=torch.float64))), len(names) - 1)
-        q = float(scores[k])
+        q = float(scores[:k + 1].max())       # the selected group slowest to zero sets the pace
         # only the groups of that prefix are shrunk: the others train on unbiased (group soft-thresholding of every
-        # group would take the marginal group's norm off every survivor within the ramp)
+        # group would take the last removed group's norm off every survivor within the ramp)
         self.selected = self._zero_for(names, kinds, idxs, k + 1)
         # receding horizon: the groups of the cut the reference reaches H steps from now die by then (from the
-        # last horizon before the deadline on: by the deadline); at the deadline the marginal group must die at this step
+        # last horizon before the deadline on: by the deadline); at the deadline the selected groups must die at this step
         self.lam = q / min(horizon, left) if left > 1 else q * (1 + 1e-6)
         self.record.update(reg_lambda_rank=self.lam * self._ratio[0] if "col" in self.kinds else 0.0,
                            reg_lambda_channel=self.lam * self._ratio[1] if "row" in self.kinds else 0.0)
