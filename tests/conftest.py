@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -44,3 +45,16 @@ def image_check_cache_dir(tmp_path_factory) -> Path:
         os.environ.pop("EDP_DET_CACHE_DIR", None)
     else:
         os.environ["EDP_DET_CACHE_DIR"] = old
+
+
+@pytest.fixture()
+def restore_logging():
+    """The tools install root-logger handlers (stderr + <out>/log.txt); put the previous ones back afterwards."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for h in list(root.handlers):
+        if h not in handlers:
+            root.removeHandler(h)
+            h.close()
+    root.setLevel(level)

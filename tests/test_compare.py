@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import logging
 from pathlib import Path
 
 import pytest
@@ -161,19 +160,6 @@ def _tool():
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
-
-
-@pytest.fixture()
-def restore_logging():
-    """The tool installs root-logger handlers (stderr + <out>/log.txt); put the previous ones back afterwards."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    for h in list(root.handlers):
-        if h not in handlers:
-            root.removeHandler(h)
-            h.close()
-    root.setLevel(level)
 
 
 def test_compare_tool_end_to_end(synthetic_voc, tmp_path, capsys, restore_logging):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import logging
 import math
 from pathlib import Path
 
@@ -22,18 +21,6 @@ TINY = str(REPO_ROOT / "configs" / "tiny_synthetic.yaml")
 FAST = ["train.max_iters_per_epoch=1", "model.min_size=64", "model.max_size=64", "benchmark.enabled=false",
         "train.epochs=2", "model.fpn_out_channels=32", "model.representation_size=64",
         "compress.schedule.epochs=2", "compress.schedule.epoch_es=1", "eval.batch_size=6"]
-
-
-@pytest.fixture()
-def restore_logging():
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    for h in list(root.handlers):
-        if h not in handlers:
-            root.removeHandler(h)
-            h.close()
-    root.setLevel(level)
 
 
 # ------------------------------------------------------------------------------------------------ statistics

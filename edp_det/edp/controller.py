@@ -255,16 +255,6 @@ class TargetController:
         return m
 
     @torch.no_grad()
-    def strongest(self) -> dict:
-        """``{layer: (cols, rows)}``: bool masks of the strongest live group of each regularised layer and kind
-        (rows None where the channels are not prunable); the controller never zeroes or shrinks them."""
-        out = {}
-        for l, e in self._layers():
-            col_n, row_n = self._norms(l, e)
-            out[l.name] = (self._strongest_of(col_n), self._strongest_of(row_n))
-        return out
-
-    @torch.no_grad()
     def _candidates(self, only: dict | None = None, by_threshold: bool = False, relative: bool = False):
         """Live groups (the strongest of each layer and kind excluded) as (layer name, kind, index, score)
         tensors, score = norm / unit threshold (steps to zero at λ = 1), sorted by ascending score.
@@ -281,8 +271,7 @@ class TargetController:
                                            (1, row_n, ur, (wr or 0.0) * self._ratio[1], sel_r, l.prunable)):
                 if not (u > 0 and ok and sel is not None):
                     continue
-                strongest = self._strongest_of(n)
-                m = (n > 0) & ~strongest
+                m = (n > 0) & ~self._strongest_of(n)
                 if sel is not True:
                     m &= sel
                 i = torch.nonzero(m).flatten()
@@ -420,19 +409,10 @@ class TargetController:
                     p[rows] = 0
                     zero_optimizer_state(state, p, 0, rows)
 
-    @torch.no_grad()
     def _kept(self) -> dict:
-        """Groups the proximal step leaves unchanged: the strongest of each layer and kind and every group outside
-        the prefix selected at the last update."""
-        keep = self.strongest()
-        if self.selected is None:
-            return keep
-        out = {}
-        for name, (cols, rows) in keep.items():
-            sel_c, sel_r = self.selected.get(name, (None, None))
-            out[name] = (cols if cols is None or sel_c is None else cols | ~sel_c,
-                         rows if rows is None or sel_r is None else rows | ~sel_r)
-        return out
+        """Groups the proximal step leaves unchanged: every group but those selected at the last update (the
+        strongest group of each layer and kind is never selected, :meth:`_candidates`)."""
+        return {name: (~cols, ~rows) for name, (cols, rows) in self.selected.items()}
 
     def step(self, lambda_rank: float = 1.0, lambda_channel: float = 1.0) -> None:
         """After an optimizer step of the regularised phase. ``lambda_rank``/``lambda_channel``: the configured
@@ -452,21 +432,24 @@ class TargetController:
         if not self.scale:            # the first step only measures where the optimizer moves the groups
             self._snapshot()
             return
-        if self.lam is None or self.t % self.interval == 0 or self.t >= self.deadline - self.interval:
+        # (a selection is missing after a resume or a compaction: choose it again now)
+        if self.lam is None or (self.lam and self.selected is None) or self.t % self.interval == 0 \
+                or self.t >= self.deadline - self.interval:
             self._update()
             if self.frozen_step is not None:
                 self._snapshot()
                 return
-        for l, e in self._layers():
-            uc, ur = self._unit(l.name)
-            e.lam_col = (self.lam or 0.0) * uc
-            e.lam_row = (self.lam or 0.0) * ur if e.block.channel_prunable else 0.0
-        self._capped = False
-        self.reg.prox_step(1.0, guard=self._cap, keep=self._kept())
-        self.held = self._zero_masks()
-        if self._capped:
-            self.struct.refresh()
-            self._freeze()
+        if self.lam and self.selected is not None:     # λ = 0: the cut is ahead of the line, nothing to shrink
+            for l, e in self._layers():
+                uc, ur = self._unit(l.name)
+                e.lam_col = self.lam * uc
+                e.lam_row = self.lam * ur if e.block.channel_prunable else 0.0
+            self._capped = False
+            self.reg.prox_step(1.0, guard=self._cap, keep=self._kept())
+            self.held = self._zero_masks()
+            if self._capped:
+                self.struct.refresh()
+                self._freeze()
         self._snapshot()
 
     def reset_structure(self, structure: Structure) -> None:
