@@ -222,7 +222,7 @@ def test_edp_variants_through_the_interface(name):
     model = tiny(torch.float32)
     lambdas = {"edp_rank": {"lambda_rank": 0.5}, "edp_channel": {"lambda_channel": 0.5}}.get(
         name, {"lambda_rank": 0.5, "lambda_channel": 0.5})     # each variant declares only the λ it uses
-    method = build_method(name, cfg(0.4) | lambdas, total_epochs=2)
+    method = build_method(name, cfg(0.4, regularization="fixed") | lambdas, total_epochs=2)
     model = method.prepare(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     method.attach(model, opt)
@@ -247,7 +247,7 @@ def test_edp_stops_regularising_once_zero_groups_reach_the_target(stop, caplog):
     model = tiny(torch.float32)
     target = 0.3
     method = build_method("edp", {"epoch_es": 1, "flops_target": target, "lambda_rank": 1.0, "lambda_channel": 1.0,
-                                  "stop_reg_at_target": stop}, total_epochs=2)
+                                  "stop_reg_at_target": stop, "regularization": "fixed"}, total_epochs=2)
     model = method.prepare(model)
     method.input_size = SIZE
     method.attach(model, torch.optim.SGD(model.parameters(), lr=0.01))
@@ -266,7 +266,7 @@ def test_edp_stops_regularising_once_zero_groups_reach_the_target(stop, caplog):
     assert all(torch.equal(b, e.block.beta_2d()) for b, e in zip(betas, method.reg.entries))
     assert method.epoch_stats(model, SIZE)["reg_stopped_step"] == method.reg_stopped_step
     # resume keeps the decision
-    again = build_method("edp", {"epoch_es": 1, "flops_target": target}, total_epochs=2)
+    again = build_method("edp", {"epoch_es": 1, "flops_target": target, "regularization": "fixed"}, total_epochs=2)
     again.load_state_dict(method.state_dict())
     assert again.reg_stopped_step == method.reg_stopped_step and again.steps == method.steps
     report = method.prune(model, SIZE).report
@@ -285,7 +285,7 @@ def test_extreme_lambda_respects_the_target(name, stop, caplog):
     model = tiny(torch.float32)
     target = 0.4
     method = build_method(name, {"epoch_es": 2, "flops_target": target, "lambda_rank": 1e9, "lambda_channel": 1e9,
-                                 "stop_reg_at_target": stop}, total_epochs=3)
+                                 "stop_reg_at_target": stop, "regularization": "fixed"}, total_epochs=3)
     model = method.prepare(model)
     method.input_size = SIZE
     method.attach(model, torch.optim.SGD(model.parameters(), lr=0.01))
@@ -309,7 +309,7 @@ def test_extreme_lambda_respects_the_target(name, stop, caplog):
 def test_edp_separate_switches_to_channels():
     model = tiny(torch.float32)
     method = build_method("edp_separate", {"epoch_es": 4, "flops_target": 0.4, "lambda_rank": 0.1,
-                                           "lambda_channel": 0.2}, total_epochs=6)
+                                           "lambda_channel": 0.2, "regularization": "fixed"}, total_epochs=6)
     model = method.prepare(model)
     method.attach(model, torch.optim.SGD(model.parameters(), lr=0.01))
     method.after_step(model, lr=0.0, epoch=3)

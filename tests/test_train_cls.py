@@ -63,7 +63,7 @@ def test_resume_across_pm_matches_uninterrupted(cls_run, tmp_path, epoch):
 # the prox must keep going for epoch 2 to compact anything, so it is not stopped at the target)
 COMPACT_OVERRIDES = ["train.epochs=4", "compress.epoch_es=3", "compress.compact=true", "compress.lambda_rank=30",
                      "compress.lambda_channel=30", "train.checkpoint_keep=5", "benchmark.enabled=false",
-                     "train.threads=1", "compress.stop_reg_at_target=false"]
+                     "train.threads=1", "compress.stop_reg_at_target=false", "compress.regularization=fixed"]
 
 
 def test_compaction_during_regularised_phase_and_resume(tmp_path):
@@ -140,6 +140,7 @@ def test_extreme_lambda_respects_the_flops_target(cls_run, tmp_path):
     rc = run_tool("train_cls", ["--config", str(TINY_CLS), "--data-root", str(data), "--output-dir", str(out),
                                 "--log-level", "WARNING", "train.epochs=2", "train.max_iters_per_epoch=2",
                                 "compress.lambda_rank=1e9", "compress.lambda_channel=1e9", "benchmark.enabled=false",
+                                "compress.regularization=fixed",
                                 "train.threads=1"])
     assert rc == 0
     m = json.loads((out / "metrics.json").read_text())

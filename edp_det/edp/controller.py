@@ -1,68 +1,54 @@
-"""Target-driven regularisation: λ adapted during the regularised phase so that the groups trained to *exactly
-zero* remove the requested FLOPs cut R by Epoch_ES, and nothing more.
+"""Target-driven regularisation: the groups trained to *exactly zero* remove the requested FLOPs cut R by
+Epoch_ES, and nothing more, whatever the optimizer, learning rate or starting point.
 
-The user gives R (``flops_target``) and the phase length T (``epoch_es`` × iterations per epoch); the controller
-sets, after every optimizer step of the phase, the proximal threshold of every group (see
-:mod:`edp_det.edp.regularizer`) as
+The user gives R (``flops_target``) and the phase length T (``epoch_es`` × iterations per epoch). The controller
+decides *which* groups go and *when*; the training decides nothing else away from them:
 
-    τ(g) = λ · a_kind · w(layer, kind) · s(layer, kind)
+* **Which.** The live groups are put in *removal order*: norm relative to the strongest group of the same layer and
+  kind (the PM budget's order, :class:`~edp_det.edp.budget.RelativeNorm`), divided by ``a_kind · w``. ``w`` is the
+  cost weight (``group_weight``): the FLOPs one group of that layer saves when removed
+  (:meth:`edp_det.edp.budget.Structure.group_costs`), times the layer's measured time per FLOP for ``latency``, or
+  1 for ``uniform`` (the paper's penalty), normalised to a group-count-weighted mean of 1: a group with more cost
+  per norm goes earlier. ``a_kind`` is λ1 : λ2 of the config as a ratio (the larger one is 1; a kind with 0 is
+  not regularised).
+* **When.** The zero-group cut c follows the reference c*(t) = R·min(1, t/(ρT)), a straight line to R at the
+  deadline ρT (ρ = 0.8). At every update (every ``interval`` ≈ T/50 steps, and every step near the deadline) the
+  shortest prefix of the removal order (groups already fading excluded) whose saving covers what the reference
+  H steps ahead, c*(t + H) (R itself once the deadline is within H), still misses after the fading groups die is
+  added to the *fading* set, each group with a death step d = t + min(H, ρT − t) − 1.
+* **How.** After every optimizer step a fading group g is multiplied by (d − t)/(d − t + 1): a linear fade of its
+  current norm that reaches exactly zero at step d (group soft-thresholding with the threshold
+  τ(g) = ‖g‖/(d − t + 1)). The recorded λ of a kind is the mean of that per-step fraction over its fading groups.
 
-* ``s``: the size of the optimizer's own recent update of one group of that layer and kind: an exponential moving
-  average of the RMS over the layer's groups of ‖Δg‖, where Δ is what the optimizer step (weight decay included)
-  just did to β (and, for row groups, to the bias and norm affine parameters). Under SGD this is lr·‖gradient‖,
-  under Adam about lr·√n; so λ is dimensionless — "shrink each group by λ of its own typical step" — and means
-  the same under both optimizers and at every learning rate. One scale per layer and kind, not per group, so that
-  within a layer the groups are still ranked by their norm (a per-group scale would penalise most the groups the
-  loss pushes hardest).
-* ``w``: the cost weight (``group_weight``): the FLOPs one group of that layer saves when removed
-  (:meth:`edp_det.edp.budget.Structure.group_costs`), times the layer's measured time per FLOP for ``latency``,
-  or 1 for ``uniform`` (the paper's penalty); normalised to a group-count-weighted mean of 1. A group with more
-  cost per norm reaches zero earlier.
-* ``a_kind``: λ1 : λ2 of the config as a ratio (the larger one is 1).
+Why the fade is paced by the group itself and not by λ times the optimizer's step: a threshold proportional to the
+optimizer's update size means different things under SGD (lr·‖gradient‖: largest in the high-resolution early
+layers) and Adam (about lr·√n per group), and a group whose pace is set by it dies after a number of steps that
+depends on the optimizer, not on the schedule. Fading every selected group over the same number of steps, from its
+own current norm, gives the same trajectory under every optimizer and learning rate: the network adapts to each
+removal over H steps (H = T/5, a quarter of the deadline) and the cut grows along the line, not in bursts. A group
+the loss pushes back is faded from its new norm at the next step (its threshold grows with it), so it still dies
+at d.
 
-How λ is chosen (every ``interval`` ≈ T/50 steps, and every step near the deadline): the zero-group cut c
-follows the reference c*(t) = R·min(1, t/(ρT)), a straight line to R at the deadline ρT (ρ = 0.8). The live
-groups are put in *removal order*: norm relative to the strongest group of the same layer and kind (the PM
-budget's order, :class:`~edp_det.edp.budget.RelativeNorm`), divided by ``a·w``. The order does not involve ``s``:
-under SGD ``s`` follows the gradient, which is largest in the early layers, and ranking by it would thin them first.
-The shortest prefix of that order whose removal adds to c what is missing for the reference H steps ahead,
-c*(t + H) (R itself once the deadline is within H), is the *selected* set; q = ‖g‖ / (a·w·s) is a group's number of
-steps to zero at λ = 1, and q* the largest q in the set. Under pure shrinkage a group dies after q/λ steps, so
+Only the fading groups are shrunk; the others train unbiased. Soft-thresholding every group, as the paper's fixed
+penalty does, takes about the last removed group's norm off every surviving group within the ramp: over a long
+schedule the loss restores them, over the few hundred steps of a compression schedule it does not.
 
-    λ = q* / min(H, ρT − t)        (H = T/5, one quarter of the deadline; from ρT − 1 on: q*, which zeroes the
-                                    selected groups now; 0 while c is already at or above c*(t + H))
+Why this is stable: nothing is integrated from an error, so there is no wind-up: the set grows only by what the
+reference needs beyond what is already fading, the death steps are bounded by the deadline, and at ρT − 1 every
+group still missing is added with d = t (zeroed now), so the target is reached by ρT with ≥ (1 − ρ)·T steps of
+training left before PM. Overshoot is prevented per step: when a step would take the cut to R or beyond, only the
+first of the dying groups in removal order up to R are zeroed and the others are left as they are, so the cut
+lands in [R, R + one group's saving]. No avalanche can occur because no group outside the fading set is shrunk.
 
-makes every selected group reach zero when the reference gets there: each group fades over
-up to H steps (the network adapts while it fades) and the cut grows along the line, not in a burst at the start
-(a single horizon to the deadline zeroes the many weak groups of a trained network at once).
+The strongest group of each layer and kind among those not fading (largest norm, the PM budget's rule: see
+:meth:`edp_det.edp.budget.Structure.candidates`) is never selected: no layer is emptied by training (an emptied
+or near-empty layer gives the following BatchNorm a near-zero signal to normalise, which makes training diverge).
 
-Only the groups of that prefix are shrunk; the proximal step leaves every other group as it is. Soft-thresholding
-every group, as the paper's fixed penalty does, takes about the last removed group's norm off every surviving group
-within the ramp: over a long schedule the loss restores them, over the few hundred steps of a compression
-schedule it does not, and the network reaches PM far below its starting accuracy. The prefix is chosen
-again at every update from the current norms, so a group the loss strengthens leaves it, and the groups in it only
-get weaker: the order stays the training's.
-
-Why this is stable: λ is recomputed from the current state (the weights' scores, the cut and the steps left),
-not integrated from an error, so there is no wind-up and no oscillation: a group the loss pushes back raises q*
-and λ at the next update, a cut ahead of the reference sets λ to 0 until the line catches up. The deadline term
-grows without bound as t → ρT (at ρT it is q* itself, which zeroes the selected groups in one step), so the
-target is reached by ρT whatever the optimizer, learning rate or starting point, with ≥ (1 − ρ)·T steps to
-spare. Overshoot is prevented per step: when a proximal step would take the cut to R or beyond, only the weakest
-of the groups it would zero (lowest norm/threshold) up to R are zeroed and the others are left as they are, so
-the cut lands in [R, R + one group's saving]. No avalanche can occur because no group outside the selected set is
-shrunk at all.
-
-The strongest live group of each layer and kind (largest norm, the PM budget's rule: see
-:meth:`edp_det.edp.budget.Structure.candidates`) is never zeroed nor shrunk: it is never selected and the proximal
-step leaves it unchanged. So no layer is emptied by training (an emptied or near-empty
-layer gives the following BatchNorm a near-zero signal to normalise, which makes training diverge).
-
-A group the prox sets to zero stays zero for the rest of the phase: after every optimizer step it is set to zero
+A group that reaches zero stays zero for the rest of the phase: after every optimizer step it is set to zero
 again, its optimizer state (SGD momentum, Adam first and second moments) included, so that neither the gradient,
-stale moments nor weight decay revive it. This makes the zero-group cut monotone (the controller measures what
-it acts on) and lets PM remove only exact zeros. Once the cut reaches R the controller freezes: no proximal step
-on live groups any more, while the rest of the network trains on.
+stale moments nor weight decay revive it. This makes the zero-group cut monotone (the controller measures what it
+acts on) and lets PM remove only exact zeros. Once the cut reaches R the controller freezes: no group is faded any
+more, while the rest of the network trains on.
 """
 from __future__ import annotations
 
@@ -119,10 +105,11 @@ def group_weights(structure: Structure, mode: str = "flops", layer_weights: dict
 
 
 class TargetController:
-    """Drives an :class:`EDPRegularizer` so that its exact-zero groups reach ``target`` (see the module docstring).
+    """Drives the groups of an :class:`EDPRegularizer` so that its exact-zero groups reach ``target`` (see the
+    module docstring).
 
     Args:
-        reg: the regulariser (its ``lam_col``/``lam_row`` per block are set by :meth:`step`).
+        reg: the regulariser whose blocks are faded (its :meth:`~EDPRegularizer.scale_groups`).
         structure: :class:`Structure` of the same model with FLOPs (``input_size`` given).
         target: R in (0, 1).
         total_steps: T, optimizer steps of the regularised phase (≥ 1).
@@ -133,9 +120,8 @@ class TargetController:
     """
 
     RAMP = 0.8            # ρ: the deadline as a fraction of T
-    UPDATES = 50          # λ updates over the phase
-    EMA = 0.9             # of the optimizer step size
-    HORIZON = 0.25        # H as a fraction of the deadline ρT: how far ahead the reference is aimed at
+    UPDATES = 50          # selection updates over the phase
+    HORIZON = 0.25        # H as a fraction of the deadline ρT: how long one group fades
 
     def __init__(self, reg: EDPRegularizer, structure: Structure, target: float, total_steps: int,
                  weights: dict | None = None, optimizer=None, kinds=("col", "row")):
@@ -156,10 +142,9 @@ class TargetController:
                     raise ValueError(f"group weight of {name!r} must be a finite number ≥ 0, got {v!r}")
         self.interval = max(1, round(total_steps / self.UPDATES))
         self.deadline = self.RAMP * total_steps
-        self.scale: dict[str, list] = {}          # layer -> [column step size, row step size]
-        self._snap = None
-        self.lam: float | None = None
-        self.selected: dict | None = None     # {layer: (cols, rows)}: the groups the prox may shrink
+        self.horizon = max(float(self.interval), self.HORIZON * self.deadline)
+        #: {layer: (column death steps, row death steps)}, float64, +inf where a group is not fading
+        self.death: dict | None = None
         self.t = 0
         self.frozen_step: int | None = None
         self.held: dict | None = None
@@ -198,37 +183,32 @@ class TargetController:
             raise BudgetError(f"flops_target={self.target:.4f} cannot be reached by regularisation: zeroing every "
                               f"regularised group but the strongest of each layer and kind cuts only {best:.4f} of the scope's FLOPs")
 
-    # ------------------------------------------------------------------ optimizer step size
-    @torch.no_grad()
-    def _snapshot(self) -> None:
-        self._snap = {e.name: (e.block.beta_2d().clone(), [p.clone() for p in e.row_params])
-                      for e in self.reg.entries}
+    def _fresh_death(self) -> dict:
+        out = {}
+        for l, _ in self._layers():
+            dev = l.block.coeff.weight.device
+            out[l.name] = (torch.full((l.block.rank,), math.inf, dtype=torch.float64, device=dev),
+                           torch.full((l.block.out_channels,), math.inf, dtype=torch.float64, device=dev))
+        return out
 
-    @torch.no_grad()
-    def _measure(self) -> None:
-        if self._snap is None:
-            return
-        for e in self.reg.entries:
-            old = self._snap.get(e.name)
-            beta = e.block.beta_2d()
-            if old is None or old[0].shape != beta.shape:
-                continue
-            d2 = float((beta - old[0]).double().square().sum())
-            col = math.sqrt(d2 / beta.shape[1])
-            rsq = d2 + sum(float((p - q).double().square().sum()) for p, q in zip(e.row_params, old[1]))
-            row = math.sqrt(rsq / beta.shape[0])
-            prev = self.scale.get(e.name)
-            self.scale[e.name] = [col, row] if prev is None else \
-                [self.EMA * prev[0] + (1 - self.EMA) * col, self.EMA * prev[1] + (1 - self.EMA) * row]
+    def _fading(self) -> dict:
+        """``{layer: (cols, rows)}`` bool masks of the live groups that are fading."""
+        out = {}
+        for l, e in self._layers():
+            dc, dr = self.death[l.name]
+            col_n, row_n = self._norms(l, e)
+            cols = torch.isfinite(dc) & (col_n > 0)
+            rows = torch.isfinite(dr) & (row_n > 0) if row_n is not None else torch.zeros_like(dr, dtype=torch.bool)
+            out[l.name] = (cols, rows)
+        return out
 
     # ------------------------------------------------------------------ scores
-    def _unit(self, name: str) -> tuple[float, float]:
-        """Threshold per unit λ of one column and one row group of layer ``name``."""
-        s = self.scale.get(name, [0.0, 0.0])
+    def _key_weight(self, name: str) -> tuple[float, float]:
+        """``a_kind · w`` of one column and one row group of layer ``name`` (0: that kind is not regularised)."""
         wc, wr = self.weights.get(name, (1.0, None))
-        uc = self._ratio[0] * wc * s[0] if "col" in self.kinds else 0.0
-        ur = self._ratio[1] * (wr or 0.0) * s[1] if "row" in self.kinds else 0.0
-        return uc, ur
+        kc = self._ratio[0] * wc if "col" in self.kinds else 0.0
+        kr = self._ratio[1] * (wr or 0.0) if "row" in self.kinds else 0.0
+        return kc, kr
 
     @staticmethod
     @torch.no_grad()
@@ -244,48 +224,41 @@ class TargetController:
             rows = sq.sqrt()
         return beta.norm(dim=0), rows
 
-    @staticmethod
-    def _strongest_of(norms: torch.Tensor | None) -> torch.Tensor | None:
-        """Bool mask of the largest of the non-zero ``norms`` (all False when every group is zero)."""
-        if norms is None:
-            return None
-        m = torch.zeros(norms.shape, dtype=torch.bool, device=norms.device)
-        if bool((norms > 0).any()):
-            m[int(torch.argmax(norms))] = True
-        return m
-
     @torch.no_grad()
-    def _candidates(self, only: dict | None = None, by_threshold: bool = False, relative: bool = False):
-        """Live groups (the strongest of each layer and kind excluded) as (layer name, kind, index, score)
-        tensors, score = norm / unit threshold (steps to zero at λ = 1), sorted by ascending score.
-        ``only``: restrict to these ``{name: (cols, rows)}`` masks; ``by_threshold``: score = norm / the entry's
-        current threshold; ``relative``: sorted instead by the removal order (:meth:`_update`): norm relative to
-        the strongest group of the same layer and kind, divided by the group's cost weight."""
-        names, kinds, idxs, scores, keys = [], [], [], [], []
+    def _candidates(self, only: dict | None = None, exclude: dict | None = None):
+        """Live groups in removal order as (layer names, kinds, indices): norm relative to the strongest group of
+        the same layer and kind, divided by the group's ``a·w``. The strongest group of each layer and kind among
+        those not in ``exclude`` is never a candidate. ``only``: restrict to these ``{name: (cols, rows)}``
+        masks; ``exclude``: leave these out."""
+        names, kinds, idxs, keys = [], [], [], []
         for l, e in self._layers():
             col_n, row_n = self._norms(l, e)
-            uc, ur = (e.lam_col, e.lam_row) if by_threshold else self._unit(l.name)
-            wc, wr = self.weights.get(l.name, (1.0, None))
-            sel_c, sel_r = (only or {}).get(l.name, (None, None)) if only is not None else (True, True)
-            for kind, n, u, w, sel, ok in ((0, col_n, uc, wc * self._ratio[0], sel_c, True),
-                                           (1, row_n, ur, (wr or 0.0) * self._ratio[1], sel_r, l.prunable)):
-                if not (u > 0 and ok and sel is not None):
+            kw = self._key_weight(l.name)
+            sel = (only or {}).get(l.name, (None, None)) if only is not None else (True, True)
+            out = (exclude or {}).get(l.name, (None, None))
+            for kind, n, w, ok in ((0, col_n, kw[0], True), (1, row_n, kw[1], l.prunable)):
+                if not (w > 0 and ok and sel[kind] is not None):
                     continue
-                m = (n > 0) & ~self._strongest_of(n)
-                if sel is not True:
-                    m &= sel
+                live = n > 0
+                free = live if out[kind] is None else live & ~out[kind]
+                if not bool(free.any()):
+                    continue
+                top = torch.argmax(torch.where(free, n, torch.zeros_like(n)))
+                m = live.clone()
+                m[top] = False
+                if out[kind] is not None:
+                    m &= ~out[kind]
+                if sel[kind] is not True:
+                    m &= sel[kind]
                 i = torch.nonzero(m).flatten()
                 names += [l.name] * len(i)
                 kinds += [kind] * len(i)
                 idxs.append(i.cpu())
-                scores.append((n[i] / u).cpu())
-                if relative:
-                    keys.append((n[i] / (n.max() * w)).cpu())
+                keys.append((n[i] / (n[top] * w)).cpu())
         if not names:
-            return [], torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), torch.zeros(0)
-        kinds_t, idx_t, score_t = torch.tensor(kinds), torch.cat(idxs), torch.cat(scores)
-        order = torch.sort(torch.cat(keys) if relative else score_t, stable=True).indices
-        return [names[i] for i in order.tolist()], kinds_t[order], idx_t[order], score_t[order]
+            return [], torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+        order = torch.sort(torch.cat(keys), stable=True).indices
+        return [names[i] for i in order.tolist()], torch.tensor(kinds)[order], torch.cat(idxs)[order]
 
     def _zero_for(self, names, kinds, idxs, k: int) -> dict:
         """``{layer: (cols, rows)}`` masks of the first ``k`` candidates."""
@@ -313,6 +286,24 @@ class TargetController:
         finally:
             self.struct.refresh()
 
+    def _prefix_covering(self, names, kinds, idxs, fading: dict, goal: float) -> int:
+        """Smallest k ≥ 1 such that zeroing the first k candidates and the ``fading`` groups cuts ≥ ``goal``
+        (all of them when not even that does)."""
+        orig = self.struct.original_flops
+
+        def covers(k):
+            zero = self._zero_for(names, kinds, idxs, k)
+            for name, (cols, rows) in fading.items():
+                zero[name][0].logical_or_(cols)
+                zero[name][1].logical_or_(rows)
+            self.struct.refresh(zero=zero)
+            return cut_reaches(orig, self.struct.flops_after(), goal)
+        n = len(names)
+        try:
+            return n if not covers(n) else max(1, shortest_prefix(n, covers))
+        finally:
+            self.struct.refresh()
+
     # ------------------------------------------------------------------ control
     def _update(self) -> None:
         self.struct.refresh()
@@ -324,45 +315,48 @@ class TargetController:
         if self._reaches():
             self._freeze()
             return
-        names, kinds, idxs, scores = self._candidates(relative=True)
-        if not len(names):
-            return
-        # the selected set: where the FLOPs the live groups save, summed in removal order, cover what is missing
-        # (an estimate: it ignores the dead-channel propagation and the merged form; the step guard is exact)
-        costs = self.struct.marginal_costs()
-        saved = torch.tensor([costs[n][k] or 0.0 for n, k in zip(names, kinds.tolist())],
-                             dtype=torch.float64).cumsum(0)
         left = self.deadline - self.t
-        horizon = max(float(self.interval), self.HORIZON * self.deadline)
-        goal = self.target if left <= horizon else self.target * min(1.0, (self.t + horizon) / self.deadline)
-        if goal <= cut:               # ahead of the reference: no shrinkage until it catches up
-            self.lam, self.selected = 0.0, None
-            self.record.update(reg_lambda_rank=0.0, reg_lambda_channel=0.0)
-            return
-        need = (goal - cut) * self.struct.original_flops
-        k = min(int(torch.searchsorted(saved, torch.tensor([need], dtype=torch.float64))), len(names) - 1)
-        q = float(scores[:k + 1].max())       # the selected group slowest to zero sets the pace
-        # only the groups of that prefix are shrunk: the others train on unbiased (group soft-thresholding of every
-        # group would take the last removed group's norm off every survivor within the ramp)
-        self.selected = self._zero_for(names, kinds, idxs, k + 1)
-        # receding horizon: the groups of the cut the reference reaches H steps from now die by then (from the
-        # last horizon before the deadline on: by the deadline); at the deadline the selected groups must die at this step
-        self.lam = q / min(horizon, left) if left > 1 else q * (1 + 1e-6)
-        self.record.update(reg_lambda_rank=self.lam * self._ratio[0] if "col" in self.kinds else 0.0,
-                           reg_lambda_channel=self.lam * self._ratio[1] if "row" in self.kinds else 0.0)
+        goal = self.target if left <= self.horizon else self.target * (self.t + self.horizon) / self.deadline
+        fading = self._fading()
+        # the cut once every fading group is zero (exact: the structure PM would build)
+        self.struct.refresh(zero=fading)
+        pending = self._cut()
+        self.struct.refresh()
+        if goal > pending:
+            names, kinds, idxs = self._candidates(exclude=fading)
+            if len(names):
+                # the groups to add: the shortest prefix of the removal order with which (and the fading groups)
+                # the structure PM would build reaches the goal (exact: dead-channel propagation and merged form
+                # included; per-group FLOPs would miss both)
+                k = self._prefix_covering(names, kinds, idxs, fading, goal)
+                # each new group fades over H steps (to the deadline at the latest; from ρT − 1 on: dies now)
+                die = self.t + max(1.0, math.floor(min(self.horizon, left))) - 1
+                for name, kind, i in zip(names[:k], kinds[:k].tolist(), idxs[:k].tolist()):
+                    self.death[name][kind][i] = die
+        self._record_rates()
+
+    def _record_rates(self) -> None:
+        """λ per kind in the record: the mean fraction of its norm a fading group loses per step."""
+        rates = ([], [])
+        for name, (cols, rows) in self._fading().items():
+            for kind, m in enumerate((cols, rows)):
+                d = self.death[name][kind][m]
+                if d.numel():
+                    rates[kind].append(1.0 / (d - self.t + 1).clamp_min(1.0))
+        lam = [float(torch.cat(r).mean()) if r else 0.0 for r in rates]
+        self.record.update(reg_lambda_rank=lam[0], reg_lambda_channel=lam[1],
+                           fading_rank=int(sum(x.numel() for x in rates[0])),
+                           fading_channels=int(sum(x.numel() for x in rates[1])))
 
     def _cap(self, zero: dict):
-        """Guard of a proximal step: below R apply it; reaching R, zero only the weakest groups up to R."""
+        """Guard of a fading step: below R apply it; reaching R, zero only the first dying groups (removal order)
+        up to R."""
         self.struct.refresh(zero=zero)
         reached = self._reaches()
         self.struct.refresh()
         if not reached:
             return True
-        dying = {}
-        for l, e in self._layers():
-            cols, rows = zero.get(l.name, (None, None))
-            dying[l.name] = (cols, rows)
-        names, kinds, idxs, _ = self._candidates(only=dying, by_threshold=True)
+        names, kinds, idxs = self._candidates(only=zero)
         k = self._prefix_reaching(names, kinds, idxs)
         self._capped = True
         return self._zero_for(names, kinds, idxs, len(names) if k is None else k)
@@ -384,9 +378,10 @@ class TargetController:
         self.frozen_step = self.t if self.frozen_step is None else self.frozen_step
         self.held = self._zero_masks()
         self.struct.refresh()
-        self.record.update(zero_cut=self._cut(), frozen_step=self.frozen_step)
+        self.record.update(zero_cut=self._cut(), frozen_step=self.frozen_step, reg_lambda_rank=0.0,
+                           reg_lambda_channel=0.0)
         logger.info("EDP: the groups trained to zero cut %.2f %% of the FLOPs (target %.2f %%) at regularised step "
-                    "%d of %d; λ frozen, zero groups held at zero", 100 * self._cut(), 100 * self.target,
+                    "%d of %d; zero groups held at zero", 100 * self._cut(), 100 * self.target,
                     self.t, self.total)
 
     @torch.no_grad()
@@ -409,10 +404,22 @@ class TargetController:
                     p[rows] = 0
                     zero_optimizer_state(state, p, 0, rows)
 
-    def _kept(self) -> dict:
-        """Groups the proximal step leaves unchanged: every group but those selected at the last update (the
-        strongest group of each layer and kind is never selected, :meth:`_candidates`)."""
-        return {name: (~cols, ~rows) for name, (cols, rows) in self.selected.items()}
+    def _factors(self) -> dict:
+        """Per-group multipliers of this step: (d − t)/(d − t + 1) for fading groups, 1 elsewhere."""
+        out = {}
+        for l, e in self._layers():
+            dc, dr = self.death[l.name]
+            kw = self._key_weight(l.name)
+            parts = []
+            for kind, d in enumerate((dc, dr)):
+                if kw[kind] <= 0 or (kind == 1 and not e.block.channel_prunable) or not bool(torch.isfinite(d).any()):
+                    parts.append(None)
+                    continue
+                left = (d - self.t).clamp_min(0.0)
+                parts.append(torch.where(torch.isfinite(d), left / (left + 1), torch.ones_like(d)))
+            if parts[0] is not None or parts[1] is not None:
+                out[l.name] = tuple(parts)
+        return out
 
     def step(self, lambda_rank: float = 1.0, lambda_channel: float = 1.0) -> None:
         """After an optimizer step of the regularised phase. ``lambda_rank``/``lambda_channel``: the configured
@@ -420,52 +427,41 @@ class TargetController:
         top = max(lambda_rank, lambda_channel)
         self._ratio = (lambda_rank / top, lambda_channel / top) if top > 0 else (0.0, 0.0)
         self.t += 1
-        self._measure()
-        if self.held is not None:     # groups the prox zeroed stay zero: the optimizer step must not revive them
+        if self.held is not None:     # groups that reached zero stay zero: the optimizer step must not revive them
             self.hold()
         if self.frozen_step is not None:
             if self.held is None:
                 self._freeze()
                 self.hold()
-            self._snapshot()
             return
-        if not self.scale:            # the first step only measures where the optimizer moves the groups
-            self._snapshot()
-            return
-        # (a selection is missing after a resume or a compaction: choose it again now)
-        if self.lam is None or (self.lam and self.selected is None) or self.t % self.interval == 0 \
-                or self.t >= self.deadline - self.interval:
+        if self.death is None:        # first step, or after a resume / compaction: choose the fading set again
+            self.death = self._fresh_death()
             self._update()
-            if self.frozen_step is not None:
-                self._snapshot()
-                return
-        if self.lam and self.selected is not None:     # λ = 0: the cut is ahead of the line, nothing to shrink
-            for l, e in self._layers():
-                uc, ur = self._unit(l.name)
-                e.lam_col = self.lam * uc
-                e.lam_row = self.lam * ur if e.block.channel_prunable else 0.0
+        elif self.t % self.interval == 0 or self.t >= self.deadline - self.interval:
+            self._update()
+        if self.frozen_step is not None:
+            return
+        factors = self._factors()
+        if factors:
             self._capped = False
-            self.reg.prox_step(1.0, guard=self._cap, keep=self._kept())
+            self.reg.scale_groups(factors, guard=self._cap)
             self.held = self._zero_masks()
             if self._capped:
                 self.struct.refresh()
                 self._freeze()
-        self._snapshot()
 
     def reset_structure(self, structure: Structure) -> None:
         """The blocks were compacted: use the new ``structure``; held masks are taken again from the zeros."""
         self.struct = structure
-        self._snap = None
-        self.selected = None
+        self.death = None
         if self.frozen_step is not None:
             self._freeze()
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
-        return {"lam": self.lam, "t": self.t, "frozen_step": self.frozen_step}
+        return {"t": self.t, "frozen_step": self.frozen_step}
 
     def load_state_dict(self, state: dict) -> None:
-        self.lam = state.get("lam")
         self.t = int(state.get("t", 0))
         fs = state.get("frozen_step")
         self.frozen_step = None if fs is None else int(fs)

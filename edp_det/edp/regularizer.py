@@ -136,7 +136,6 @@ class EDPRegularizer:
             raise ValueError(f"lr must be a finite number ≥ 0, got {lr!r}")
         if not self._warned_stale:
             self._check_blocks()
-        state = self.optimizer.state if self.optimizer is not None else None
         groups: dict = {}
         for e in self.entries:
             if e.lam_col > 0 or e.lam_row > 0:
@@ -146,6 +145,46 @@ class EDPRegularizer:
         if keep:
             for plan in plans:
                 plan.keep(keep)
+        return self._apply_plans(plans, guard)
+
+    @torch.no_grad()
+    def scale_groups(self, factors: dict, guard=None) -> bool:
+        """Multiply groups by given factors in [0, 1] instead of soft-thresholding them: ``factors`` is
+        ``{block name: (column factors or None, row factors or None)}`` (a row factor scales the β row with its
+        bias and norm affine entries). A group brought to zero has its optimizer state zeroed; ``guard`` as in
+        :meth:`prox_step`. Returns whether the step was applied."""
+        if not self._warned_stale:
+            self._check_blocks()
+        groups: dict = {}
+        for e in self.entries:
+            cf, rf = factors.get(e.name, (None, None))
+            if cf is not None or rf is not None:
+                w = e.block.coeff.weight
+                groups.setdefault((w.device, w.dtype), []).append((e, cf, rf))
+        plans = []
+        for items in groups.values():
+            plan = _ProxPlan([e for e, _, _ in items])
+            w = items[0][0].block.coeff.weight
+            for kind, (scales, columns) in enumerate(((plan.col_scale, True), (plan.row_scale, False))):
+                parts = [(i, f) for i, item in enumerate(items) if (f := item[1 + kind]) is not None]
+                if not parts:
+                    continue
+                for i, f in parts:
+                    if not bool(((f >= 0) & (f <= 1)).all()):
+                        raise ValueError(f"{items[i][0].name}: scale factors must lie in [0, 1]")
+                full = torch.cat([f.to(device=w.device, dtype=w.dtype) for _, f in parts])
+                live = torch.cat([_nonzero_groups(items[i][0], columns).to(w.dtype) for i, _ in parts])
+                for (i, _), view in zip(parts, full.split([f.numel() for _, f in parts])):
+                    scales[i] = view
+                if columns:
+                    plan.col_all, plan.col_norms = full, live
+                else:
+                    plan.row_all, plan.row_norms = full, live
+            plans.append(plan)
+        return self._apply_plans(plans, guard)
+
+    def _apply_plans(self, plans: list, guard) -> bool:
+        state = self.optimizer.state if self.optimizer is not None else None
         if guard is not None and any(plan.dying() for plan in plans):
             zero = {}
             for plan in plans:

@@ -68,10 +68,10 @@ class _EDPCommonOptions(ScopedOptions):
                                      "those feeding a residual add", choices=RANK_LAYERS)
     max_layer_cut: float | None = option(None, "PM budget: at most this fraction of a layer's live groups (per "
                                                "kind); null: all but one", gt=0, le=1)
-    regularization: str = option("fixed", "fixed: the paper's constant λ1/λ2; target (experimental): λ adapted during the regularised phase so that the groups "
-                                           "trained to exactly zero cut flops_target by Epoch_ES, then held at "
-                                           "zero, the strongest group of each layer and kind kept (needs a "
-                                           "flops_target)", choices=("fixed", "target"))
+    regularization: str = option("target", "target: with a flops_target, the groups trained to exactly zero are "
+                                           "driven to it by Epoch_ES, then held at zero (λ1:λ2 only set the ratio "
+                                           "of the two kinds); fixed: the paper's constant λ1/λ2",
+                                 choices=("fixed", "target"))
     group_weight: str = option("uniform", "penalty weight of a group during training: uniform (the paper) | flops "
                                           "(FLOPs its removal saves) | latency (time it saves, measured as "
                                           "compress.latency says; experimental)", choices=GROUP_WEIGHTS)
@@ -99,15 +99,15 @@ class EDPChannelOptions(_EDPCommonOptions, _ChannelOptions):
 class EDPMethod(CompressionMethod):
     """Algorithm 1.
 
-    ``compress.regularization: target`` (opt-in, experimental; needs a ``flops_target``): λ is not taken from the config
-    but adapted during the regularised phase by :class:`edp_det.edp.controller.TargetController` so that the
-    groups trained to exactly zero cut ``flops_target`` by Epoch_ES (within :attr:`TARGET_TOLERANCE`), after which
-    they are held at zero (weights and optimizer state) and PM removes only zeros. λ1:λ2 of the config set the
-    ratio between the two kinds; ``group_weight`` how groups of different layers are weighed.
-    If the phase ends before the target is reached, PM tops the cut up with the budget's norm ranking (WARNING
-    naming the share the zero groups gave).
+    ``compress.regularization: target`` (the default; needs a ``flops_target``, else the regularisation is
+    fixed): λ is not taken from the config; :class:`edp_det.edp.controller.TargetController` fades the groups in
+    the PM budget's order so that the groups trained to exactly zero cut ``flops_target`` by Epoch_ES (within
+    :attr:`TARGET_TOLERANCE`), after which they are held at zero (weights and optimizer state) and PM removes only
+    zeros. λ1:λ2 of the config set the ratio between the two kinds; ``group_weight`` how groups of different layers
+    are weighed. If the phase ends before the target is reached, PM tops the cut up with the budget's norm ranking
+    (WARNING naming the share the zero groups gave).
 
-    ``regularization: fixed`` (the default): the paper's constant λ (prox threshold lr·λ·group weight). With
+    ``regularization: fixed``: the paper's constant λ (prox threshold lr·λ·group weight). With
     ``stop_reg_at_target`` (default on) and a ``flops_target``, the FLOPs cut of the exactly-zero groups never
     exceeds the target by more than :attr:`TARGET_TOLERANCE`: before every proximal step that would set a non-zero
     group exactly to zero, the cut the zero groups would then give is computed and
