@@ -91,3 +91,65 @@ def test_score_policies_rank_groups_as_documented():
     s2 = torch.tensor([0.1, 5.0, 0.2], dtype=torch.float64)
     assert int(torch.argmax(pol.strength("a", "col", norms, s2))) == 1   # the given score decides what stays
     assert int(torch.argmax(pol.strength("b", "col", norms, s2))) == 0   # the norms otherwise
+
+
+def _reference_fixpoint(struct, zero):
+    """Live masks by full passes over every layer until nothing changes (the definition, written out)."""
+    beta, theta, own = [], [], []
+    for l in struct.layers:
+        b = l.block
+        cols, rows = zero[l.name]
+        bnz = (b.beta_2d() != 0) & ~cols[None, :]
+        p = torch.zeros(b.out_channels, dtype=torch.bool)
+        for t in l.row_params():
+            p |= t != 0
+        if rows is not None:
+            bnz &= ~rows[:, None]
+            p &= ~rows
+        beta.append(bnz)
+        theta.append((b.basis.weight.reshape(b.rank, b.in_channels, -1) != 0).any(dim=2))
+        own.append(p)
+    n = len(struct.layers)
+    inp = [torch.ones(l.block.in_channels, dtype=torch.bool) for l in struct.layers]
+    col = [torch.ones(l.block.rank, dtype=torch.bool) for l in struct.layers]
+    row = [torch.ones(l.block.out_channels, dtype=torch.bool) for l in struct.layers]
+    while True:
+        before = [(a.clone(), c.clone(), r.clone()) for a, c, r in zip(inp, col, row)]
+        for i, l in enumerate(struct.layers):
+            if l.producer is not None:
+                inp[i] = row[l.producer].clone()
+            col[i] = (beta[i] & row[i][:, None]).any(dim=0) & (theta[i] & inp[i][None, :]).any(dim=1)
+            if l.prunable:
+                r = (beta[i] & col[i][None, :]).any(dim=1) | own[i]
+                if l.consumers:
+                    used = torch.zeros_like(r)
+                    for c in l.consumers:
+                        used |= (theta[c] & col[c][:, None]).any(dim=0)
+                    r &= used
+                row[i] = r
+        if all(torch.equal(a, a0) and torch.equal(c, c0) and torch.equal(r, r0)
+               for (a, c, r), (a0, c0, r0) in zip(zip(inp, col, row), before)):
+            return inp, col, row
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.3, 0.7, 0.95])
+def test_refresh_propagates_dead_channels_to_the_same_fixpoint_as_full_passes(fraction):
+    """Structure.refresh (a worklist of the layers whose inputs changed, weight masks reused across calls) gives
+    the live masks of the definition — full passes to a fixpoint — for random sets of zeroed groups, including
+    ones that kill whole residual branches."""
+    from edp_det.edp.budget import structure_from_model
+    from edp_det.edp.decompose import decompose
+    model = torchvision.models.resnet18()
+    decompose(model)
+    struct = structure_from_model(model, input_size=(3, 32, 32))
+    masks = struct.weight_masks()
+    g = torch.Generator().manual_seed(int(fraction * 100))
+    zero = {l.name: (torch.rand(l.block.rank, generator=g) < fraction,
+                     (torch.rand(l.block.out_channels, generator=g) < fraction) if l.prunable else None)
+            for l in struct.layers}
+    struct.refresh(zero=zero, masks=masks)
+    inp, col, row = _reference_fixpoint(struct, zero)
+    for l, a, c, r in zip(struct.layers, inp, col, row):
+        assert torch.equal(l.in_live, a) and torch.equal(l.col_live, c) and torch.equal(l.row_live, r), l.name
+    if fraction > 0:   # the case exercises propagation: input channels died with their producers' rows
+        assert any(not bool(l.in_live.all()) for l in struct.layers)

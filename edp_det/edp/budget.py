@@ -220,46 +220,69 @@ class Structure:
         self.other_flops = other_flops          # FLOPs in scope that are not in blocks
         self.original_flops = original_flops    # FLOPs of the scope before decomposition
         self.index = {l.name: i for i, l in enumerate(layers)}
+        self._deps = None                       # (readers, users) of every layer, see _dependents
 
     # ------------------------------------------------------------------ masks
     @torch.no_grad()
-    def refresh(self, zero: dict | None = None) -> None:
-        """Recompute live masks from the current weights and propagate dead channels to a fixpoint.
-
-        ``zero``: optional ``{layer name: (cols, rows)}`` of bool masks (or ``None``) of β columns and row groups
-        to treat as exactly zero, e.g. what a proximal step would zero, without writing the weights."""
+    def weight_masks(self) -> tuple[list, list, list]:
+        """The non-zero patterns of the current weights that :meth:`refresh` propagates: per layer the non-zero β
+        entries (c_out, r), the θ' filters with a non-zero entry per input channel (r, c_in) and the output channels
+        with a non-zero bias / norm affine entry (c_out,). Pass them to several :meth:`refresh` calls while the
+        weights do not change (they cost one pass over every weight)."""
         beta_nz, theta_nz, own_live = [], [], []
         for l in self.layers:
             b = l.block
-            dev = b.coeff.weight.device
-            bnz = b.beta_2d() != 0                                                     # (c_out, r)
-            tnz = (b.basis.weight.reshape(b.rank, b.in_channels, -1) != 0).any(dim=2)  # (r, c_in)
-            params_nz = torch.zeros(b.out_channels, dtype=torch.bool, device=dev)
+            beta_nz.append(b.beta_2d() != 0)                                                        # (c_out, r)
+            theta_nz.append((b.basis.weight.reshape(b.rank, b.in_channels, -1) != 0).any(dim=2))    # (r, c_in)
+            params_nz = torch.zeros(b.out_channels, dtype=torch.bool, device=b.coeff.weight.device)
             for p in l.row_params():
                 params_nz |= p != 0
+            own_live.append(params_nz)
+        return beta_nz, theta_nz, own_live
+
+    @torch.no_grad()
+    def refresh(self, zero: dict | None = None, masks: tuple | None = None) -> None:
+        """Recompute live masks from the current weights and propagate dead channels to a fixpoint.
+
+        ``zero``: optional ``{layer name: (cols, rows)}`` of bool masks (or ``None``) of β columns and row groups
+        to treat as exactly zero, e.g. what a proximal step would zero, without writing the weights. ``masks``:
+        :meth:`weight_masks` of the current weights, computed once for several calls."""
+        base_beta, theta_nz, base_own = masks if masks is not None else self.weight_masks()
+        beta_nz, own_live = [], []
+        for l, bnz, params_nz in zip(self.layers, base_beta, base_own):
+            b = l.block
+            dev = b.coeff.weight.device
             cols, rows = (zero or {}).get(l.name, (None, None))
             if cols is not None:
-                bnz &= ~cols[None, :]
+                bnz = bnz & ~cols[None, :]
             if rows is not None:
-                bnz &= ~rows[:, None]
-                params_nz &= ~rows
+                bnz = bnz & ~rows[:, None]
+                params_nz = params_nz & ~rows
             beta_nz.append(bnz)
-            theta_nz.append(tnz)
             own_live.append(params_nz)
             l.in_live = torch.ones(b.in_channels, dtype=torch.bool, device=dev)
             l.row_live = torch.ones(b.out_channels, dtype=torch.bool, device=dev)
             l.col_live = torch.ones(b.rank, dtype=torch.bool, device=dev)
-        for _ in range(4 * len(self.layers) + 4):
-            changed = False
-            for i, l in enumerate(self.layers):
+        # greatest fixpoint (every mask only loses entries): a worklist, in layer order, of the layers whose inputs
+        # changed — a layer's input channels follow its producer's live rows, its live columns its live rows and
+        # inputs, its live rows its live columns and what its consumers' live columns read
+        readers, users = self._dependents()
+        pending = [True] * len(self.layers)
+        while True:
+            todo = [i for i, p in enumerate(pending) if p]
+            if not todo:
+                return
+            for i in todo:
+                pending[i] = False
+                l = self.layers[i]
                 if l.producer is not None:
-                    new_in = self.layers[l.producer].row_live
-                    changed |= not torch.equal(new_in, l.in_live)
-                    l.in_live = new_in.clone()
+                    l.in_live = self.layers[l.producer].row_live.clone()
                 col = ((beta_nz[i] & l.row_live[:, None]).any(dim=0) &
                        (theta_nz[i] & l.in_live[None, :]).any(dim=1))
-                changed |= not torch.equal(col, l.col_live)
-                l.col_live = col
+                if not torch.equal(col, l.col_live):
+                    l.col_live = col
+                    for j in users[i]:
+                        pending[j] = True
                 if l.prunable:
                     row = (beta_nz[i] & l.col_live[None, :]).any(dim=1) | own_live[i]
                     if l.consumers:
@@ -267,10 +290,25 @@ class Structure:
                         for ci in l.consumers:
                             used |= (theta_nz[ci] & self.layers[ci].col_live[:, None]).any(dim=0)
                         row &= used
-                    changed |= not torch.equal(row, l.row_live)
-                    l.row_live = row
-            if not changed:
-                return
+                    if not torch.equal(row, l.row_live):
+                        l.row_live = row
+                        pending[i] = True
+                        for j in readers[i]:
+                            pending[j] = True
+
+    def _dependents(self) -> tuple[list, list]:
+        """Per layer: the layers whose inputs are its output channels (``readers``) and the layers whose live rows
+        depend on its live columns (``users``: those listing it as a consumer)."""
+        if self._deps is None:
+            readers = [[] for _ in self.layers]
+            users = [[] for _ in self.layers]
+            for j, l in enumerate(self.layers):
+                if l.producer is not None:
+                    readers[l.producer].append(j)
+                for c in l.consumers:
+                    users[c].append(j)
+            self._deps = (readers, users)
+        return self._deps
 
     def counts(self) -> torch.Tensor:
         """``[L, 3]`` (c_in, r, c_out) per layer as PM builds them: the live counts, with a dimension that has no

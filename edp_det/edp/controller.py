@@ -15,7 +15,9 @@ decides *which* groups go and *when*; the training decides nothing else away fro
   deadline ρT (ρ = 0.8). At every update (every ``interval`` ≈ T/50 steps, and every step near the deadline) the
   shortest prefix of the removal order (groups already fading excluded) whose saving covers what the reference
   H steps ahead, c*(t + H) (R itself once the deadline is within H), still misses after the fading groups die is
-  added to the *fading* set, each group with a death step d = t + min(H, ρT − t) − 1.
+  added to the *fading* set (found to within an eighth of its length, from the previous update's length: a few
+  evaluations of the structure instead of a bisection over all groups), each group with a death step
+  d = t + min(H, ρT − t) − 1.
 * **How.** After every optimizer step a fading group g is multiplied by (d − t)/(d − t + 1): a linear fade of its
   current norm that reaches exactly zero at step d (group soft-thresholding with the threshold
   τ(g) = ‖g‖/(d − t + 1)). The recorded λ of a kind is the mean of that per-step fraction over its fading groups.
@@ -104,6 +106,47 @@ def group_weights(structure: Structure, mode: str = "flops", layer_weights: dict
     return {n: (c / mean, None if r is None else r / mean) for n, (c, r) in raw.items()}
 
 
+class _Order:
+    """Candidate groups in removal order, kept per layer and kind (``segments``: ``(layer name, kind, indices)``
+    with one key per index; sorted by key, stable) so that the masks of a prefix are built with a few tensor
+    operations per layer instead of one per group."""
+
+    def __init__(self, layers, segments: list, keys: list):
+        self.layers = [(l.name, l.block.rank, l.block.out_channels, l.block.coeff.weight.device) for l, _ in layers]
+        self.segments = segments
+        n = sum(int(i.numel()) for _, _, i in segments)
+        self.n = n
+        self.pos = []                  # per segment: the position of each of its groups in the removal order
+        if n:
+            order = torch.sort(torch.cat(keys), stable=True).indices
+            inv = torch.empty_like(order)
+            inv[order] = torch.arange(n)
+            self.pos = list(inv.split([int(i.numel()) for _, _, i in segments]))
+
+    def __len__(self) -> int:
+        return self.n
+
+    def prefix(self, k: int, base: dict | None = None) -> dict:
+        """``{layer: (cols, rows)}`` masks of the first ``k`` candidates (or-ed with ``base``'s masks)."""
+        zero = {}
+        for name, rank, out, dev in self.layers:
+            cols, rows = (base or {}).get(name, (None, None))
+            zero[name] = (torch.zeros(rank, dtype=torch.bool, device=dev) if cols is None else cols.clone(),
+                          torch.zeros(out, dtype=torch.bool, device=dev) if rows is None else rows.clone())
+        for (name, kind, i), pos in zip(self.segments, self.pos):
+            chosen = i[(pos < k).to(i.device)]
+            if chosen.numel():
+                zero[name][kind][chosen] = True
+        return zero
+
+    def first(self, k: int):
+        """(layer name, kind, index tensor) of the first ``k`` candidates, per layer and kind."""
+        for (name, kind, i), pos in zip(self.segments, self.pos):
+            chosen = i[(pos < k).to(i.device)]
+            if chosen.numel():
+                yield name, kind, chosen
+
+
 class TargetController:
     """Drives the groups of an :class:`EDPRegularizer` so that its exact-zero groups reach ``target`` (see the
     module docstring).
@@ -122,6 +165,7 @@ class TargetController:
     RAMP = 0.8            # ρ: the deadline as a fraction of T
     UPDATES = 50          # selection updates over the phase
     HORIZON = 0.25        # H as a fraction of the deadline ρT: how long one group fades
+    SLACK = 0.125         # an update may add up to this fraction more groups than the smallest covering prefix
 
     def __init__(self, reg: EDPRegularizer, structure: Structure, target: float, total_steps: int,
                  weights: dict | None = None, optimizer=None, kinds=("col", "row")):
@@ -151,6 +195,7 @@ class TargetController:
         self.record: dict = {}
         self._capped = False
         self._ratio = (1.0, 1.0)
+        self._last_k = 1                 # groups added at the latest update: the next update's first guess
         self._check_reachable()
 
     # ------------------------------------------------------------------ structure
@@ -191,12 +236,12 @@ class TargetController:
                            torch.full((l.block.out_channels,), math.inf, dtype=torch.float64, device=dev))
         return out
 
-    def _fading(self) -> dict:
-        """``{layer: (cols, rows)}`` bool masks of the live groups that are fading."""
+    def _fading(self, norms: dict) -> dict:
+        """``{layer: (cols, rows)}`` bool masks of the live groups that are fading (``norms``: :meth:`_all_norms`)."""
         out = {}
         for l, e in self._layers():
             dc, dr = self.death[l.name]
-            col_n, row_n = self._norms(l, e)
+            col_n, row_n = norms[l.name]
             cols = torch.isfinite(dc) & (col_n > 0)
             rows = torch.isfinite(dr) & (row_n > 0) if row_n is not None else torch.zeros_like(dr, dtype=torch.bool)
             out[l.name] = (cols, rows)
@@ -224,15 +269,19 @@ class TargetController:
             rows = sq.sqrt()
         return beta.norm(dim=0), rows
 
+    def _all_norms(self) -> dict:
+        """``{layer: (column norms, row norms or None)}`` of every regularised layer (:meth:`_norms`)."""
+        return {l.name: self._norms(l, e) for l, e in self._layers()}
+
     @torch.no_grad()
-    def _candidates(self, only: dict | None = None, exclude: dict | None = None):
-        """Live groups in removal order as (layer names, kinds, indices): norm relative to the strongest group of
-        the same layer and kind, divided by the group's ``a·w``. The strongest group of each layer and kind among
-        those not in ``exclude`` is never a candidate. ``only``: restrict to these ``{name: (cols, rows)}``
-        masks; ``exclude``: leave these out."""
-        names, kinds, idxs, keys = [], [], [], []
+    def _candidates(self, norms: dict, only: dict | None = None, exclude: dict | None = None) -> _Order:
+        """Live groups in removal order: norm relative to the strongest group of the same layer and kind, divided
+        by the group's ``a·w``. The strongest group of each layer and kind among those not in ``exclude`` is never
+        a candidate. ``norms``: :meth:`_all_norms`; ``only``: restrict to these ``{name: (cols, rows)}`` masks;
+        ``exclude``: leave these out."""
+        segments, keys = [], []
         for l, e in self._layers():
-            col_n, row_n = self._norms(l, e)
+            col_n, row_n = norms[l.name]
             kw = self._key_weight(l.name)
             sel = (only or {}).get(l.name, (None, None)) if only is not None else (True, True)
             out = (exclude or {}).get(l.name, (None, None))
@@ -251,62 +300,61 @@ class TargetController:
                 if sel[kind] is not True:
                     m &= sel[kind]
                 i = torch.nonzero(m).flatten()
-                names += [l.name] * len(i)
-                kinds += [kind] * len(i)
-                idxs.append(i.cpu())
-                keys.append((n[i] / (n[top] * w)).cpu())
-        if not names:
-            return [], torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
-        order = torch.sort(torch.cat(keys), stable=True).indices
-        return [names[i] for i in order.tolist()], torch.tensor(kinds)[order], torch.cat(idxs)[order]
+                if i.numel():
+                    segments.append((l.name, kind, i))
+                    keys.append((n[i] / (n[top] * w)).cpu())
+        return _Order(self._layers(), segments, keys)
 
-    def _zero_for(self, names, kinds, idxs, k: int) -> dict:
-        """``{layer: (cols, rows)}`` masks of the first ``k`` candidates."""
-        zero = {}
-        for l, _ in self._layers():
-            b = l.block
-            dev = b.coeff.weight.device
-            zero[l.name] = (torch.zeros(b.rank, dtype=torch.bool, device=dev),
-                            torch.zeros(b.out_channels, dtype=torch.bool, device=dev))
-        for name, kind, i in zip(names[:k], kinds[:k].tolist(), idxs[:k].tolist()):
-            zero[name][kind][i] = True
-        return zero
-
-    def _prefix_reaching(self, names, kinds, idxs) -> int | None:
+    def _prefix_reaching(self, order: _Order, masks) -> int | None:
         """Smallest k such that zeroing the first k candidates (with the groups already zero) reaches R; None if
-        not even all of them do."""
+        not even all of them do. ``masks``: the structure's :meth:`~Structure.weight_masks`."""
         def reaches(k):
-            self.struct.refresh(zero=self._zero_for(names, kinds, idxs, k))
+            self.struct.refresh(zero=order.prefix(k), masks=masks)
             return self._reaches()
-        n = len(names)
+        n = len(order)
         try:
             if not reaches(n):
                 return None
             return shortest_prefix(n, reaches)
         finally:
-            self.struct.refresh()
+            self.struct.refresh(masks=masks)
 
-    def _prefix_covering(self, names, kinds, idxs, fading: dict, goal: float) -> int:
-        """Smallest k ≥ 1 such that zeroing the first k candidates and the ``fading`` groups cuts ≥ ``goal``
-        (all of them when not even that does)."""
+    def _prefix_covering(self, order: _Order, fading: dict, goal: float, masks) -> int:
+        """A k ≥ 1 such that zeroing the first k candidates and the ``fading`` groups cuts ≥ ``goal``, at most
+        ``SLACK``·k groups more than the smallest such k (all of them when not even that does; the exact cap at R is
+        :meth:`_cap`'s). Searched from the previous update's k (the reference grows by the same amount at every
+        update): doubling away from it, then bisection. ``masks``: the structure's :meth:`~Structure.weight_masks`."""
         orig = self.struct.original_flops
 
         def covers(k):
-            zero = self._zero_for(names, kinds, idxs, k)
-            for name, (cols, rows) in fading.items():
-                zero[name][0].logical_or_(cols)
-                zero[name][1].logical_or_(rows)
-            self.struct.refresh(zero=zero)
+            self.struct.refresh(zero=order.prefix(k, base=fading), masks=masks)
             return cut_reaches(orig, self.struct.flops_after(), goal)
-        n = len(names)
+        n = len(order)
         try:
-            return n if not covers(n) else max(1, shortest_prefix(n, covers))
+            if not covers(n):
+                return n
+            lo, hi = 0, n              # covers(lo) false (goal > the fading groups' cut), covers(hi) true
+            k = min(max(1, self._last_k), n)
+            while lo < k < hi:         # gallop: halve or double the guess until it brackets the smallest k
+                if covers(k):
+                    hi, k = k, k // 2
+                else:
+                    lo, k = k, 2 * k
+            while hi - lo > max(1, int(self.SLACK * hi)):
+                mid = (lo + hi) // 2
+                if covers(mid):
+                    hi = mid
+                else:
+                    lo = mid
+            self._last_k = hi
+            return hi
         finally:
-            self.struct.refresh()
+            self.struct.refresh(masks=masks)
 
     # ------------------------------------------------------------------ control
     def _update(self) -> None:
-        self.struct.refresh()
+        masks = self.struct.weight_masks()     # the weights do not change during an update
+        self.struct.refresh(masks=masks)
         cut = self._cut()
         ref = self.target * min(1.0, self.t / self.deadline)
         self.record = {"reg_step": self.t, "zero_cut": cut, "zero_cut_ref": ref,
@@ -317,28 +365,30 @@ class TargetController:
             return
         left = self.deadline - self.t
         goal = self.target if left <= self.horizon else self.target * (self.t + self.horizon) / self.deadline
-        fading = self._fading()
+        norms = self._all_norms()
+        fading = self._fading(norms)
         # the cut once every fading group is zero (exact: the structure PM would build)
-        self.struct.refresh(zero=fading)
+        self.struct.refresh(zero=fading, masks=masks)
         pending = self._cut()
-        self.struct.refresh()
+        self.struct.refresh(masks=masks)
         if goal > pending:
-            names, kinds, idxs = self._candidates(exclude=fading)
-            if len(names):
+            order = self._candidates(norms, exclude=fading)
+            if len(order):
                 # the groups to add: the shortest prefix of the removal order with which (and the fading groups)
                 # the structure PM would build reaches the goal (exact: dead-channel propagation and merged form
                 # included; per-group FLOPs would miss both)
-                k = self._prefix_covering(names, kinds, idxs, fading, goal)
+                k = self._prefix_covering(order, fading, goal, masks)
                 # each new group fades over H steps (to the deadline at the latest; from ρT − 1 on: dies now)
                 die = self.t + max(1.0, math.floor(min(self.horizon, left))) - 1
-                for name, kind, i in zip(names[:k], kinds[:k].tolist(), idxs[:k].tolist()):
+                for name, kind, i in order.first(k):
                     self.death[name][kind][i] = die
-        self._record_rates()
+                fading = self._fading(norms)
+        self._record_rates(fading)
 
-    def _record_rates(self) -> None:
+    def _record_rates(self, fading: dict) -> None:
         """λ per kind in the record: the mean fraction of its norm a fading group loses per step."""
         rates = ([], [])
-        for name, (cols, rows) in self._fading().items():
+        for name, (cols, rows) in fading.items():
             for kind, m in enumerate((cols, rows)):
                 d = self.death[name][kind][m]
                 if d.numel():
@@ -351,15 +401,16 @@ class TargetController:
     def _cap(self, zero: dict):
         """Guard of a fading step: below R apply it; reaching R, zero only the first dying groups (removal order)
         up to R."""
-        self.struct.refresh(zero=zero)
+        masks = self.struct.weight_masks()
+        self.struct.refresh(zero=zero, masks=masks)
         reached = self._reaches()
-        self.struct.refresh()
+        self.struct.refresh(masks=masks)
         if not reached:
             return True
-        names, kinds, idxs = self._candidates(only=zero)
-        k = self._prefix_reaching(names, kinds, idxs)
+        order = self._candidates(self._all_norms(), only=zero)
+        k = self._prefix_reaching(order, masks)
         self._capped = True
-        return self._zero_for(names, kinds, idxs, len(names) if k is None else k)
+        return order.prefix(len(order) if k is None else k)
 
     @torch.no_grad()
     def _zero_masks(self) -> dict:

@@ -169,10 +169,10 @@ class EDPRegularizer:
                 parts = [(i, f) for i, item in enumerate(items) if (f := item[1 + kind]) is not None]
                 if not parts:
                     continue
-                for i, f in parts:
-                    if not bool(((f >= 0) & (f <= 1)).all()):
-                        raise ValueError(f"{items[i][0].name}: scale factors must lie in [0, 1]")
                 full = torch.cat([f.to(device=w.device, dtype=w.dtype) for _, f in parts])
+                if not bool(((full >= 0) & (full <= 1)).all()):    # one check for all blocks; name the first bad one
+                    i = next(i for i, f in parts if not bool(((f >= 0) & (f <= 1)).all()))
+                    raise ValueError(f"{items[i][0].name}: scale factors must lie in [0, 1]")
                 live = torch.cat([_nonzero_groups(items[i][0], columns).to(w.dtype) for i, _ in parts])
                 for (i, _), view in zip(parts, full.split([f.numel() for _, f in parts])):
                     scales[i] = view
