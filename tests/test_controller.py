@@ -281,9 +281,9 @@ def test_only_fading_groups_change_each_fades_linearly_and_dies_at_its_step(kind
     opt = _optimizer(model, kind, lr)
     struct = structure_from_model(model, input_size=SIZE)
     reg = EDPRegularizer(model, 1.0, 1.0, optimizer=opt)
-    ctrl = TargetController(reg, struct, TARGET, 100, weights=group_weights(struct, "uniform"), optimizer=opt)
+    ctrl = TargetController(reg, struct, TARGET, 50, weights=group_weights(struct, "uniform"), optimizer=opt)
     faded, died = 0, 0
-    for _ in range(80):
+    for _ in range(50):
         _train_step(model, opt, x, y)
         before = {e.name: (e.block.beta_2d().clone(), [p.clone() for p in e.row_params]) for e in reg.entries}
         ctrl.step()
