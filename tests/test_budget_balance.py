@@ -71,6 +71,22 @@ def test_shortest_prefix_is_the_first_true_of_a_monotone_predicate():
             assert len(calls) <= 2 + max(n, 1).bit_length()     # bisection, not a scan
 
 
+
+def test_shortest_prefix_from_a_guess_with_slack_reaches_and_stays_within_the_slack():
+    """From any guess the answer reaches and is at most slack·k above the smallest k; with slack 0 it is exact;
+    a guess close to the answer needs far fewer calls than a bisection over n."""
+    from edp_det.edp.budget import shortest_prefix
+
+    for n in (1, 7, 64, 1000):
+        for first in sorted({1, n // 3, n // 2, n}):
+            for guess in sorted({1, max(1, first // 3), first, min(n, 2 * first + 1), n}):
+                for slack in (0.0, 0.125):
+                    k = shortest_prefix(n, lambda m, f=first: m >= f, guess=guess, slack=slack)
+                    assert first <= k <= first + max(1, int(slack * k)) - (slack == 0.0), (n, first, guess, slack, k)
+    calls = []
+    shortest_prefix(4096, lambda m: calls.append(m) or m >= 1000, guess=1000, slack=0.125)
+    assert len(calls) <= 8 < 2 + 4096 .bit_length()
+
 def test_score_policies_rank_groups_as_documented():
     import torch
 

@@ -195,13 +195,22 @@ class GivenScores(ScorePolicy):
         return scores if (layer, kind) in self.scores else self.fallback.strength(layer, kind, norms, scores)
 
 
-def shortest_prefix(n: int, reaches) -> int:
+def shortest_prefix(n: int, reaches, guess: int | None = None, slack: float = 0.0) -> int:
     """The smallest ``k`` in ``[0, n]`` with ``reaches(k)`` for a monotone predicate with ``reaches(n)`` true
-    (bisection: O(log n) calls)."""
+    (bisection: O(log n) calls). ``guess``: start from this k, halving or doubling it until the answer is bracketed
+    (O(log(answer / guess)) calls when the guess is close); ``slack``: stop once the bracket is at most
+    ``slack`` · k wide, returning a k that reaches, at most that much above the smallest."""
     if reaches(0):
         return 0
     lo, hi = 0, n   # reaches(lo) false, reaches(hi) true
-    while hi - lo > 1:
+    if guess is not None:
+        k = min(max(1, guess), n)
+        while lo < k < hi:
+            if reaches(k):
+                hi, k = k, k // 2
+            else:
+                lo, k = k, 2 * k
+    while hi - lo > max(1, int(slack * hi)):
         mid = (lo + hi) // 2
         if reaches(mid):
             hi = mid

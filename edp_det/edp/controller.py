@@ -323,7 +323,8 @@ class TargetController:
         """A k ≥ 1 such that zeroing the first k candidates and the ``fading`` groups cuts ≥ ``goal``, at most
         ``SLACK``·k groups more than the smallest such k (all of them when not even that does; the exact cap at R is
         :meth:`_cap`'s). Searched from the previous update's k (the reference grows by the same amount at every
-        update): doubling away from it, then bisection. ``masks``: the structure's :meth:`~Structure.weight_masks`."""
+        update): :func:`shortest_prefix` with a guess and a slack. ``masks``: the structure's
+        :meth:`~Structure.weight_masks`."""
         orig = self.struct.original_flops
 
         def covers(k):
@@ -333,21 +334,8 @@ class TargetController:
         try:
             if not covers(n):
                 return n
-            lo, hi = 0, n              # covers(lo) false (goal > the fading groups' cut), covers(hi) true
-            k = min(max(1, self._last_k), n)
-            while lo < k < hi:         # gallop: halve or double the guess until it brackets the smallest k
-                if covers(k):
-                    hi, k = k, k // 2
-                else:
-                    lo, k = k, 2 * k
-            while hi - lo > max(1, int(self.SLACK * hi)):
-                mid = (lo + hi) // 2
-                if covers(mid):
-                    hi = mid
-                else:
-                    lo = mid
-            self._last_k = hi
-            return hi
+            self._last_k = max(1, shortest_prefix(n, covers, guess=self._last_k, slack=self.SLACK))
+            return self._last_k
         finally:
             self.struct.refresh(masks=masks)
 
