@@ -339,3 +339,22 @@ def test_target_mode_trains_the_tiny_classifier_to_finite_results(tmp_path, weig
     losses = [r["loss"] for r in records if "loss" in r]
     assert losses and all(math.isfinite(v) for v in losses)
     assert any("zero_cut" in r for r in records)
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adamw"])
+def test_rank_layers_tied_leaves_the_rank_of_channel_prunable_layers_whole(kind):
+    """``rank_layers: tied``: training cuts channel-prunable layers by channels only (no rank group of theirs fades
+    or dies) and the residual-tied layers by rank, reaches the target, and PM removes only zeros."""
+    method, model, opt, records, _ = _controlled(kind, 0.05 if kind == "sgd" else 1e-3, dtype=torch.float64,
+                                                 extra={"rank_layers": "tied"})
+    assert method.controller.frozen_step is not None
+    assert TARGET <= _zero_cut(method) <= TARGET + TOL
+    rank_cut = {False: 0, True: 0}
+    for e in method.reg.entries:
+        beta = e.block.beta_2d()
+        dead_cols = int((beta == 0).all(dim=0).sum())
+        rank_cut[e.block.channel_prunable] += dead_cols
+    assert rank_cut[True] == 0 and rank_cut[False] > 0, rank_cut
+    assert any(r.get("fading_channels", 0) > 0 for r in records)
+    report = method.prune(model, SIZE).report
+    assert report["lossless"] and report["budget_removed_groups"] == 0

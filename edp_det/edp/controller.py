@@ -10,7 +10,8 @@ decides *which* groups go and *when*; the training decides nothing else away fro
   (:meth:`edp_det.edp.budget.Structure.group_costs`), times the layer's measured time per FLOP for ``latency``, or
   1 for ``uniform`` (the paper's penalty), normalised to a group-count-weighted mean of 1: a group with more cost
   per norm goes earlier. ``a_kind`` is λ1 : λ2 of the config as a ratio (the larger one is 1; a kind with 0 is
-  not regularised).
+  not regularised). With ``rank_layers="tied"`` (the PM budget's option) the rank groups of channel-prunable
+  layers are not candidates: those layers lose channels only.
 * **When.** The zero-group cut c follows the reference c*(t) = R·min(1, t/(ρT)), a straight line to R at the
   deadline ρT (ρ = 0.8). At every update (every ``interval`` ≈ T/50 steps, and every step near the deadline) the
   shortest prefix of the removal order (groups already fading excluded) whose saving covers what the reference
@@ -59,7 +60,7 @@ import math
 
 import torch
 
-from edp_det.edp.budget import BudgetError, Structure, shortest_prefix
+from edp_det.edp.budget import BudgetError, Structure, check_rank_layers, shortest_prefix
 from edp_det.edp.regularizer import EDPRegularizer, zero_optimizer_state
 from edp_det.ops.flops import cut_reaches, flops_cut
 
@@ -159,6 +160,8 @@ class TargetController:
         weights: ``{layer: (column weight, row weight)}`` from :func:`group_weights` (default: ``flops``).
         optimizer: whose state of held groups is zeroed (default: the regulariser's).
         kinds: the group kinds that may be regularised (``"col"``, ``"row"``).
+        rank_layers: ``"all"``, or ``"tied"``: rank groups only in layers whose channels are not prunable (the
+            PM budget's ``rank_layers``; channel-prunable layers lose channels only and stay one dense conv).
     Raises :class:`~edp_det.edp.budget.BudgetError` when zeroing every regularised group cannot reach R.
     """
 
@@ -168,7 +171,7 @@ class TargetController:
     SLACK = 0.125         # an update may add up to this fraction more groups than the smallest covering prefix
 
     def __init__(self, reg: EDPRegularizer, structure: Structure, target: float, total_steps: int,
-                 weights: dict | None = None, optimizer=None, kinds=("col", "row")):
+                 weights: dict | None = None, optimizer=None, kinds=("col", "row"), rank_layers: str = "all"):
         if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0 < float(target) < 1:
             raise ValueError(f"flops_target must be a number in (0, 1), got {target!r}")
         if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
@@ -178,6 +181,10 @@ class TargetController:
         self.reg, self.struct = reg, structure
         self.target, self.total = float(target), total_steps
         self.kinds = tuple(kinds)
+        check_rank_layers(rank_layers)
+        #: layers whose rank groups are not regularised (``rank_layers="tied"``: the channel-prunable ones)
+        self._no_rank = {l.name for l in structure.layers if l.prunable} \
+            if rank_layers == "tied" and "row" in self.kinds else set()
         self.optimizer = optimizer if optimizer is not None else reg.optimizer
         self.weights = weights if weights is not None else group_weights(structure, "flops", kinds=self.kinds)
         for name, (wc, wr) in self.weights.items():
@@ -214,7 +221,8 @@ class TargetController:
         zero = {}
         for l, e in self._layers():
             b = l.block
-            cols = torch.ones(b.rank, dtype=torch.bool, device=b.coeff.weight.device) if "col" in self.kinds else None
+            cols = torch.ones(b.rank, dtype=torch.bool, device=b.coeff.weight.device) \
+                if "col" in self.kinds and l.name not in self._no_rank else None
             rows = torch.ones(b.out_channels, dtype=torch.bool, device=b.coeff.weight.device) \
                 if "row" in self.kinds and b.channel_prunable else None
             for m in (cols, rows):    # one group of each layer and kind is kept (the strongest, whichever it is)
@@ -251,7 +259,7 @@ class TargetController:
     def _key_weight(self, name: str) -> tuple[float, float]:
         """``a_kind · w`` of one column and one row group of layer ``name`` (0: that kind is not regularised)."""
         wc, wr = self.weights.get(name, (1.0, None))
-        kc = self._ratio[0] * wc if "col" in self.kinds else 0.0
+        kc = self._ratio[0] * wc if "col" in self.kinds and name not in self._no_rank else 0.0
         kr = self._ratio[1] * (wr or 0.0) if "row" in self.kinds else 0.0
         return kc, kr
 

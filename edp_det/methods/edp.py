@@ -64,8 +64,9 @@ class _EDPCommonOptions(ScopedOptions):
                        choices=("svd", "identity"))
     forward_mode: str = option("auto", "two_conv | effective (β·θ' merged) | auto: the cheaper per call",
                                choices=FORWARD_MODES)
-    rank_layers: str = option("all", "layers whose rank groups the FLOPs-target selection may remove; tied: only "
-                                     "those feeding a residual add", choices=RANK_LAYERS)
+    rank_layers: str = option("all", "layers whose rank groups training (regularization: target) and the PM "
+                                     "budget may remove; tied: only those feeding a residual add",
+                              choices=RANK_LAYERS)
     max_layer_cut: float | None = option(None, "PM budget: at most this fraction of a layer's live groups (per "
                                                "kind); null: all but one", gt=0, le=1)
     regularization: str = option("target", "target: with a flops_target, the groups trained to exactly zero are "
@@ -226,7 +227,7 @@ class EDPMethod(CompressionMethod):
                 weights = group_weights(self._structure_now(), "uniform", kinds=self._kinds())
             self.controller = TargetController(self.reg, self._structure_now(), float(self.options.flops_target),
                                                self.epoch_es * int(self.iters_per_epoch), weights=weights,
-                                               kinds=self._kinds())
+                                               kinds=self._kinds(), rank_layers=self.rank_layers)
             if self._controller_state:
                 self.controller.load_state_dict(self._controller_state)
         return self.controller
