@@ -358,3 +358,24 @@ def test_rank_layers_tied_leaves_the_rank_of_channel_prunable_layers_whole(kind)
     assert any(r.get("fading_channels", 0) > 0 for r in records)
     report = method.prune(model, SIZE).report
     assert report["lossless"] and report["budget_removed_groups"] == 0
+
+
+def test_a_resumed_frozen_controller_holds_the_same_zero_groups_from_its_first_step():
+    """Resume after the target was reached: the first optimizer step of the resumed run moves the held groups (their
+    optimizer state is zero, so AdamW's first step is about lr per weight); the held masks come from the checkpoint,
+    so the controller sets them back to zero and the zero-group cut is the one that was saved."""
+    method, model, opt, _, (x, y) = _controlled("adamw", 1e-3)
+    assert method.controller.frozen_step is not None
+    cut = _zero_cut(method)
+    state = method.state_dict()
+    resumed = build_method("edp", {"epoch_es": 1, "flops_target": TARGET, **TARGET_MODE}, total_epochs=2)
+    resumed.load_state_dict(state)
+    resumed.input_size, resumed.iters_per_epoch = SIZE, STEPS
+    resumed.attach(model, opt)
+    _train_step(model, opt, x, y)
+    resumed.after_step(model, 1e-3, epoch=0)
+    assert _zero_cut(resumed) == cut
+    for e in resumed.reg.entries:
+        cols, rows = method.controller.held[e.name]
+        beta = e.block.beta_2d()
+        assert not bool(beta[:, cols].any()) and not bool(beta[rows, :].any())

@@ -13,7 +13,7 @@ decides *which* groups go and *when*; the training decides nothing else away fro
   not regularised). With ``rank_layers="tied"`` (the PM budget's option) the rank groups of channel-prunable
   layers are not candidates: those layers lose channels only.
 * **When.** The zero-group cut c follows the reference c*(t) = R·min(1, t/(ρT)), a straight line to R at the
-  deadline ρT (ρ = 0.8). At every update (every ``interval`` ≈ T/50 steps, and every step near the deadline) the
+  deadline ρT (ρ = 1/4). At every update (every ``interval`` ≈ T/50 steps, and every step near the deadline) the
   shortest prefix of the removal order (groups already fading excluded) whose saving covers what the reference
   H steps ahead, c*(t + H) (R itself once the deadline is within H), still misses after the fading groups die is
   added to the *fading* set (found to within an eighth of its length, from the previous update's length: a few
@@ -28,9 +28,15 @@ optimizer's update size means different things under SGD (lr·‖gradient‖: la
 layers) and Adam (about lr·√n per group), and a group whose pace is set by it dies after a number of steps that
 depends on the optimizer, not on the schedule. Fading every selected group over the same number of steps, from its
 own current norm, gives the same trajectory under every optimizer and learning rate: the network adapts to each
-removal over H steps (H = T/5, a quarter of the deadline) and the cut grows along the line, not in bursts. A group
+removal over H steps (H = ρT/4, a quarter of the deadline) and the cut grows along the line, not in bursts. A group
 the loss pushes back is faded from its new norm at the next step (its threshold grows with it), so it still dies
 at d.
+
+Why the deadline is early: from ρT on, the network PM will keep is the one that trains (the zero groups held), for
+three quarters of the phase before the fine-tuning after PM even starts. A late deadline leaves the final structure
+less of the phase; compressing trained detectors, the accuracy lost that way was not recovered by the fine-tuning
+after PM (docs/RESULTS.md, "Target-driven EDP"). From scratch, an early deadline chooses the structure from the
+norms of a less-trained network.
 
 Only the fading groups are shrunk; the others train unbiased. Soft-thresholding every group, as the paper's fixed
 penalty does, takes about the last removed group's norm off every surviving group within the ramp: over a long
@@ -165,7 +171,7 @@ class TargetController:
     Raises :class:`~edp_det.edp.budget.BudgetError` when zeroing every regularised group cannot reach R.
     """
 
-    RAMP = 0.8            # ρ: the deadline as a fraction of T
+    RAMP = 0.25           # ρ: the deadline as a fraction of T
     UPDATES = 50          # selection updates over the phase
     HORIZON = 0.25        # H as a fraction of the deadline ρT: how long one group fades
     SLACK = 0.125         # an update may add up to this fraction more groups than the smallest covering prefix
@@ -440,6 +446,7 @@ class TargetController:
             if cols is None or cols.shape[0] != e.block.rank or rows.shape[0] != e.block.out_channels:
                 continue
             w = e.block.coeff.weight
+            cols, rows = cols.to(w.device), rows.to(w.device)
             beta = e.block.beta_2d()
             if bool(cols.any()):
                 beta[:, cols] = 0
@@ -506,10 +513,17 @@ class TargetController:
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
-        return {"t": self.t, "frozen_step": self.frozen_step}
+        """Step, freeze step and the held zero groups (``{layer: [cols, rows]}`` bool masks): a run resumed from a
+        checkpoint holds the same groups at zero from its first step, before its first optimizer step revives
+        them (their optimizer state is zero, so that step moves them by about the learning rate)."""
+        out = {"t": self.t, "frozen_step": self.frozen_step}
+        if self.held is not None:
+            out["held"] = {name: [cols.cpu(), rows.cpu()] for name, (cols, rows) in self.held.items()}
+        return out
 
     def load_state_dict(self, state: dict) -> None:
         self.t = int(state.get("t", 0))
         fs = state.get("frozen_step")
         self.frozen_step = None if fs is None else int(fs)
-        self.held = None
+        held = state.get("held")
+        self.held = None if held is None else {name: (cols, rows) for name, (cols, rows) in held.items()}
