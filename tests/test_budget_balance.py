@@ -71,7 +71,6 @@ def test_shortest_prefix_is_the_first_true_of_a_monotone_predicate():
             assert len(calls) <= 2 + max(n, 1).bit_length()     # bisection, not a scan
 
 
-
 def test_shortest_prefix_from_a_guess_with_slack_reaches_and_stays_within_the_slack():
     """From any guess the answer reaches and is at most slack·k above the smallest k; with slack 0 it is exact;
     a guess close to the answer needs far fewer calls than a bisection over n."""
@@ -86,6 +85,7 @@ def test_shortest_prefix_from_a_guess_with_slack_reaches_and_stays_within_the_sl
     calls = []
     shortest_prefix(4096, lambda m: calls.append(m) or m >= 1000, guess=1000, slack=0.125)
     assert len(calls) <= 8 < 2 + 4096 .bit_length()
+
 
 def test_score_policies_rank_groups_as_documented():
     import torch

@@ -49,7 +49,7 @@ from edp_det.ops.surgery import kept_indices
 from edp_det.runtime.errors import EDPError
 
 __all__ = ["Structure", "LayerMasks", "structure_from_model", "scope_prefixes", "BudgetError", "Candidates",
-           "ScorePolicy", "RelativeNorm", "GivenScores", "shortest_prefix", "KINDS"]
+           "ScorePolicy", "RelativeNorm", "GivenScores", "shortest_prefix", "rank_removable", "KINDS"]
 
 
 # which layers' rank (β column) groups the budget may remove: "all", or "tied" = only layers whose output channels
@@ -65,6 +65,12 @@ def check_rank_layers(value) -> None:
     """``rank_layers`` must be one of :data:`RANK_LAYERS`."""
     if value not in RANK_LAYERS:
         raise ValueError(f"rank_layers={value!r} must be one of {RANK_LAYERS}")
+
+
+def rank_removable(layer, kinds=("col", "row"), rank_layers: str = "all") -> bool:
+    """Whether ``layer``'s rank (β column) groups may be removed under ``rank_layers``: always with ``"all"``;
+    with ``"tied"`` only where its channels are not prunable (or channel groups are not among ``kinds``)."""
+    return "col" in kinds and (rank_layers == "all" or not layer.prunable or "row" not in kinds)
 
 
 def check_max_layer_cut(value) -> None:
@@ -419,8 +425,7 @@ class Structure:
         for i, l in enumerate(self.layers):
             beta = l.block.beta_2d()
             cols = torch.nonzero(l.col_live).flatten()
-            rank_ok = rank_layers == "all" or not l.prunable or "row" not in kinds
-            if "col" in kinds and rank_ok and cols.numel() > 1:
+            if rank_removable(l, kinds, rank_layers) and cols.numel() > 1:
                 yield i, "col", cols, beta[l.row_live][:, cols].double().norm(dim=0)
             if "row" in kinds and l.prunable:
                 rows = torch.nonzero(l.row_live).flatten()

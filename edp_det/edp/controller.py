@@ -66,7 +66,7 @@ import math
 
 import torch
 
-from edp_det.edp.budget import BudgetError, Structure, check_rank_layers, shortest_prefix
+from edp_det.edp.budget import BudgetError, Structure, check_rank_layers, rank_removable, shortest_prefix
 from edp_det.edp.regularizer import EDPRegularizer, zero_optimizer_state
 from edp_det.ops.flops import cut_reaches, flops_cut
 
@@ -188,9 +188,8 @@ class TargetController:
         self.target, self.total = float(target), total_steps
         self.kinds = tuple(kinds)
         check_rank_layers(rank_layers)
-        #: layers whose rank groups are not regularised (``rank_layers="tied"``: the channel-prunable ones)
-        self._no_rank = {l.name for l in structure.layers if l.prunable} \
-            if rank_layers == "tied" and "row" in self.kinds else set()
+        #: layers whose rank groups are not regularised (the PM budget's rule, :func:`rank_removable`)
+        self._no_rank = {l.name for l in structure.layers if not rank_removable(l, self.kinds, rank_layers)}
         self.optimizer = optimizer if optimizer is not None else reg.optimizer
         self.weights = weights if weights is not None else group_weights(structure, "flops", kinds=self.kinds)
         for name, (wc, wr) in self.weights.items():
