@@ -353,7 +353,7 @@ def test_switching_method_drops_the_other_methods_options_and_keeps_inherited_va
     # a baseline config inherits EDP's λ from its base: accepted, not part of the baseline's config
     base = _resolve(CONFIGS / "voc07_frcnn_r50_fpn_baseline.yaml")
     assert base["method"] == "baseline" and "lambda_rank" not in base["compress"]
-    assert base["compress"]["epoch_es"] == 8 and base["compress"]["round_to"] == 8
+    assert base["compress"]["epoch_es"] == 8 and base["compress"]["flops_target"] == 0.4
     # ... and selecting EDP again on the command line gets the base's λ back, not the schema default
     again = _resolve(CONFIGS / "voc07_frcnn_r50_fpn_baseline.yaml", "method=edp")
     assert again["compress"]["lambda_rank"] == 0.0005 and again["compress"]["lambda_channel"] == 0.0005

@@ -220,6 +220,25 @@ def test_bad_values_fail_clearly():
         method.after_step(m, 0.01, epoch=0)
 
 
+@pytest.mark.parametrize("key,value", [("round_to", 8), ("max_layer_cut", 0.75), ("latency", {"aware": True}),
+                                       ("latency", {"weights": "w.json"}), ("stop_reg_at_target", False)])
+def test_an_option_of_the_pm_budget_is_an_error_when_training_chooses_the_groups(tmp_path, key, value):
+    if key == "latency" and "weights" in value:
+        (tmp_path / "w.json").write_text('{"conv1": 1.0}')
+        value = {"weights": str(tmp_path / "w.json")}
+    cfg = {"epoch_es": 1, "flops_target": 0.4, key: value}
+    # the default regularisation with a flops_target is the controller: the option would steer nothing it chooses
+    # (round_to would even remove trained groups by rounding the live counts down)
+    name = f"compress.{key}" + (f".{next(iter(value))}" if isinstance(value, dict) else "")
+    with pytest.raises(ValueError, match=f"{name}=.*compress.regularization=fixed") as e:
+        build_method("edp", cfg, 2)
+    assert len(str(e.value).splitlines()) == 1
+    # the fixed regularisation leaves the choice to the PM budget: accepted there
+    assert build_method("edp", {**cfg, "regularization": "fixed"}, 2).target_driven is False
+    # ... and so is it without a target to drive to (flops_target null: PM removes only the zeros)
+    assert build_method("edp", {**cfg, "flops_target": None}, 2).target_driven is False
+
+
 def test_without_target_the_regularisation_is_fixed():
     method = build_method("edp", {"epoch_es": 1, "flops_target": None, "group_weight": "uniform",
                                   "lambda_rank": 0.5, "lambda_channel": 0.5}, 2)

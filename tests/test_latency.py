@@ -134,7 +134,7 @@ def test_edp_method_latency_aware_and_config_errors(tmp_path):
     _, m = cached("resnet18", num_classes=10)
     fresh = copy.deepcopy(m)
     method = build_method("edp", {"epoch_es": 1, "flops_target": 0.4, "latency": {"aware": True, "batch": 2},
-                                  "rank_layers": "tied"}, 2)
+                                  "rank_layers": "tied", "regularization": "fixed"}, 2)
     model = method.prepare(m)
     out = method.prune(model, (3, 64, 64)).report
     assert out["budget"] == "norm/time" and 0.40 <= out["achieved_r_flops"] <= 0.41
@@ -143,13 +143,13 @@ def test_edp_method_latency_aware_and_config_errors(tmp_path):
     report_file = tmp_path / "pm_report.json"
     report_file.write_text(json.dumps(out))
     again = build_method("edp", {"epoch_es": 1, "flops_target": 0.4, "latency": {"weights": str(report_file)},
-                                 "rank_layers": "tied"}, 2)
+                                 "rank_layers": "tied", "regularization": "fixed"}, 2)
     out2 = again.prune(again.prepare(fresh), (3, 64, 64)).report
     assert out2["budget"] == "norm/time" and out2["layers"] == out["layers"]
     plain = tmp_path / "w.json"
     plain.write_text(json.dumps(out["layer_weights"]))
-    assert build_method("edp", {"epoch_es": 1, "latency": {"weights": str(plain)}}, 2).latency_weights == \
-        out["layer_weights"]
+    reused = build_method("edp", {"epoch_es": 1, "latency": {"weights": str(plain)}, "regularization": "fixed"}, 2)
+    assert reused.latency_weights == out["layer_weights"]
     (tmp_path / "bad.json").write_text("{not json")
     (tmp_path / "neg.json").write_text(json.dumps({"conv1": -1}))
     (tmp_path / "list.json").write_text("[1, 2]")

@@ -151,7 +151,8 @@ def _ddp_worker(rank, world, port, root, out):
     from edp_det.runtime.distributed import check_params_identical, destroy
 
     # latency-aware budget: every rank times its own layers, so PM agrees across ranks only through rank 0's weights
-    cfg = _cfg(root, out, "train.epochs=2", "eval.batch_size=2", "compress.latency.aware=true")
+    cfg = _cfg(root, out, "train.epochs=2", "eval.batch_size=2", "compress.latency.aware=true",
+               "compress.regularization=fixed")
     trainer = Trainer(cfg, DetectionTask(cfg), out, resume=None)
     trainer.run()
     same = check_params_identical(trainer.model)

@@ -36,8 +36,8 @@ class LatencyOptions:
     """``compress.latency``: rank the PM budget's groups by the time they remove on this hardware (``aware``); the
     measurement also gives the training-time weights of ``compress.group_weight: latency``."""
 
-    aware: bool = option(False, "PM budget: cut layers that are slow per FLOP first (measured at PM time)",
-                         old="latency_aware")
+    aware: bool = option(False, "PM budget (regularization: fixed): cut layers that are slow per FLOP first "
+                                "(measured at PM time)", old="latency_aware")
     batch: int = option(1, "batch size of the latency measurement (the serving batch)", ge=1, old="latency_batch")
     mode: str = option("marginal", "marginal: time a cut removes, per residual block; average: dense conv time "
                                    "per FLOP", choices=LATENCY_MODES, old="latency_mode")
@@ -67,8 +67,8 @@ class _EDPCommonOptions(ScopedOptions):
     rank_layers: str = option("all", "layers whose rank groups training (regularization: target) and the PM "
                                      "budget may remove; tied: only those feeding a residual add",
                               choices=RANK_LAYERS)
-    max_layer_cut: float | None = option(None, "PM budget: at most this fraction of a layer's live groups (per "
-                                               "kind); null: all but one", gt=0, le=1)
+    max_layer_cut: float | None = option(None, "PM budget (regularization: fixed): at most this fraction of a "
+                                               "layer's live groups (per kind); null: all but one", gt=0, le=1)
     regularization: str = option("target", "target: with a flops_target, the groups trained to exactly zero are "
                                            "driven to it by Epoch_ES, then held at zero (λ1:λ2 only set the ratio "
                                            "of the two kinds); fixed: the paper's constant λ1/λ2",
@@ -150,6 +150,8 @@ class EDPMethod(CompressionMethod):
         self.latency_batch = o.latency.batch
         self.latency_mode = o.latency.mode
         self.latency_weights = self._load_latency_weights(o.latency.weights)
+        if self.target_driven:
+            self._reject_budget_options(o)
         self.compact_zero = o.compact
         self.steps = 0
         self.reg_stopped_step: int | None = None
@@ -160,6 +162,27 @@ class EDPMethod(CompressionMethod):
         self._controller_state: dict | None = None
         self._weights: dict | None = None      # group weights, computed once per decomposed model
         self._layer_time: dict | None = None   # measured time per FLOP (group_weight: latency)
+
+    @staticmethod
+    def _reject_budget_options(o) -> None:
+        """With ``regularization: target`` training chooses every removed group and PM removes only the zeros: an
+        option that steers the PM budget's own choice would either do nothing or, like ``round_to`` (which rounds the
+        live counts down), remove trained groups after all. Such an option set is a configuration error."""
+        unused = [("compress.round_to", o.round_to, "the PM budget"),
+                  ("compress.max_layer_cut", o.max_layer_cut, "the PM budget"),
+                  ("compress.latency.aware", True if o.latency.aware else None, "the PM budget"),
+                  ("compress.stop_reg_at_target", None if o.stop_reg_at_target else False,
+                   "compress.regularization=fixed")]
+        if o.group_weight != "latency":
+            unused.append(("compress.latency.weights", o.latency.weights,
+                           "the PM budget and compress.group_weight=latency"))
+        for key, value, owner in unused:
+            if value is not None:
+                hint = " (compress.group_weight=latency weighs training's choice by measured time)" \
+                    if key.startswith("compress.latency") else ""
+                raise ValueError(f"{key}={value!r} is an option of {owner}; with compress.regularization=target (the "
+                                 f"default with a flops_target) training chooses the groups and PM removes only "
+                                 f"those trained to zero: drop it or set compress.regularization=fixed{hint}")
 
     @property
     def prune_epoch(self):
