@@ -168,16 +168,16 @@ class EDPMethod(CompressionMethod):
         """With ``regularization: target`` training chooses every removed group and PM removes only the zeros: an
         option that steers the PM budget's own choice would either do nothing or, like ``round_to`` (which rounds the
         live counts down), remove trained groups after all. Such an option set is a configuration error."""
-        unused = [("compress.round_to", o.round_to, "the PM budget"),
-                  ("compress.max_layer_cut", o.max_layer_cut, "the PM budget"),
-                  ("compress.latency.aware", True if o.latency.aware else None, "the PM budget"),
-                  ("compress.stop_reg_at_target", None if o.stop_reg_at_target else False,
-                   "compress.regularization=fixed")]
+        # (key, value, its default, what it belongs to): set to anything but its default, it is an error here
+        checks = [("compress.round_to", o.round_to, None, "the PM budget"),
+                  ("compress.max_layer_cut", o.max_layer_cut, None, "the PM budget"),
+                  ("compress.latency.aware", o.latency.aware, False, "the PM budget"),
+                  ("compress.stop_reg_at_target", o.stop_reg_at_target, True, "compress.regularization=fixed")]
         if o.group_weight != "latency":
-            unused.append(("compress.latency.weights", o.latency.weights,
+            checks.append(("compress.latency.weights", o.latency.weights, None,
                            "the PM budget and compress.group_weight=latency"))
-        for key, value, owner in unused:
-            if value is not None:
+        for key, value, default, owner in checks:
+            if value != default:
                 hint = " (compress.group_weight=latency weighs training's choice by measured time)" \
                     if key.startswith("compress.latency") else ""
                 raise ValueError(f"{key}={value!r} is an option of {owner}; with compress.regularization=target (the "
