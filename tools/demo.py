@@ -1,6 +1,6 @@
-"""The main job on the built-in synthetic dataset: generate it, train the baseline detector and its EDP version
-at a 40% backbone FLOPs target with the same schedule, benchmark both side by side and print the before/after
-tables.
+"""The main job on the built-in synthetic dataset: generate it, train a baseline detector, compress it with EDP to
+a 40% backbone FLOPs cut, train an uncompressed control for as long, benchmark baseline and EDP side by side and
+print the before/after tables.
 
 examples:
   python tools/demo.py
@@ -8,9 +8,11 @@ examples:
   python tools/demo.py --output-dir runs/demo_quick --num-train 8 --num-test 4 train.epochs=2 \
       train.max_iters_per_epoch=2 benchmark.iters=1
 
-The two runs are a comparison (edp_det.harness.compare) of configs/demo_synthetic_edp.yaml with methods baseline
-and edp, in <output-dir>/baseline/ and <output-dir>/edp/. Finished runs are reused and interrupted ones resume
-(delete the output directory to start over). Trains and measures on CUDA when available, else on the CPU
+The runs are a comparison (edp_det.harness.compare, the trained-start protocol of tools/compare.py --start trained)
+of configs/demo_synthetic_trained.yaml: <output-dir>/baseline/ trains from scratch; <output-dir>/edp/ compresses its
+model_final.pt with the compression schedule (regularised epochs, PM, fine-tuning) and <output-dir>/control/ trains
+it on for the same schedule without compression, the reference EDP's accuracy is judged against. Finished runs are
+reused and interrupted ones resume (delete the output directory to start over). Trains and measures on CUDA when available, else on the CPU
 (--device chooses). Writes <output-dir>/demo_report.md and demo_bench.json.
 """
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pathlib import Path
 
 from edp_det.harness.cli import cli_main, tool_parser
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo_synthetic_edp.yaml"
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo_synthetic_trained.yaml"
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -41,9 +43,14 @@ def main(args: argparse.Namespace) -> list[dict]:
     from edp_det.harness.compare import (collect_runs, comparison_config, measure_side_by_side, report_rows,
                                          run_comparison)
     from edp_det.harness.report import format_comparison_table
+    from edp_det.runtime.errors import ConfigError
     from edp_det.runtime.logs import setup_logging
 
     out = Path(args.output_dir)
+    grid = out / "grid.json"
+    if grid.exists() and json.loads(grid.read_text(encoding="utf-8")).get("start", "scratch") != "trained":
+        raise ConfigError(f"{out}: holds a demo of an earlier edp-det (EDP trained from scratch); delete it or pass "
+                          "--output-dir DIR")
     device = resolve_device(args.device)
     setup_logging(out)
     data = out / "data"
@@ -53,24 +60,26 @@ def main(args: argparse.Namespace) -> list[dict]:
     cfg = comparison_config(CONFIG, "baseline", None, data, overrides)
     target = cfg["compress"]["flops_target"]
     run_comparison(CONFIG, ["baseline", "edp"], [target], out, data_root=data, overrides=overrides, build=False,
-                   name_by_method=True)
-    runs = {n: r for n, r in collect_runs(out).items() if n in ("baseline", "edp")}
-    bench = measure_side_by_side(runs, cfg, cache=out / "demo_bench_as_trained.json")
+                   name_by_method=True, start="trained")
+    runs = {n: r for n, r in collect_runs(out).items() if n in ("baseline", "control", "edp")}
+    timed = {n: r for n, r in runs.items() if n != "control"}    # the control has the baseline's architecture
+    bench = measure_side_by_side(timed, cfg, cache=out / "demo_bench_as_trained.json")
     # the inference form: norm layers folded, low-rank pairs merged where measured faster (same weights)
-    bench_opt = measure_side_by_side(runs, cfg, cache=out / "demo_bench_inference_form.json", optimize=True)
+    bench_opt = measure_side_by_side(timed, cfg, cache=out / "demo_bench_inference_form.json", optimize=True)
     rows = report_rows(runs, bench)
     if bench_opt:
-        for row in report_rows(runs, bench_opt):
+        for row in report_rows(timed, bench_opt):
             row["run"] += " (inference form)"
             rows.append(row)
     (out / "demo_report.md").write_text(format_comparison_table(rows, markdown=True) + "\n", encoding="utf-8")
     (out / "demo_bench.json").write_text(json.dumps({"as_trained": bench, "inference_form": bench_opt}, indent=2,
                                                     default=float), encoding="utf-8")
-    print(f"\nEDP demo (synthetic shapes, Faster R-CNN R18-FPN from scratch, {device}):")
+    print(f"\nEDP demo (synthetic shapes, Faster R-CNN R18-FPN trained, then compressed, {device}):")
     print(format_comparison_table(rows))
-    b, e = runs["baseline"].metrics["mAP_voc07"], runs["edp"].metrics["mAP_voc07"]
-    print(f"\nbaseline mAP_voc07 {b:.3f}, EDP {e:.3f} (Δ {e - b:+.3f}); backbone FLOPs cut "
-          f"{runs['edp'].metrics['r_flops_backbone']:.1%}. Report: {out / 'demo_report.md'}")
+    b, c, e = (runs[n].metrics["mAP_voc07"] for n in ("baseline", "control", "edp"))
+    print(f"\nmAP_voc07: baseline {b:.3f}; after the compression schedule: control (not compressed) {c:.3f}, EDP "
+          f"{e:.3f} (EDP - control {e - c:+.3f}); backbone FLOPs cut {runs['edp'].metrics['r_flops_backbone']:.1%}. "
+          f"Report: {out / 'demo_report.md'}")
     pm = out / "edp" / "pm_report.json"
     if pm.exists():
         share = json.loads(pm.read_text(encoding="utf-8")).get("r_flops_from_zero_groups", 0.0)
