@@ -54,3 +54,20 @@ def test_demo_refuses_a_folder_of_the_from_scratch_demo(tmp_path):
     assert len(lines) == 1 and str(out) in lines[0] and "--output-dir" in lines[0], r.stderr
     assert "Traceback" not in r.stderr
     assert sorted(p.name for p in out.iterdir()) == ["grid.json"]
+
+
+def test_a_compression_run_that_fails_ends_the_demo_with_one_line_and_exit_1(tmp_path):
+    """A learning rate no run survives (the compression schedule's only: the baseline still trains) makes the control
+    and EDP runs fail on a non-finite loss; the demo names both and their logs instead of reporting a partial
+    comparison."""
+    out = tmp_path / "demo"
+    r = _demo(out, "compress.schedule.lr=1e9")
+    assert r.returncode == 1, r.stderr[-3000:]
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("demo: failed: 2 run(s) of the demo did not finish"), r.stderr
+    assert "non-finite loss" in lines[0]
+    for name in ("control", "edp"):
+        assert str(out / name / "log.txt") in lines[0]
+        assert not (out / name / "metrics.json").exists()
+    assert (out / "baseline" / "metrics.json").exists()
+    assert not (out / "demo_report.md").exists()

@@ -37,6 +37,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _grid_start(path: Path) -> str | None:
+    """The start protocol recorded in an earlier demo's grid.json (None: no readable record there)."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("start", "scratch")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def main(args: argparse.Namespace) -> list[dict]:
     from edp_det.data.synthetic import make_synthetic_voc
     from edp_det.harness.cli import resolve_device
@@ -47,8 +55,7 @@ def main(args: argparse.Namespace) -> list[dict]:
     from edp_det.runtime.logs import setup_logging
 
     out = Path(args.output_dir)
-    grid = out / "grid.json"
-    if grid.exists() and json.loads(grid.read_text(encoding="utf-8")).get("start", "scratch") != "trained":
+    if _grid_start(out / "grid.json") not in (None, "trained"):
         raise ConfigError(f"{out}: holds a demo of an earlier edp-det (EDP trained from scratch); delete it or pass "
                           "--output-dir DIR")
     device = resolve_device(args.device)
@@ -59,8 +66,15 @@ def main(args: argparse.Namespace) -> list[dict]:
     overrides = [*args.overrides, f"device={device}"]
     cfg = comparison_config(CONFIG, "baseline", None, data, overrides)
     target = cfg["compress"]["flops_target"]
-    run_comparison(CONFIG, ["baseline", "edp"], [target], out, data_root=data, overrides=overrides, build=False,
-                   name_by_method=True, start="trained")
+    res = run_comparison(CONFIG, ["baseline", "edp"], [target], out, data_root=data, overrides=overrides,
+                         build=False, name_by_method=True, start="trained")
+    unfinished = [n for n, status in res["runs"].items() if status not in ("done", "skipped")]
+    if unfinished:
+        from edp_det.train.engine import TrainingError
+
+        why = "; ".join(f"{n}: {res['failed'][n]['error']} (log: {res['failed'][n]['log']})" if n in res["failed"]
+                        else f"{n}: {res['runs'][n]}" for n in unfinished)
+        raise TrainingError(f"{len(unfinished)} run(s) of the demo did not finish: {why}")
     runs = {n: r for n, r in collect_runs(out).items() if n in ("baseline", "control", "edp")}
     timed = {n: r for n, r in runs.items() if n != "control"}    # the control has the baseline's architecture
     bench = measure_side_by_side(timed, cfg, cache=out / "demo_bench_as_trained.json")
