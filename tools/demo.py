@@ -12,8 +12,9 @@ The runs are a comparison (edp_det.harness.compare, the trained-start protocol o
 of configs/demo_synthetic_trained.yaml: <output-dir>/baseline/ trains from scratch; <output-dir>/edp/ compresses its
 model_final.pt with the compression schedule (regularised epochs, PM, fine-tuning) and <output-dir>/control/ trains
 it on for the same schedule without compression, the reference EDP's accuracy is judged against. Finished runs are
-reused and interrupted ones resume (delete the output directory to start over). Trains and measures on CUDA when available, else on the CPU
-(--device chooses). Writes <output-dir>/demo_report.md and demo_bench.json.
+reused and interrupted ones resume (delete the output directory to start over); a run that fails ends the demo with
+one line naming it and its log (exit 1). Trains and measures on CUDA when available, else on the CPU (--device
+chooses). Writes <output-dir>/demo_report.md and demo_bench.json.
 """
 from __future__ import annotations
 
