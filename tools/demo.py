@@ -38,34 +38,24 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _grid_start(path: Path) -> str | None:
-    """The start protocol recorded in an earlier demo's grid.json (None: no readable record there)."""
-    try:
-        return json.loads(path.read_text(encoding="utf-8")).get("start", "scratch")
-    except (OSError, ValueError, AttributeError):
-        return None
-
-
 def main(args: argparse.Namespace) -> list[dict]:
     from edp_det.data.synthetic import make_synthetic_voc
     from edp_det.harness.cli import resolve_device
-    from edp_det.harness.compare import (collect_runs, comparison_config, measure_side_by_side, report_rows,
-                                         run_comparison)
+    from edp_det.harness.compare import (check_grid, collect_runs, comparison_config, grid_record,
+                                         measure_side_by_side, report_rows, run_comparison)
     from edp_det.harness.report import format_comparison_table
-    from edp_det.runtime.errors import ConfigError
     from edp_det.runtime.logs import setup_logging
 
     out = Path(args.output_dir)
-    if _grid_start(out / "grid.json") not in (None, "trained"):
-        raise ConfigError(f"{out}: holds a demo of an earlier edp-det (EDP trained from scratch); delete it or pass "
-                          "--output-dir DIR")
     device = resolve_device(args.device)
-    setup_logging(out)
     data = out / "data"
-    if not (data / "ImageSets" / "Main" / "test.txt").exists():
-        make_synthetic_voc(data, num_train=args.num_train, num_test=args.num_test, image_size=args.image_size, seed=0)
     overrides = [*args.overrides, f"device={device}"]
     cfg = comparison_config(CONFIG, "baseline", None, data, overrides)
+    # before anything is written: a folder holding another grid (e.g. the from-scratch demo) is refused
+    check_grid(out, grid_record(cfg, "trained"), CONFIG)
+    setup_logging(out)
+    if not (data / "ImageSets" / "Main" / "test.txt").exists():
+        make_synthetic_voc(data, num_train=args.num_train, num_test=args.num_test, image_size=args.image_size, seed=0)
     target = cfg["compress"]["flops_target"]
     res = run_comparison(CONFIG, ["baseline", "edp"], [target], out, data_root=data, overrides=overrides,
                          build=False, name_by_method=True, start="trained")

@@ -269,8 +269,8 @@ def check_grid(out: Path, record: dict, config) -> None:
     except ValueError:
         return
     if old.get("start", "scratch") != record["start"]:
-        raise ConfigError(f"--start {record['start']}: {out} holds a grid made with --start {old.get('start')}; "
-                          "choose a new --output-dir")
+        raise ConfigError(f"--start {record['start']}: {out} holds a grid made with --start "
+                          f"{old.get('start', 'scratch')}; choose a new --output-dir, or delete {out} to start over")
     if old.get("config_hash") not in (None, record["config_hash"]):
         keys = [k for k in _differing_keys(old.get("config") or {}, record["config"])
                 if not _added_with_default(k, old.get("config") or {}, record["config"])]
