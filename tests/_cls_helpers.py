@@ -1,7 +1,7 @@
 """Shared helpers of the classification tests (test_train_cls / test_transfer).
 
 One tiny classifier run (tools/train_cls.py in-process, configs/tiny_imagefolder.yaml, ResNet-18 at 32 px) is
-shared by both modules through a per-process cache: epoch_es=2 of 3 epochs, so ``checkpoint_epoch0001.pt`` is
+shared by both modules through a per-process cache: epoch_es=2 of 3 epochs with the fixed λ, so ``checkpoint_epoch0001.pt`` is
 decomposed (before PM), ``checkpoint_epoch0002.pt`` pruned, and ``model_final.pt`` compressed.
 """
 from __future__ import annotations
@@ -13,7 +13,10 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY_CLS = REPO_ROOT / "configs" / "tiny_imagefolder.yaml"
 # shared by the fixture run and the resume tests: the resumed runs must use the same settings
-CLS_OVERRIDES = ["compress.epoch_es=2", "train.checkpoint_keep=5", "benchmark.enabled=false", "train.threads=1"]
+# (the paper's fixed λ: PM at Epoch_ES whatever the zeros; the target-driven default prunes at the end of the epoch
+# in which its target was reached, which is the first epoch here)
+CLS_OVERRIDES = ["compress.epoch_es=2", "train.checkpoint_keep=5", "benchmark.enabled=false", "train.threads=1",
+                 "compress.regularization=fixed"]
 
 _CACHE: dict[str, Path] = {}
 

@@ -340,7 +340,8 @@ def _zero_cut_of(struct):
 def test_target_mode_trains_the_tiny_classifier_to_finite_results(tmp_path, weight):
     """End to end through the engine (tools/train_cls.py, the tiny ResNet-18 classifier): under the controlled
     mode the FLOPs target is met, every logged loss is finite and the pruned model's accuracy is a number (an
-    emptied layer made the loss non-finite right after PM)."""
+    emptied layer made the loss non-finite right after PM). PM runs at the end of the epoch in which the zero groups
+    reached the target (the first of epoch_es = 2 here), removing only zeros, and the rest trains pruned."""
     import json
     import math
 
@@ -358,6 +359,13 @@ def test_target_mode_trains_the_tiny_classifier_to_finite_results(tmp_path, weig
     losses = [r["loss"] for r in records if "loss" in r]
     assert losses and all(math.isfinite(v) for v in losses)
     assert any("zero_cut" in r for r in records)
+    ends = [r for r in records if r.get("phase") == "end_epoch"]
+    steps_per_epoch = max(r["iter"] for r in records if "iter" in r)
+    frozen = ends[0]["frozen_step"]
+    assert 1 <= frozen <= steps_per_epoch < 2 * steps_per_epoch    # reached in epoch 1 of the 2 regularised
+    assert ends[0].get("pruned") is True and [r["regularized"] for r in ends] == [True, False, False]
+    pm = json.loads((out / "pm_report.json").read_text())
+    assert pm["lossless"] and pm["zero_share_of_target"] >= 1.0
 
 
 @pytest.mark.parametrize("kind", ["sgd", "adamw"])

@@ -317,6 +317,31 @@ def test_edp_separate_switches_to_channels():
     assert all(e.lam_col == 0 for e in method.reg.entries) and all(e.lam_row == 0.2 for e in prunable)
 
 
+def test_target_driven_edp_prunes_at_the_end_of_the_epoch_that_reached_the_target():
+    """``prune_epoch``: Epoch_ES until the controller has reached the target, then the epoch (1-based) holding that
+    step, never later than Epoch_ES; the fixed λ keeps Epoch_ES; the state of a resumed run decides the same way."""
+    method = build_method("edp", {"epoch_es": 4, "flops_target": 0.4}, total_epochs=6)
+    method.iters_per_epoch = 3
+    assert method.prune_epoch == 4
+    for frozen, epoch in ((1, 1), (3, 1), (4, 2), (12, 4), (30, 4)):
+        method.load_state_dict({"controller": {"t": frozen, "frozen_step": frozen}})
+        assert method.prune_epoch == epoch, frozen
+    method.load_state_dict({"controller": {"t": 5, "frozen_step": None}})
+    assert method.prune_epoch == 4
+    method.load_state_dict({"controller": {"t": 5, "frozen_step": 5}})
+    assert [method.compacts(e) for e in range(6)] == [False] * 6
+    compacting = build_method("edp", {"epoch_es": 4, "flops_target": 0.4, "compact": True}, total_epochs=6)
+    compacting.iters_per_epoch = 3
+    compacting.load_state_dict({"controller": {"t": 7, "frozen_step": 7}})
+    assert compacting.prune_epoch == 3 and [compacting.compacts(e) for e in range(6)] == [True, True] + [False] * 4
+    fixed = build_method("edp", {"epoch_es": 4, "flops_target": 0.4, "regularization": "fixed"}, total_epochs=6)
+    fixed.iters_per_epoch = 3
+    fixed.load_state_dict({"controller": {"t": 2, "frozen_step": 2}})
+    assert fixed.prune_epoch == 4
+    method.load_state_dict({"pruned": True})
+    assert method.prune_epoch is None
+
+
 def test_registry_and_bad_input():
     for name in ("l1_filter", "slimming", "svd", "lrs", "admm_lrs", "edp_rank", "edp_channel", "edp_separate"):
         assert name in METHODS and METHODS[name].name == name

@@ -178,7 +178,8 @@ def _ddp_worker(rank, world, port, data, out, extra=()):
 @pytest.mark.slow
 @pytest.mark.parametrize("extra", [(), ("train.epochs=3", "compress.epoch_es=2", "compress.compact=true",
                                         "train.warmup_iters=0", "compress.lambda_rank=60",
-                                        "compress.lambda_channel=60")], ids=["plain", "compaction"])
+                                        "compress.lambda_channel=60", "compress.regularization=fixed")],
+                         ids=["plain", "compaction"])
 def test_ddp_two_process_gloo(cls_run, tmp_path, extra):
     data, _ = cls_run
     torch.multiprocessing.spawn(_ddp_worker, args=(2, _free_port(), str(data), str(tmp_path), extra), nprocs=2,

@@ -101,12 +101,14 @@ def test_resume_after_pm_matches_uninterrupted(full_run, synthetic_voc, tmp_path
 
 
 def test_resume_before_pm(synthetic_voc, tmp_path):
-    # epoch_es=2: the checkpoint of epoch 1 is still decomposed; the resumed run performs PM itself
+    # epoch_es=2 with the fixed λ: the checkpoint of epoch 1 is still decomposed; the resumed run performs PM itself
+    # (the target-driven default reaches its target in epoch 1 here and prunes at its end)
     ref_out = tmp_path / "ref"
-    _run(synthetic_voc, ref_out, "compress.epoch_es=2")
+    opts = ("compress.epoch_es=2", "compress.regularization=fixed")
+    _run(synthetic_voc, ref_out, *opts)
     ck = load_checkpoint(ref_out / "checkpoint_epoch0001.pt")
     assert any(v["type"] == "edp_block" for v in ck["spec"].values())
-    _run(synthetic_voc, tmp_path / "res", "compress.epoch_es=2", resume=str(ref_out / "checkpoint_epoch0001.pt"))
+    _run(synthetic_voc, tmp_path / "res", *opts, resume=str(ref_out / "checkpoint_epoch0001.pt"))
     a, b = _final_state(ref_out), _final_state(tmp_path / "res")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)

@@ -32,11 +32,14 @@ removal over H steps (H = ρT/4, a quarter of the deadline) and the cut grows al
 the loss pushes back is faded from its new norm at the next step (its threshold grows with it), so it still dies
 at d.
 
-Why the deadline is early: from ρT on, the network PM will keep is the one that trains (the zero groups held), for
-three quarters of the phase before the fine-tuning after PM even starts. A late deadline leaves the final structure
-less of the phase; compressing trained detectors, the accuracy lost that way was not recovered by the fine-tuning
-after PM (docs/RESULTS.md, "Target-driven EDP"). From scratch, an early deadline chooses the structure from the
-norms of a less-trained network.
+Why the deadline is early: once the target is reached nothing more is regularised, and the network PM will keep is
+the one that trains. The EDP method runs PM at the end of the epoch in which that happened
+(:attr:`edp_det.methods.edp.EDPMethod.prune_epoch`), so the rest of the schedule trains the pruned network — plain
+convolutions where PM merged, smaller and cheaper per step — instead of the full decomposed one with its zero groups
+held: training a network as two factors per convolution under Adam moves it by larger steps than training its plain
+convolutions, and compressing trained detectors the accuracy lost to that was not recovered after PM
+(docs/RESULTS.md, "Target-driven EDP"). A late deadline leaves the final structure less of the schedule. From
+scratch, an early deadline chooses the structure from the norms of a less-trained network.
 
 Only the fading groups are shrunk; the others train unbiased. Soft-thresholding every group, as the paper's fixed
 penalty does, takes about the last removed group's norm off every surviving group within the ramp: over a long

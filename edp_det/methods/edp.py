@@ -1,6 +1,7 @@
 """EDP (Algorithm 1) and its special cases as compression methods.
 
-* ``edp``          λ1 (rank) and λ2 (channels) jointly; regularisation until ``epoch_es``, then PM.
+* ``edp``          λ1 (rank) and λ2 (channels) jointly; regularisation until ``epoch_es`` (target-driven: until
+  the zero groups reach the target), then PM.
 * ``edp_rank``     λ2 = 0: the low-rank decomposition component only (case ① of §III-A).
 * ``edp_channel``  λ1 = 0: the channel pruning component only (case ②).
 * ``edp_separate`` the two components optimised one after the other (§IV-C-5): rank groups during the first
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,10 +105,11 @@ class EDPMethod(CompressionMethod):
     ``compress.regularization: target`` (the default; needs a ``flops_target``, else the regularisation is
     fixed): λ is not taken from the config; :class:`edp_det.edp.controller.TargetController` fades the groups in
     the PM budget's order so that the groups trained to exactly zero cut ``flops_target`` by Epoch_ES (within
-    :attr:`TARGET_TOLERANCE`), after which they are held at zero (weights and optimizer state) and PM removes only
-    zeros. λ1:λ2 of the config set the ratio between the two kinds; ``group_weight`` how groups of different layers
-    are weighed. If the phase ends before the target is reached, PM tops the cut up with the budget's norm ranking
-    (WARNING naming the share the zero groups gave).
+    :attr:`TARGET_TOLERANCE`), after which they are held at zero (weights and optimizer state) until PM, which
+    removes only zeros and runs at the end of the epoch in which the target was reached (:attr:`prune_epoch`;
+    Epoch_ES bounds the regularised phase). λ1:λ2 of the config set the ratio between the two kinds;
+    ``group_weight`` how groups of different layers are weighed. If the phase ends before the target is reached, PM
+    tops the cut up with the budget's norm ranking (WARNING naming the share the zero groups gave).
 
     ``regularization: fixed``: the paper's constant λ (prox threshold lr·λ·group weight). With
     ``stop_reg_at_target`` (default on) and a ``flops_target``, the FLOPs cut of the exactly-zero groups never
@@ -186,7 +189,25 @@ class EDPMethod(CompressionMethod):
 
     @property
     def prune_epoch(self):
-        return None if self.pruned else self.epoch_es
+        """Epochs after which PM runs: ``epoch_es``, or under ``regularization: target`` the end of the epoch in
+        which the zero groups reached the target, if that comes first (from then on nothing is regularised: the
+        network PM keeps trains on as plain and smaller convolutions instead of as the full decomposed one with
+        its zero groups held)."""
+        if self.pruned:
+            return None
+        reached = self._target_epoch()
+        return self.epoch_es if reached is None else min(self.epoch_es, reached)
+
+    def _target_epoch(self) -> int | None:
+        """Number of the epoch (1-based) in whose steps the target-driven controller reached the target; None
+        before that, without a controller or when the steps per epoch are unknown."""
+        if not self.target_driven or not self.iters_per_epoch:
+            return None
+        state = self.controller.state_dict() if self.controller is not None else self._controller_state
+        step = (state or {}).get("frozen_step")
+        if step is None:
+            return None
+        return max(1, math.ceil(int(step) / int(self.iters_per_epoch)))
 
     def regularizing(self, epoch: int) -> bool:
         return not self.pruned and epoch < self.epoch_es
@@ -279,7 +300,8 @@ class EDPMethod(CompressionMethod):
 
     def compacts(self, epoch: int) -> bool:
         # after every regularised epoch but the last (PM follows that one)
-        return self.compact_zero and self.regularizing(epoch) and epoch + 1 < self.epoch_es
+        pm = self.prune_epoch
+        return self.compact_zero and self.regularizing(epoch) and pm is not None and epoch + 1 < pm
 
     def compact(self, model, optimizer):
         report = compact_zero_groups(model, optimizer=optimizer, regularizer=self.reg)

@@ -369,7 +369,8 @@ class CompressSchedule:
     enabled: bool = option(False, "train with this schedule instead of train.epochs/lr/warmup_iters/lr_steps and "
                                   "compress.epoch_es (compress a trained detector; compare.py --start trained)")
     epochs: int = option(4, "epochs of the whole compression run (regularised + fine-tuning)", ge=1)
-    epoch_es: int = option(2, "Epoch_ES of the compression run: regularised epochs before the prune point", ge=1)
+    epoch_es: int = option(2, "Epoch_ES of the compression run: regularised epochs before the prune point (at most: "
+                              "target-driven EDP prunes at the end of the epoch that reached its target)", ge=1)
     lr: float | None = option(None, "learning rate of the compression run; null: train.lr", gt=0)
     warmup_iters: int = option(0, "iterations of linear lr warm-up of the compression run", ge=0)
     lr_steps: list[int] | None = option(None, "step schedule: epochs of lr decay in the compression run; null: none")
@@ -383,7 +384,8 @@ class CompressOptions:
     flops_target: float | None = option(
         0.4, "backbone FLOPs cut R vs the original network; null: remove only the groups trained to zero",
         gt=0, lt=1)
-    epoch_es: int = option(6, "Epoch_ES: regularised epochs before the structural change (PM / prune point)", ge=1)
+    epoch_es: int = option(6, "Epoch_ES: regularised epochs before the structural change (PM / prune point; at "
+                              "most: target-driven EDP prunes at the end of the epoch that reached its target)", ge=1)
     round_to: int | None = option(None, "round every surviving count to a multiple of this; null: no rounding", ge=1)
     bn_recalib_batches: int = option(16, "after the structural change: re-estimate BatchNorm statistics on this "
                                          "many training batches (0: off)", ge=0)
