@@ -5,6 +5,7 @@ which groups go first; bad values fail clearly."""
 from __future__ import annotations
 
 import logging
+import math
 
 import pytest
 import torch
@@ -406,3 +407,30 @@ def test_a_resumed_frozen_controller_holds_the_same_zero_groups_from_its_first_s
         cols, rows = method.controller.held[e.name]
         beta = e.block.beta_2d()
         assert not bool(beta[:, cols].any()) and not bool(beta[rows, :].any())
+
+
+def test_the_prune_epoch_is_the_engine_epoch_that_reached_the_target():
+    """PM follows the epoch the engine was in when the controller reached the target, whatever the steps per epoch
+    say: here the method is told 4 steps per epoch while the "engine" passes 2 steps per epoch (as when optimizer
+    steps are skipped, e.g. by AMP, or a run resumes with another world size); the prune epoch comes from the epoch
+    argument and survives a save/load of the method state."""
+    model = tiny(torch.float32).train()
+    x, y = _batch(torch.float32)
+    method = build_method("edp", {"epoch_es": 12, "flops_target": TARGET, **TARGET_MODE}, total_epochs=14)
+    model = method.prepare(model)
+    method.input_size, method.iters_per_epoch = SIZE, 4
+    opt = _optimizer(model, "adamw", 1e-3)
+    method.attach(model, opt)
+    step = 0
+    while method.controller is None or method.controller.frozen_step is None:
+        _train_step(model, opt, x, y)
+        method.after_step(model, 1e-3, epoch=step // 2)     # two steps per engine epoch
+        step += 1
+        assert step <= 48
+    reached = (step - 1) // 2 + 1
+    assert method.prune_epoch == reached == method.target_epoch
+    assert math.ceil(method.controller.frozen_step / 4) != reached      # the step count would misplace it
+    again = build_method("edp", {"epoch_es": 12, "flops_target": TARGET, **TARGET_MODE}, total_epochs=14)
+    again.iters_per_epoch = 4
+    again.load_state_dict(method.state_dict())
+    assert again.prune_epoch == reached

@@ -751,7 +751,7 @@ def plot_layerwise(runs: dict[str, RunRecord], path, target: float, methods=FIG5
 
 
 def plot_sparsity_curves(runs: dict[str, RunRecord], path) -> Path | None:
-    """Sparse ratio of params (a) and FLOPs (b) per epoch while regularised; the ES epoch dashed."""
+    """Sparse ratio of params (a) and FLOPs (b) per epoch while regularised; the epoch PM followed dashed."""
     sel = [(r, [e for e in r.epochs if e.get("sparse_params") is not None]) for r in runs.values()]
     sel = [(r, e) for r, e in sel if e]
     if not sel:
@@ -766,7 +766,8 @@ def plot_sparsity_curves(runs: dict[str, RunRecord], path) -> Path | None:
         fl = [(e["epoch"], e.get("sparse_flops")) for e in eps if e.get("sparse_flops") is not None]
         if fl:
             axes[1].plot([a for a, _ in fl], [100 * b for _, b in fl], marker="o", label=r.name)
-        es = (r.config.get("compress") or {}).get("epoch_es")
+        # the epoch the run pruned after (target-driven EDP: the one that reached the target), else Epoch_ES
+        es = next((e["epoch"] for e in r.epochs if e.get("pruned")), (r.config.get("compress") or {}).get("epoch_es"))
         if es is not None:
             es_marks.add(int(es))
     for ax, label in zip(axes, ("(a) sparse ratio of params (%)", "(b) sparse ratio of FLOPs (%)")):

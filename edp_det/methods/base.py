@@ -8,7 +8,7 @@ Life cycle inside :class:`edp_det.train.engine.Trainer` (Algorithm 1 generalised
         for step ...:
             loss = task_loss + method.extra_loss(model)     # differentiable penalties, if any
             optimizer.step(); method.after_step(model, lr, epoch)   # proximal steps, masks ...
-        if epoch + 1 == method.prune_epoch:
+        if epoch + 1 >= method.prune_epoch:        # None: never; after it, prune_epoch is None
             method.calibrate(model, batches, device)      # only if method.calibration_batches > 0
             result = method.prune(model, input_size)      # structure changes -> PruneResult
     method.epoch_stats(model, input_size)         # sparsity curves for the report
@@ -85,7 +85,8 @@ class CompressionMethod:
     # --- schedule
     @property
     def prune_epoch(self) -> int | None:
-        """Number of finished epochs after which :meth:`prune` runs (None: never)."""
+        """Number of finished epochs after which :meth:`prune` runs (None: never; the engine prunes at the first
+        epoch end at or after it, then this must become None)."""
         return None
 
     def regularizing(self, epoch: int) -> bool:

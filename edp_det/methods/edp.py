@@ -163,6 +163,8 @@ class EDPMethod(CompressionMethod):
         self.iters_per_epoch: int | None = None
         self.controller: TargetController | None = None
         self._controller_state: dict | None = None
+        #: the epoch (1-based) in which the controller reached the target: PM follows it (:attr:`prune_epoch`)
+        self.target_epoch: int | None = None
         self._weights: dict | None = None      # group weights, computed once per decomposed model
         self._layer_time: dict | None = None   # measured time per FLOP (group_weight: latency)
 
@@ -199,13 +201,17 @@ class EDPMethod(CompressionMethod):
         return self.epoch_es if reached is None else min(self.epoch_es, reached)
 
     def _target_epoch(self) -> int | None:
-        """Number of the epoch (1-based) in whose steps the target-driven controller reached the target; None
-        before that, without a controller or when the steps per epoch are unknown."""
-        if not self.target_driven or not self.iters_per_epoch:
+        """Number of the epoch (1-based) in whose steps the target-driven controller reached the target, as the
+        engine numbered it when it happened (:meth:`after_step`); None before that. A state saved before this was
+        recorded (only the controller's ``frozen_step``) maps the step to an epoch by the steps per epoch; the
+        engine prunes at the first epoch end at or after the returned one."""
+        if not self.target_driven:
             return None
+        if self.target_epoch is not None:
+            return self.target_epoch
         state = self.controller.state_dict() if self.controller is not None else self._controller_state
         step = (state or {}).get("frozen_step")
-        if step is None:
+        if step is None or not self.iters_per_epoch:
             return None
         return max(1, math.ceil(int(step) / int(self.iters_per_epoch)))
 
@@ -320,7 +326,12 @@ class EDPMethod(CompressionMethod):
     def after_step(self, model, lr: float, epoch: int) -> None:
         if self.reg is not None and self.regularizing(epoch) and self.target_driven:
             self.steps += 1
-            self._ensure_controller().step(*self._lambdas(epoch))
+            ctrl = self._ensure_controller()
+            ctrl.step(*self._lambdas(epoch))
+            if self.target_epoch is None and ctrl.frozen_step is not None:
+                # the epoch that PM follows: the engine's own count (skipped optimizer steps, e.g. AMP's, or a
+                # resume with other steps per epoch would misplace an epoch derived from the step count)
+                self.target_epoch = epoch + 1
             return
         if self.reg is not None and self.regularizing(epoch) and self.reg_stopped_step is None:
             lr_, lc = self._lambdas(epoch)
@@ -409,7 +420,8 @@ class EDPMethod(CompressionMethod):
         return dict(self.controller.record) if self.controller is not None else {}
 
     def state_dict(self) -> dict:
-        out = {"pruned": self.pruned, "steps": self.steps, "reg_stopped_step": self.reg_stopped_step}
+        out = {"pruned": self.pruned, "steps": self.steps, "reg_stopped_step": self.reg_stopped_step,
+               "target_epoch": self.target_epoch}
         ctrl = self.controller.state_dict() if self.controller is not None else self._controller_state
         if ctrl:
             out["controller"] = ctrl
@@ -421,6 +433,8 @@ class EDPMethod(CompressionMethod):
         stopped = state.get("reg_stopped_step")
         self.reg_stopped_step = None if stopped is None else int(stopped)
         self._controller_state = state.get("controller")
+        reached = state.get("target_epoch")
+        self.target_epoch = None if reached is None else int(reached)
 
 
 class EDPRankMethod(EDPMethod):

@@ -27,7 +27,7 @@ from torch import nn
 from edp_det.edp.calibration import batchnorm_layers, recalibrate_batchnorm
 from edp_det.runtime.checkpoint import CheckpointManager, atomic_write_text, load_checkpoint, resolve_resume
 from edp_det.runtime.config import dump_config
-from edp_det.runtime.distributed import barrier, init_distributed, seed_everything
+from edp_det.runtime.distributed import barrier, broadcast_object, init_distributed, seed_everything
 from edp_det.runtime.errors import EDPError
 from edp_det.ops.graph import unwrap_model
 from edp_det.runtime.logs import (MetricsLogger, ProgressMeter, console_logging_above, format_duration, format_metrics,
@@ -290,7 +290,11 @@ class Trainer:
                 self.ddp_model = self._wrap(self.model, dist)
                 epoch_rec.update(compacted_columns=comp.removed_columns, compacted_channels=comp.removed_channels,
                                  params_compacted=comp.params_after)
-        if method.prune_epoch is not None and epoch + 1 == method.prune_epoch:
+        prune_at = method.prune_epoch
+        if dist.distributed:      # one decision for all ranks (each rank's method state should agree; never hang)
+            prune_at = broadcast_object(prune_at)
+        # at or after: a prune epoch decided from state (e.g. a checkpoint's) may already lie behind the resumed run
+        if prune_at is not None and epoch + 1 >= prune_at:
             if self.cfg.get("eval", {}).get("around_pm"):
                 epoch_rec.update({f"eval_before_pm_{k}": v for k, v in self.task.evaluate(self.model, self.device)
                                   .items() if isinstance(v, (int, float))})

@@ -221,7 +221,9 @@ def check_transfer_config(cfg: dict, info: dict, path) -> None:
     if info["kind"] == "compressed" and method != "baseline":
         raise ConfigError(f"model.backbone_checkpoint={str(path)!r} is already pruned (after PM) and cannot be "
                           f"compressed again with method={method!r}: fine-tune it with method: baseline, or pass a "
-                          "checkpoint from before PM (epoch < compress.epoch_es) to continue EDP in the detector")
+                          "checkpoint from before PM (an epoch before the pruning one: compress.epoch_es with the "
+                          "fixed λ, the epoch that reached the target with the target-driven default) to continue "
+                          "EDP in the detector")
     if info["kind"] == "decomposed":
         if cfg["compress"]["scope"] != "backbone":
             raise ConfigError(f"model.backbone_checkpoint={str(path)!r} is decomposed; continuing EDP from it "
