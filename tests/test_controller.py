@@ -434,3 +434,43 @@ def test_the_prune_epoch_is_the_engine_epoch_that_reached_the_target():
     again.iters_per_epoch = 4
     again.load_state_dict(method.state_dict())
     assert again.prune_epoch == reached
+
+
+def test_a_run_resumed_mid_ramp_continues_exactly():
+    """A checkpoint taken while groups are still fading holds their death steps: the resumed run (model, optimizer
+    and method state restored, a new controller) fades the same groups on the same steps and ends bit-identical to
+    the uninterrupted run (float64)."""
+    import copy
+
+    def setup(model):
+        method = build_method("edp", {"epoch_es": 1, "flops_target": TARGET, **TARGET_MODE}, total_epochs=2)
+        model = method.prepare(model)
+        method.input_size, method.iters_per_epoch = SIZE, STEPS
+        return method, model
+
+    x, y = _batch(torch.float64)
+    method, model = setup(tiny(torch.float64).train())
+    opt = _optimizer(model, "adamw", 1e-3)
+    method.attach(model, opt)
+    saved = None
+    for step in range(STEPS):
+        if step == 4:       # deadline at STEPS / 4 = 7.5: mid-ramp, groups fading, none frozen
+            assert method.controller.frozen_step is None
+            assert any(bool(torch.isfinite(dc).any()) for dc, _ in method.controller.death.values())
+            saved = (copy.deepcopy(model), copy.deepcopy(opt.state_dict()), copy.deepcopy(method.state_dict()))
+        _train_step(model, opt, x, y)
+        method.after_step(model, 1e-3, epoch=0)
+    assert method.controller.frozen_step is not None
+    resumed_model, opt_state, method_state = saved
+    resumed, _ = setup(tiny(torch.float64).train())      # a fresh method on the saved decomposed model
+    resumed.load_state_dict(method_state)
+    resumed.input_size, resumed.iters_per_epoch = SIZE, STEPS
+    opt2 = _optimizer(resumed_model, "adamw", 1e-3)
+    opt2.load_state_dict(opt_state)
+    resumed.attach(resumed_model, opt2)
+    for _ in range(4, STEPS):
+        _train_step(resumed_model, opt2, x, y)
+        resumed.after_step(resumed_model, 1e-3, epoch=0)
+    assert resumed.controller.frozen_step == method.controller.frozen_step
+    for (name, a), (_, b) in zip(model.state_dict().items(), resumed_model.state_dict().items()):
+        assert torch.equal(a, b), name

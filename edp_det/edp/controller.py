@@ -490,7 +490,7 @@ class TargetController:
                 self._freeze()
                 self.hold()
             return
-        if self.death is None:        # first step, or after a resume / compaction: choose the fading set again
+        if self.death is None:        # first step, after a compaction, or resumed without death steps: choose again
             self.death = self._fresh_death()
             self._update()
         elif self.t % self.interval == 0 or self.t >= self.deadline - self.interval:
@@ -517,10 +517,17 @@ class TargetController:
     def state_dict(self) -> dict:
         """Step, freeze step and the held zero groups (``{layer: [cols, rows]}`` bool masks): a run resumed from a
         checkpoint holds the same groups at zero from its first step, before its first optimizer step revives
-        them (their optimizer state is zero, so that step moves them by about the learning rate)."""
+        them (their optimizer state is zero, so that step moves them by about the learning rate). Before the
+        target is reached also the death step of every group (``{layer: [cols, rows]}`` float64, +inf where not
+        fading): a run resumed mid-ramp continues the uninterrupted run's trajectory."""
         out = {"t": self.t, "frozen_step": self.frozen_step}
         if self.held is not None:
             out["held"] = {name: [cols.cpu(), rows.cpu()] for name, (cols, rows) in self.held.items()}
+        if self.death is not None and self.frozen_step is None:
+            # mid-ramp: the fading groups and their death steps, and the selection's first guess, so that a
+            # resumed run fades the same groups on the same steps as the uninterrupted one
+            out["death"] = {name: [dc.cpu(), dr.cpu()] for name, (dc, dr) in self.death.items()}
+            out["last_k"] = self._last_k
         return out
 
     def load_state_dict(self, state: dict) -> None:
@@ -529,3 +536,16 @@ class TargetController:
         self.frozen_step = None if fs is None else int(fs)
         held = state.get("held")
         self.held = None if held is None else {name: (cols, rows) for name, (cols, rows) in held.items()}
+        self._last_k = int(state.get("last_k", 1))
+        death = state.get("death")
+        self.death = None
+        if death is not None:
+            layers = {l.name: l.block for l, _ in self._layers()}
+            restored = {}
+            for name, block in layers.items():
+                dc, dr = death.get(name, (None, None))
+                if dc is None or dc.shape != (block.rank,) or dr.shape != (block.out_channels,):
+                    return           # another architecture (e.g. compacted since): the selection starts afresh
+                dev = block.coeff.weight.device
+                restored[name] = (dc.to(device=dev, dtype=torch.float64), dr.to(device=dev, dtype=torch.float64))
+            self.death = restored
