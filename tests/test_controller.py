@@ -363,7 +363,7 @@ def test_target_mode_trains_the_tiny_classifier_to_finite_results(tmp_path, weig
     ends = [r for r in records if r.get("phase") == "end_epoch"]
     steps_per_epoch = max(r["iter"] for r in records if "iter" in r)
     frozen = ends[0]["frozen_step"]
-    assert 1 <= frozen <= steps_per_epoch < 2 * steps_per_epoch    # reached in epoch 1 of the 2 regularised
+    assert 1 <= frozen <= steps_per_epoch        # reached in epoch 1 of the 2 regularised
     assert ends[0].get("pruned") is True and [r["regularized"] for r in ends] == [True, False, False]
     pm = json.loads((out / "pm_report.json").read_text())
     assert pm["lossless"] and pm["zero_share_of_target"] >= 1.0

@@ -318,27 +318,22 @@ def test_edp_separate_switches_to_channels():
 
 
 def test_target_driven_edp_prunes_at_the_end_of_the_epoch_that_reached_the_target():
-    """``prune_epoch``: Epoch_ES until the controller has reached the target, then the epoch (1-based) holding that
-    step, never later than Epoch_ES; the fixed λ keeps Epoch_ES; the state of a resumed run decides the same way."""
+    """``prune_epoch``: Epoch_ES until the controller has reached the target, then the epoch that reached it (saved
+    with the method state), never later than Epoch_ES; compaction stops before it; the fixed λ keeps Epoch_ES."""
     method = build_method("edp", {"epoch_es": 4, "flops_target": 0.4}, total_epochs=6)
-    method.iters_per_epoch = 3
     assert method.prune_epoch == 4
-    for frozen, epoch in ((1, 1), (3, 1), (4, 2), (12, 4), (30, 4)):
-        method.load_state_dict({"controller": {"t": frozen, "frozen_step": frozen}})
-        assert method.prune_epoch == epoch, frozen
-    method.load_state_dict({"controller": {"t": 5, "frozen_step": None}})
-    assert method.prune_epoch == 4
-    method.load_state_dict({"controller": {"t": 5, "frozen_step": 5}})
+    for reached, epoch in ((1, 1), (3, 3), (6, 4)):
+        method.load_state_dict({"target_epoch": reached})
+        assert method.prune_epoch == epoch, reached
+    method.load_state_dict({"target_epoch": 1})
     assert [method.compacts(e) for e in range(6)] == [False] * 6
     compacting = build_method("edp", {"epoch_es": 4, "flops_target": 0.4, "compact": True}, total_epochs=6)
-    compacting.iters_per_epoch = 3
-    compacting.load_state_dict({"controller": {"t": 7, "frozen_step": 7}})
+    compacting.load_state_dict({"target_epoch": 3})
     assert compacting.prune_epoch == 3 and [compacting.compacts(e) for e in range(6)] == [True, True] + [False] * 4
     fixed = build_method("edp", {"epoch_es": 4, "flops_target": 0.4, "regularization": "fixed"}, total_epochs=6)
-    fixed.iters_per_epoch = 3
-    fixed.load_state_dict({"controller": {"t": 2, "frozen_step": 2}})
+    fixed.load_state_dict({"target_epoch": 2})
     assert fixed.prune_epoch == 4
-    method.load_state_dict({"pruned": True})
+    method.load_state_dict({"pruned": True, "target_epoch": 1})
     assert method.prune_epoch is None
 
 

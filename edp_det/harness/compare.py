@@ -926,7 +926,8 @@ def build_report(output_dir, cfg: dict | None = None, expected=None, bench: dict
                 f"`compress.epoch_es` = {cp.get('epoch_es', '?')}")
              + " (regularised before where the method has a regulariser; fine-tuning after, "
              "the LR schedule continuing; target-driven EDP compresses at the end of the epoch in which the groups it "
-             "trained to zero reached the target, if that comes earlier). Data: `" + str((c.get("data") or {}).get("root")) + "`; model: "
+             "trained to zero reached the target, if that comes earlier). Data: `"
+             + str((c.get("data") or {}).get("root")) + "`; model: "
              f"Faster R-CNN ResNet-{(c.get('model') or {}).get('depth', '?')}, input "
              f"{first.metrics.get('input_size', '?')}.", ""]
     if any(s_ is not None for s_ in seeds):

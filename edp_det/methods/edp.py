@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -163,7 +162,7 @@ class EDPMethod(CompressionMethod):
         self.iters_per_epoch: int | None = None
         self.controller: TargetController | None = None
         self._controller_state: dict | None = None
-        #: the epoch (1-based) in which the controller reached the target: PM follows it (:attr:`prune_epoch`)
+        #: the epoch (1-based, the engine's count) in which the controller reached the target: PM follows it
         self.target_epoch: int | None = None
         self._weights: dict | None = None      # group weights, computed once per decomposed model
         self._layer_time: dict | None = None   # measured time per FLOP (group_weight: latency)
@@ -197,23 +196,9 @@ class EDPMethod(CompressionMethod):
         its zero groups held)."""
         if self.pruned:
             return None
-        reached = self._target_epoch()
-        return self.epoch_es if reached is None else min(self.epoch_es, reached)
-
-    def _target_epoch(self) -> int | None:
-        """Number of the epoch (1-based) in whose steps the target-driven controller reached the target, as the
-        engine numbered it when it happened (:meth:`after_step`); None before that. A state saved before this was
-        recorded (only the controller's ``frozen_step``) maps the step to an epoch by the steps per epoch; the
-        engine prunes at the first epoch end at or after the returned one."""
-        if not self.target_driven:
-            return None
-        if self.target_epoch is not None:
-            return self.target_epoch
-        state = self.controller.state_dict() if self.controller is not None else self._controller_state
-        step = (state or {}).get("frozen_step")
-        if step is None or not self.iters_per_epoch:
-            return None
-        return max(1, math.ceil(int(step) / int(self.iters_per_epoch)))
+        if self.target_epoch is None or not self.target_driven:
+            return self.epoch_es
+        return min(self.epoch_es, self.target_epoch)
 
     def regularizing(self, epoch: int) -> bool:
         return not self.pruned and epoch < self.epoch_es
@@ -329,8 +314,9 @@ class EDPMethod(CompressionMethod):
             ctrl = self._ensure_controller()
             ctrl.step(*self._lambdas(epoch))
             if self.target_epoch is None and ctrl.frozen_step is not None:
-                # the epoch that PM follows: the engine's own count (skipped optimizer steps, e.g. AMP's, or a
-                # resume with other steps per epoch would misplace an epoch derived from the step count)
+                # the epoch that PM follows, in the engine's own count (one derived from the step count would be
+                # misplaced by skipped optimizer steps, e.g. AMP's, or a resume with other steps per epoch; a
+                # checkpoint saved frozen without it gets the epoch it resumes in)
                 self.target_epoch = epoch + 1
             return
         if self.reg is not None and self.regularizing(epoch) and self.reg_stopped_step is None:
