@@ -4,10 +4,11 @@ Model: torchvision ResNet-50 (random init, eval mode), decomposed, then a few pr
 relative to the median β column norm) so that the budget has something to choose; then
 ``prune_and_merge(m, flops_target=R, input_size=(3, 224, 224), ...)`` for each target R and budget variant.
 
-Budget variants (``--budgets``): ``all`` = the default budget (rank groups of every layer, norm order); ``tied`` =
-``rank_layers="tied"`` (rank cut only where outputs feed a residual add, channel-prunable layers stay dense);
-``-r8`` = ``round_to=8``; ``-lat`` = latency-aware: ``layer_weights=measure_time_per_flop(m, x)`` (marginal model,
-per residual block) measured at the setting's own input ``x`` (so those models are pruned per setting);
+Budget variants (``--budgets``): ``all`` = the default budget (rank groups of every layer, norm order divided by
+the layers' estimated time per FLOP); ``tied`` = ``rank_layers="tied"`` (rank cut only where outputs feed a residual
+add, channel-prunable layers stay dense); ``-uni`` = ``layer_weights=None`` (no layer weights: the paper's per-layer
+ratio); ``-r8`` = ``round_to=8``; ``-lat`` = latency-aware: ``layer_weights=measure_time_per_flop(m, x)`` (marginal
+model, per residual block) measured at the setting's own input ``x`` (so those models are pruned per setting);
 ``-latavg`` the same with ``mode="average"`` (each layer's dense conv alone).
 
 Variants per setting (all timed alternately in one run, one untimed warm-up call per variant per round; ratios
@@ -102,27 +103,31 @@ def bound_lines(timed, flops, targets) -> str:
 
 
 def parse_budget(spec: str) -> dict:
-    """'tied-r8-lat-cap75' -> {"rank_layers": "tied", "round_to": 8, "latency": "marginal", "max_layer_cut": 0.75}."""
+    """'tied-r8-lat-cap75' -> {"rank_layers": "tied", "round_to": 8, "latency": "marginal", "max_layer_cut": 0.75,
+    "uniform": False}."""
     parts = spec.split("-")
     if parts[0] not in ("all", "tied"):
         raise SystemExit(f"--budgets: {spec!r} must start with 'all' or 'tied'")
-    out = {"rank_layers": parts[0], "round_to": None, "latency": None, "max_layer_cut": None}
+    out = {"rank_layers": parts[0], "round_to": None, "latency": None, "max_layer_cut": None, "uniform": False}
     for p in parts[1:]:
-        if p in ("lat", "latavg"):
+        if p == "uni":
+            out["uniform"] = True
+        elif p in ("lat", "latavg"):
             out["latency"] = "marginal" if p == "lat" else "average"
         elif p.startswith("cap") and p[3:].isdigit() and 0 < int(p[3:]) <= 100:
             out["max_layer_cut"] = int(p[3:]) / 100
         elif p.startswith("r") and p[1:].isdigit() and int(p[1:]) > 0:
             out["round_to"] = int(p[1:])
         else:
-            raise SystemExit(f"--budgets: unknown part {p!r} in {spec!r} (expected rN, lat, latavg or capNN)")
+            raise SystemExit(f"--budgets: unknown part {p!r} in {spec!r} (expected uni, rN, lat, latavg or capNN)")
     return out
 
 
 def pm_model(dec, r: float, budget: dict, x=None):
     """PM of a copy of ``dec`` to R_FLOPs ``r`` with ``budget``; latency weights are measured at input ``x``."""
     m = copy.deepcopy(dec)
-    weights = measure_time_per_flop(m, x, mode=budget["latency"]) if budget["latency"] else None
+    weights = measure_time_per_flop(m, x, mode=budget["latency"]) if budget["latency"] else \
+        None if budget["uniform"] else "estimate"
     rep = prune_and_merge(m, flops_target=r, input_size=(3, 224, 224), round_to=budget["round_to"],
                           rank_layers=budget["rank_layers"], layer_weights=weights,
                           max_layer_cut=budget["max_layer_cut"])
@@ -162,7 +167,7 @@ def main(args):
                     continue
                 pm_lines.append(pm_line(name, rep))
     if args.floor_target:
-        fixed[FLOOR], rep = pm_model(dec, args.floor_target, parse_budget("all"))
+        fixed[FLOOR], rep = pm_model(dec, args.floor_target, parse_budget("all-uni"))
         pm_lines.append(pm_line(FLOOR, rep))
     print(f"# bench_inference  {machine_info()}")
     print(f"# ResNet-50 random init; PM at input 224; rounds={args.rounds} iters={args.iters}")

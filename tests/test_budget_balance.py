@@ -9,12 +9,24 @@ import torchvision
 import edp_det
 
 
+def _removed_share(layer):
+    """Fraction of a layer's rank and channel groups PM removed (a merged layer: channels only)."""
+    _, r, c_out = layer.before
+    _, r2, c_out2 = layer.after
+    return (0.0 if layer.merged else 1 - r2 / r), 1 - c_out2 / c_out
+
+
 def test_moderate_target_spreads_over_layers():
+    """Without layer weights (the paper's per-layer ratio) every stage is cut; with the default estimated weights
+    the last, slow-per-FLOP stage is cut hardest, but no layer loses more than SPREAD of its groups."""
+    from edp_det.edp.budget import SPREAD
+
     torch.manual_seed(0)
     m = torchvision.models.resnet18(num_classes=10).eval()
     edp_det.decompose(m)
-    rep = edp_det.prune_and_merge(m, flops_target=0.4, input_size=(3, 64, 64))
-    assert 0.40 <= rep.achieved_r_flops <= 0.41
+    plain = copy.deepcopy(m)
+    rep = edp_det.prune_and_merge(plain, flops_target=0.4, input_size=(3, 64, 64), layer_weights=None)
+    assert 0.40 <= rep.achieved_r_flops <= 0.41 and rep.budget == "norm"
     for layer in rep.layers:
         c_in, r, c_out = layer.before
         _, r2, c_out2 = layer.after
@@ -24,6 +36,47 @@ def test_moderate_target_spreads_over_layers():
     # the cut reaches both early (high-resolution) and late layers
     changed = {l.name.split(".")[0] for l in rep.layers if l.after != l.before or l.merged is False}
     assert {"layer1", "layer4"} <= changed
+
+    est = edp_det.prune_and_merge(m, flops_target=0.4, input_size=(3, 64, 64))
+    assert 0.40 <= est.achieved_r_flops <= 0.41 and est.budget == "norm/estimated time"
+    for layer in est.layers:
+        rank_share, channel_share = _removed_share(layer)
+        # at most floor(SPREAD · live) of a layer's groups per kind (channel prunable layers' rank: PM may merge)
+        assert channel_share <= SPREAD, (layer.name, layer.before, layer.after)
+        assert rank_share <= SPREAD + 1e-9, (layer.name, layer.before, layer.after)
+
+    def kept(report, stage):
+        return sum(l.flops_after for l in report.layers if l.name.startswith(stage)) / \
+            sum(l.flops_before for l in report.layers if l.name.startswith(stage))
+    assert kept(est, "layer4.") < kept(rep, "layer4.") - 0.2
+    assert kept(est, "layer1.") > kept(rep, "layer1.")
+
+
+def test_estimated_time_per_flop_of_resnet50():
+    """1 + REUSE_POSITIONS / positions per layer (positions: ResNet-50's output map sizes at 224 px), normalised to
+    a FLOPs-weighted mean of 1; a target beyond SPREAD of every layer is still reached under the weights."""
+    from edp_det.edp.budget import REUSE_POSITIONS, structure_from_model
+
+    m = torchvision.models.resnet50(num_classes=10).eval()
+    edp_det.decompose(m)
+    struct = structure_from_model(m, input_size=(3, 224, 224))
+    w = struct.estimated_time_per_flop()
+    positions = {"conv1": 112 * 112, "layer1.0.conv2": 56 * 56, "layer2.0.conv1": 56 * 56, "layer2.0.conv2": 28 * 28,
+                 "layer3.2.conv3": 14 * 14, "layer4.0.conv2": 7 * 7, "layer4.2.conv1": 7 * 7}
+    for name, p in positions.items():
+        ratio = (1 + REUSE_POSITIONS / p) / (1 + REUSE_POSITIONS / 49)
+        assert w[name] / w["layer4.2.conv1"] == pytest.approx(ratio, rel=1e-12), name
+    dense = {l.name: l.positions * l.block.orig_in_channels * l.block.orig_out_channels * l.kk
+             for l in struct.layers}
+    assert sum(w[n] * dense[n] for n in w) / sum(dense.values()) == pytest.approx(1.0, rel=1e-12)
+    assert len(w) == 53 and w["layer4.0.conv2"] > w["layer3.0.conv3"] > w["layer2.0.conv3"] > w["layer1.0.conv3"]
+
+    # a cut that needs more than SPREAD of some layers: the rest of the order comes after every layer reached it
+    mm = copy.deepcopy(m)
+    rep = edp_det.prune_and_merge(mm, flops_target=0.8, input_size=(3, 64, 64))
+    assert 0.80 <= rep.achieved_r_flops <= 0.81
+    with pytest.raises(ValueError, match="layer_weights"):
+        edp_det.prune_and_merge(copy.deepcopy(m), flops_target=0.4, input_size=(3, 64, 64), layer_weights="measured")
 
 
 def test_rank_layers_tied_keeps_prunable_layers_dense():

@@ -118,11 +118,11 @@ def test_weights_steer_the_budget():
     _, m = cached("resnet18", dtype=torch.float64, num_classes=10)
     size = (3, 64, 64)
     plain = copy.deepcopy(m)
-    rep_plain = edp_det.prune_and_merge(plain, flops_target=0.4, input_size=size)
+    rep_plain = edp_det.prune_and_merge(plain, flops_target=0.4, input_size=size, layer_weights=None)
     weighted = copy.deepcopy(m)
     weights = {n: (4.0 if n.startswith("layer4.") else 1.0) for n, _ in edp_det.iter_blocks(m)}
     rep = edp_det.prune_and_merge(weighted, flops_target=0.4, input_size=size, layer_weights=weights)
-    assert rep.budget == "norm/time" and rep_plain.budget == "norm"
+    assert rep.budget == "norm/measured time" and rep_plain.budget == "norm"
     assert 0.40 <= rep.achieved_r_flops <= 0.41
     # layer4, weighted as 4x slower per FLOP, is cut harder; the rest keeps more than without weights
     assert _kept_fraction(rep, "layer4.") < _kept_fraction(rep_plain, "layer4.") - 0.1
@@ -137,7 +137,7 @@ def test_edp_method_latency_aware_and_config_errors(tmp_path):
                                   "rank_layers": "tied", "regularization": "fixed"}, 2)
     model = method.prepare(m)
     out = method.prune(model, (3, 64, 64)).report
-    assert out["budget"] == "norm/time" and 0.40 <= out["achieved_r_flops"] <= 0.41
+    assert out["budget"] == "norm/measured time" and 0.40 <= out["achieved_r_flops"] <= 0.41
     assert set(out["layer_weights"]) == {n for n, _ in edp_det.iter_blocks(fresh)}
     # the measured weights, saved in pm_report.json, reproduce the same structure without measuring again
     report_file = tmp_path / "pm_report.json"
@@ -145,7 +145,7 @@ def test_edp_method_latency_aware_and_config_errors(tmp_path):
     again = build_method("edp", {"epoch_es": 1, "flops_target": 0.4, "latency": {"weights": str(report_file)},
                                  "rank_layers": "tied", "regularization": "fixed"}, 2)
     out2 = again.prune(again.prepare(fresh), (3, 64, 64)).report
-    assert out2["budget"] == "norm/time" and out2["layers"] == out["layers"]
+    assert out2["budget"] == "norm/measured time" and out2["layers"] == out["layers"]
     plain = tmp_path / "w.json"
     plain.write_text(json.dumps(out["layer_weights"]))
     reused = build_method("edp", {"epoch_es": 1, "latency": {"weights": str(plain)}, "regularization": "fixed"}, 2)

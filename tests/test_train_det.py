@@ -172,4 +172,4 @@ def test_ddp_two_process_gloo(synthetic_voc, tmp_path):
     for k in r0["state"]:
         assert torch.equal(r0["state"][k], r1["state"][k]), k
     assert (tmp_path / "pm_report.json").exists() and (tmp_path / "metrics.json").exists()
-    assert json.loads((tmp_path / "pm_report.json").read_text())["budget"] == "norm/time"
+    assert json.loads((tmp_path / "pm_report.json").read_text())["budget"] == "norm/measured time"

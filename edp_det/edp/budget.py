@@ -18,15 +18,22 @@ i.e. magnitude relative to the group's own layer, so that every layer is cut in 
 the paper's per-layer proportion, Table IX); FLOPs enter through the stopping rule (bisection on the real cost).
 The score does not favour groups that save many FLOPs: such a preference empties the high-resolution layers to
 1-channel bottlenecks before touching the others (docs/BENCHMARKS.md).
-Two options change which groups are candidates and how they rank (both opt-in, measured in docs/BENCHMARKS.md §3):
+Layer weights make the order cost-aware: ``layer_weights`` = ``{layer: relative time per FLOP}``, and the score is
+divided by the layer's weight, so layers slow per FLOP are cut first and the FLOPs cut buys more time.
+:meth:`Structure.estimated_time_per_flop` gives them without measuring (the default of
+:func:`~edp_det.edp.pruning.prune_and_merge`): a convolution applies each of its weights at ``positions`` output
+positions, and one whose weights are reused at few positions (the 7×7 maps of a ResNet's last stage at batch 1) is
+bound by reading its weights rather than by arithmetic, on CPUs and GPUs alike, so its time per FLOP is modelled as
+``1 + REUSE_POSITIONS / positions``. :func:`edp_det.deploy.latency.measure_time_per_flop` measures them on the
+deployment hardware instead. A weighted order would empty a layer whose groups are all alike (an untrained network's
+flat norms) down to its strongest group before touching the next; so under any layer weights a layer loses more
+than ``SPREAD`` of its removable groups only after every layer has lost that much (the rest of the order is the
+same ranking again). Two more options (measured in docs/BENCHMARKS.md §3):
   * ``rank_layers="tied"``: rank (β column) groups are candidates only in layers whose outputs feed a residual add;
     channel-prunable layers lose output channels only and stay one dense conv after PM (a thin low-rank pair runs
     slower per FLOP than a dense conv on CPUs);
-  * ``layer_weights``: ``{layer: relative time per FLOP}`` (:func:`edp_det.deploy.latency.measure_time_per_flop`); the
-    score is divided by the layer's weight, so slow-per-FLOP layers are cut first (latency-aware budget). Such a
-    strong preference can empty a layer down to its strongest group (docs/RESULTS.md, demo detector);
-    ``max_layer_cut`` = f lets the budget remove at most floor(f · live) groups of
-    each layer and kind (like Torch-Pruning's / NNCF's per-layer maximum pruning ratio).
+  * ``max_layer_cut`` = f lets the budget remove at most floor(f · live) groups of each layer and kind (a hard
+    limit, like Torch-Pruning's / NNCF's per-layer maximum pruning ratio).
 The strongest group of each layer and kind is never removed by the budget (a layer is never emptied
 by it; a layer trained to zero is still removed). Groups are removed in ascending score; the smallest prefix of
 that order reaching the target is found by bisection on the analytic cost, with optional rounding of every
@@ -48,9 +55,15 @@ from edp_det.ops.graph import build_channel_graph, get_submodule, unwrap_model
 from edp_det.ops.surgery import kept_indices
 from edp_det.runtime.errors import EDPError
 
-__all__ = ["Structure", "LayerMasks", "structure_from_model", "scope_prefixes", "BudgetError", "Candidates",
+__all__ = ["Structure", "LayerMasks", "REUSE_POSITIONS", "SPREAD", "structure_from_model", "scope_prefixes", "BudgetError", "Candidates",
            "ScorePolicy", "RelativeNorm", "GivenScores", "shortest_prefix", "rank_removable", "KINDS"]
 
+
+#: the estimated layer cost (:meth:`Structure.estimated_time_per_flop`): a convolution's time per FLOP is modelled as
+#: 1 + REUSE_POSITIONS / (output positions at which each weight is applied)
+REUSE_POSITIONS = 64
+#: under layer weights, a layer loses more than this fraction of its removable groups only after every layer has
+SPREAD = 0.75
 
 # which layers' rank (β column) groups the budget may remove: "all", or "tied" = only layers whose output channels
 # cannot be pruned (residual-tied); channel-prunable layers are then cut by channels only and stay one dense conv
@@ -393,6 +406,20 @@ class Structure:
             out[l.name] = (col, row)
         return out
 
+    def estimated_time_per_flop(self) -> dict[str, float]:
+        """Relative time per FLOP of every layer, estimated from its shape: ``1 + REUSE_POSITIONS / positions``
+        (``positions``: the output positions at which each weight of the layer is applied, at the structure's input
+        size and batch 1), normalised so that the mean over the layers weighted by their original FLOPs is 1.
+        The PM budget's default layer weights (see the module docstring)."""
+        if any(l.positions is None for l in self.layers):
+            raise BudgetError("spatial sizes unknown: give input_size to estimate the layers' time per FLOP")
+        raw = {l.name: 1.0 + REUSE_POSITIONS / max(int(l.positions), 1) for l in self.layers}
+        dense = {l.name: float(l.positions * l.block.orig_in_channels * l.block.orig_out_channels * l.kk)
+                 for l in self.layers}
+        total = sum(dense.values())
+        mean = sum(raw[n] * dense[n] for n in raw) / total if total > 0 else 1.0
+        return {n: w / mean for n, w in raw.items()}
+
     def marginal_costs(self) -> dict[str, tuple[float, float | None]]:
         """FLOPs the removal of one more live group of each layer saves now (current live counts, the cost PM
         would build, merged form included: a block still cheaper merged saves nothing per rank group):
@@ -437,29 +464,36 @@ class Structure:
 
     @torch.no_grad()
     def candidates(self, policy: ScorePolicy, kinds=("col", "row"), rank_layers: str = "all",
-                   max_layer_cut: float | None = None) -> Candidates:
+                   max_layer_cut: float | None = None, spread: float | None = None) -> Candidates:
         """Every removable group scored by ``policy`` (lower goes first), the strongest group of each layer and
-        kind excluded, at most ``floor(max_layer_cut · live)`` of a layer's weakest groups per kind; sorted."""
-        lay, kind, idx, score = [], [], [], []
+        kind excluded, at most ``floor(max_layer_cut · live)`` of a layer's weakest groups per kind; sorted. With
+        ``spread`` = f, the groups of a layer and kind beyond its ``floor(f · live)`` weakest come after all the
+        others (the same order among themselves)."""
+        lay, kind, idx, score, tier = [], [], [], [], []
         for i, k, live_idx, norms in self.group_norms(kinds, rank_layers):
             name = self.layers[i].name
-            rel = policy.score(name, k, live_idx, norms)
+            rel = policy.score(name, k, live_idx, norms).cpu()
             sel = torch.ones(len(live_idx), dtype=torch.bool)
             sel[int(torch.argmax(policy.strength(name, k, norms, rel)))] = False
+            order = torch.argsort(rel, stable=True)
             if max_layer_cut is not None:
                 allowed = min(int(sel.sum()), int(max_layer_cut * len(live_idx)))
-                order = torch.argsort(rel.cpu(), stable=True)
                 capped = torch.zeros_like(sel)
                 capped[order[sel[order]][:allowed]] = True
                 sel = capped
+            late = torch.zeros(len(live_idx), dtype=torch.long)
+            if spread is not None:
+                late[order[sel[order]][int(spread * len(live_idx)):]] = 1
             n = int(sel.sum())
             lay.append(torch.full((n,), i, dtype=torch.long))
             kind.append(torch.full((n,), KINDS.index(k), dtype=torch.long))
             idx.append(live_idx.cpu()[sel])
-            score.append(rel.cpu()[sel])
+            score.append(rel[sel])
+            tier.append(late[sel])
         if not score:
             return Candidates.empty()
         order = torch.sort(torch.cat(score), stable=True).indices
+        order = order[torch.sort(torch.cat(tier)[order], stable=True).indices]
         return Candidates(torch.cat(lay)[order], torch.cat(kind)[order], torch.cat(idx)[order])
 
     def counts_without(self, cands: Candidates, k: int, base: torch.Tensor,
@@ -491,7 +525,8 @@ class Structure:
         column/channel, replacing the default score for that layer and kind (the comparison methods' own
         criteria: L1 of filters, |γ|, singular-value energy); lower is removed first, scores are compared
         across layers as given, and the highest-scored group of each layer and kind is kept. Otherwise the
-        score is :class:`RelativeNorm` (``layer_weights`` divide it).
+        score is :class:`RelativeNorm` (``layer_weights`` divide it, and a layer loses more than ``SPREAD`` of its
+        groups only after every layer has: see the module docstring).
 
         The candidates are ordered by score (:meth:`candidates`) and the shortest prefix that reaches the target
         is found by bisection (:func:`shortest_prefix`) on the analytic cost of the structure PM would build.
@@ -511,7 +546,7 @@ class Structure:
         if group_scores:
             policy = GivenScores(group_scores, fallback=policy)
         base = self.counts()
-        cands = self.candidates(policy, kinds, rank_layers, max_layer_cut)
+        cands = self.candidates(policy, kinds, rank_layers, max_layer_cut, spread=SPREAD if layer_weights else None)
         orig = int(self.original_flops)
 
         def after(k: int) -> int:

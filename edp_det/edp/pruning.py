@@ -62,7 +62,7 @@ class PMReport:
     achieved_r_flops: float = 0.0      # (flops_original − flops_after) / flops_original
     r_flops_from_zero_groups: float = 0.0   # cut the trained-to-zero groups alone gave
     budget_removed_groups: int = 0
-    budget: str = "norm"               # "norm", or "norm/time" when layer_weights were given
+    budget: str = "norm"               # "norm", "norm/estimated time" or "norm/measured time" (layer_weights)
     input_size: tuple[int, ...] = ()
     param_map: dict = field(default_factory=dict)   # new param name -> (old name, [index per dim or None])
     old_param_names: dict = field(default_factory=dict, repr=False)   # id(param before PM) -> its name then
@@ -98,7 +98,7 @@ class PMReport:
 
 def prune_and_merge(model: nn.Module, flops_target: float | None = None, input_size=(3, 224, 224),
                     example_inputs=None, round_to: int | None = None, merge: str = "eq14",
-                    rank_layers: str = "all", layer_weights: dict | None = None,
+                    rank_layers: str = "all", layer_weights: dict | str | None = "estimate",
                     max_layer_cut: float | None = None) -> PMReport:
     """Prune zero groups of every CompressedAwareConv2d and merge where cheaper; in place. Returns a PMReport.
 
@@ -121,10 +121,14 @@ def prune_and_merge(model: nn.Module, flops_target: float | None = None, input_s
             are then cut by output channels only and stay one dense convolution after PM (eq. 14 merges them),
             which runs faster per FLOP on CPUs than a thin low-rank pair (docs/BENCHMARKS.md, section 3).
             Groups that training already zeroed are removed either way.
-        layer_weights: optional ``{block name: relative time per FLOP}`` (from
-            :func:`edp_det.deploy.latency.measure_time_per_flop`): the FLOPs-target selection divides every group's score
-            by its layer's weight, so layers that are slow per FLOP on the target hardware are cut first and the
-            FLOPs cut buys more speed (latency-aware budget; layers not named weigh 1).
+        layer_weights: how the FLOPs-target selection weighs layers against each other: it divides every group's
+            score by its layer's relative time per FLOP, so layers slow per FLOP are cut first and the FLOPs cut
+            buys more speed. ``"estimate"`` (default): estimated from each layer's shape
+            (:meth:`~edp_det.edp.budget.Structure.estimated_time_per_flop`); a dict ``{block name: weight}``:
+            measured on the deployment hardware (:func:`edp_det.deploy.latency.measure_time_per_flop`; layers not
+            named weigh 1); ``None``: no weights, every layer cut in proportion to its weakness (the paper's
+            per-layer ratio). Under weights no layer loses more than three quarters of its groups
+            (:data:`~edp_det.edp.budget.SPREAD`) before every layer has.
         max_layer_cut: optional f in (0, 1]: the FLOPs-target selection removes at most floor(f · live groups) of
             each layer's rank groups and of its channel groups (zero groups are removed regardless); a target
             that cannot be reached under the cap raises ``ValueError``.
@@ -142,8 +146,15 @@ def prune_and_merge(model: nn.Module, flops_target: float | None = None, input_s
     check_max_layer_cut(max_layer_cut)
     report_before = count_flops(root, input_size=input_size, example_inputs=example_inputs)
     struct = structure_from_model(root, flops_report=report_before)
-    if layer_weights is not None:
+    if isinstance(layer_weights, str):
+        if layer_weights != "estimate":
+            raise ValueError(f"layer_weights must be 'estimate', a dict of layer name -> weight or None, "
+                             f"got {layer_weights!r}")
+        layer_weights = struct.estimated_time_per_flop() if flops_target is not None else None
+        weights_kind = "estimated time"
+    elif layer_weights is not None:
         layer_weights = check_layer_weights(layer_weights, struct.index)
+        weights_kind = "measured time"
     report = PMReport(requested_r_flops=None if flops_target is None else float(flops_target),
                       input_size=tuple(report_before.input_size))
     report.params_before = report_before.params
@@ -161,7 +172,7 @@ def prune_and_merge(model: nn.Module, flops_target: float | None = None, input_s
         struct.zero_groups(removals)
         struct.refresh()
         report.budget_removed_groups = len(removals)
-        report.budget = "norm/time" if layer_weights else "norm"
+        report.budget = "norm/" + weights_kind if layer_weights else "norm"
     orig_params_delta = 0
     for l in struct.layers:
         b = l.block

@@ -355,7 +355,7 @@ class EDPMethod(CompressionMethod):
 
     def prune(self, model, input_size) -> PruneResult:
         target = self.options.flops_target
-        weights = None
+        weights = "estimate"                         # the budget's shape-based layer weights (edp_det.edp.budget)
         if self.latency_weights is not None and target is not None:
             weights = self.latency_weights           # measured once, reused: the same structure every run
         elif self.latency_aware and target is not None:
@@ -386,7 +386,7 @@ class EDPMethod(CompressionMethod):
         out["lossless"] = report.budget_removed_groups == 0
         if target is not None:
             out["zero_share_of_target"] = report.r_flops_from_zero_groups / float(target)
-        if weights is not None:
+        if isinstance(weights, dict):
             out["layer_weights"] = weights           # pm_report.json: reusable as compress.latency.weights
         return PruneResult(report=out, table=report.format_table(), param_map=report.param_map,
                            function_preserved=self.target_driven and out["lossless"])
