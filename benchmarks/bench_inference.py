@@ -120,6 +120,8 @@ def parse_budget(spec: str) -> dict:
             out["round_to"] = int(p[1:])
         else:
             raise SystemExit(f"--budgets: unknown part {p!r} in {spec!r} (expected uni, rN, lat, latavg or capNN)")
+    if out["uniform"] and out["latency"]:
+        raise SystemExit(f"--budgets: {spec!r}: 'uni' (no layer weights) and measured weights exclude each other")
     return out
 
 

@@ -20,6 +20,32 @@ from edp_det import iter_blocks
 DET_KW = dict(num_classes=3, min_size=64, max_size=64, rpn_pre_nms_top_n_test=200, rpn_post_nms_top_n_test=50,
               box_detections_per_img=20)
 
+# the saved test detectors of test_benchmark.py and test_export.py
+SAVED_DET_SIZE = (3, 96, 96)
+SAVED_DET_ARCH = dict(num_classes=3, depth=18, norm="bn", min_size=96, max_size=96, rpn_pre_nms_top_n_test=100,
+                      rpn_post_nms_top_n_test=50)
+
+
+def saved_detector_files(tmp_path_factory):
+    """(baseline, compressed) detector files, built once per session in the session's base temp folder. The
+    compressed one: decompose + PM to a 40 % backbone FLOPs cut without layer weights (every stage cut, layer1
+    included); ``init="identity"`` because SVD-initialising ResNet-18's wide layers costs tens of seconds on 2 CPU
+    cores."""
+    root = tmp_path_factory.getbasetemp() / "edp_compressed_models"
+    root.mkdir(parents=True, exist_ok=True)
+    base, comp = root / "baseline.pt", root / "compressed.pt"
+    if not base.is_file():
+        torch.manual_seed(0)
+        edp_det.save_compressed(edp_det.build_model("fasterrcnn", **SAVED_DET_ARCH), base)
+    if not comp.is_file():
+        torch.manual_seed(0)
+        m = edp_det.build_model("fasterrcnn", **SAVED_DET_ARCH)
+        edp_det.decompose(m, init="identity")
+        edp_det.prune_and_merge(m, flops_target=0.4, input_size=SAVED_DET_SIZE, layer_weights=None)
+        edp_det.save_compressed(m, comp)
+    return base, comp
+
+
 
 @pytest.fixture(scope="module", autouse=False)
 def one_thread():

@@ -7,33 +7,17 @@ import pytest
 import torch
 
 import edp_det
+from _core_helpers import SAVED_DET_SIZE, saved_detector_files
 from edp_det.harness.cli import cli_main
 from edp_det.deploy.benchmark import (benchmark_detector, compare_side_by_side, default_input_size, format_comparison,
                                measure_latency)
 
 REPO = Path(__file__).resolve().parents[1]
-SIZE = (3, 96, 96)
-ARCH = dict(num_classes=3, depth=18, norm="bn", min_size=96, max_size=96, rpn_pre_nms_top_n_test=100,
-            rpn_post_nms_top_n_test=50)
+SIZE = SAVED_DET_SIZE
 
 
 def _model_files(tmp_path_factory) -> tuple[Path, Path]:
-    """(baseline, compressed) model files, built once per session (shared with test_export.py through the session's
-    base temp folder). The compressed one: decompose + PM to a 40 % backbone FLOPs cut; ``init="identity"`` because
-    SVD-initialising ResNet-18's wide layers costs tens of seconds on 2 CPU cores."""
-    root = tmp_path_factory.getbasetemp() / "edp_compressed_models"
-    root.mkdir(parents=True, exist_ok=True)
-    base, comp = root / "baseline.pt", root / "compressed.pt"
-    if not base.is_file():
-        torch.manual_seed(0)
-        edp_det.save_compressed(edp_det.build_model("fasterrcnn", **ARCH), base)
-    if not comp.is_file():
-        torch.manual_seed(0)
-        m = edp_det.build_model("fasterrcnn", **ARCH)
-        edp_det.decompose(m, init="identity")
-        edp_det.prune_and_merge(m, flops_target=0.4, input_size=SIZE)
-        edp_det.save_compressed(m, comp)
-    return base, comp
+    return saved_detector_files(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

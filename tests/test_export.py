@@ -8,33 +8,20 @@ import pytest
 import torch
 
 import edp_det
+from _core_helpers import SAVED_DET_SIZE, saved_detector_files
 from edp_det.harness.cli import cli_main
 from edp_det.deploy.export import (BACKBONE_OUTPUTS, example_inputs, export_model, export_onnx, export_torchscript,
                             run_pytorch, verify_torchscript)
 
 REPO = Path(__file__).resolve().parents[1]
-SIZE = (3, 96, 96)
-ARCH = dict(num_classes=3, depth=18, norm="bn", min_size=96, max_size=96, rpn_pre_nms_top_n_test=100,
-            rpn_post_nms_top_n_test=50)
+SIZE = SAVED_DET_SIZE
 RTOL, ATOL = 1e-3, 1e-4
 
 ort = pytest.importorskip("onnxruntime")
 
 
 def _compressed_file(tmp_path_factory) -> Path:
-    """A decomposed + pruned (40 % backbone FLOPs cut) detector, saved once per session (shared with
-    test_benchmark.py through the session's base temp folder). ``init="identity"``: SVD-initialising ResNet-18's
-    wide layers costs tens of seconds on 2 CPU cores; PM produces the same kind of structure either way."""
-    root = tmp_path_factory.getbasetemp() / "edp_compressed_models"
-    path = root / "compressed.pt"
-    if not path.is_file():
-        root.mkdir(parents=True, exist_ok=True)
-        torch.manual_seed(0)
-        m = edp_det.build_model("fasterrcnn", **ARCH)
-        edp_det.decompose(m, init="identity")
-        edp_det.prune_and_merge(m, flops_target=0.4, input_size=SIZE, layer_weights=None)   # every layer cut
-        edp_det.save_compressed(m, path)
-    return path
+    return saved_detector_files(tmp_path_factory)[1]
 
 
 @pytest.fixture(scope="module")

@@ -166,6 +166,32 @@ def test_edp_method_latency_aware_and_config_errors(tmp_path):
         build_method("edp", {"epoch_es": 1, "flops_target": 0.4, "latency": {"mode": "fastest"}}, 2)
     with pytest.raises(ValueError, match="'compress.latency_aware'.*did you mean 'compress.latency.aware'"):
         build_method("edp", {"epoch_es": 1, "flops_target": 0.4, "latency_aware": True}, 2)
+    with pytest.raises(ValueError, match="compress.latency.estimate=false has no effect with measured"):
+        build_method("edp", {"epoch_es": 1, "flops_target": 0.4, "regularization": "fixed",
+                             "latency": {"aware": True, "estimate": False}}, 2)
+    with pytest.raises(ValueError, match="compress.latency.estimate=False is an option of the PM budget"):
+        build_method("edp", {"epoch_es": 1, "flops_target": 0.4, "latency": {"estimate": False}}, 2)
+
+
+def test_edp_method_budget_weights_default_to_the_estimate():
+    """The EDP method's PM budget (fixed λ) weighs layers by their estimated time per FLOP unless
+    ``compress.latency.estimate: false`` asks for the paper's per-layer ratio; the structures are those of the
+    library call with the same weights."""
+    _, m = cached("resnet18", num_classes=10)
+    size = (3, 64, 64)
+    reports = {}
+    for estimate in (True, False):
+        method = build_method("edp", {"epoch_es": 1, "flops_target": 0.4, "regularization": "fixed",
+                                      "latency": {"estimate": estimate}}, 2)
+        reports[estimate] = method.prune(method.prepare(copy.deepcopy(m)), size).report
+    assert reports[True]["budget"] == "norm/estimated time" and reports[False]["budget"] == "norm"
+    assert "layer_weights" not in reports[True]            # only measured weights are saved for reuse
+    for estimate, weights in ((True, "estimate"), (False, None)):
+        lib = build_method("edp", {"epoch_es": 1, "flops_target": 0.4, "regularization": "fixed"}, 2).prepare(
+            copy.deepcopy(m))
+        rep = edp_det.prune_and_merge(lib, flops_target=0.4, input_size=size, layer_weights=weights)
+        assert [l["after"] for l in reports[estimate]["layers"]] == [list(l.after) for l in rep.layers]
+    assert reports[True]["layers"] != reports[False]["layers"]
 
 
 def test_max_layer_cut_caps_every_layer():

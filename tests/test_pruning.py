@@ -348,7 +348,7 @@ def test_budget_cost_equals_the_built_model_with_a_dead_layer(compact):
     """The analytic cost the FLOPs selection bisects on is the count of the model PM builds, so the cut the
     selection promises is the cut the pruned model has; with a target equal to the zero groups' own cut
     (nothing more to remove) and with targets the budget must reach, achieved >= requested exactly."""
-    from edp_det.edp.budget import structure_from_model
+    from edp_det.edp.budget import SPREAD, structure_from_model
 
     size = (3, 32, 32)
     model = _dead_layer_model(compact)
@@ -360,7 +360,8 @@ def test_budget_cost_equals_the_built_model_with_a_dead_layer(compact):
     zero_cut = report.achieved_r_flops
     for target in (zero_cut, 0.35, 0.4, 0.55):
         struct = structure_from_model(copy.deepcopy(model), input_size=size)
-        removals, promised = struct.select_for_target(target, layer_weights=struct.estimated_time_per_flop())
+        removals, promised = struct.select_for_target(target, layer_weights=struct.estimated_time_per_flop(),
+                                                      spread=SPREAD)
         struct.zero_groups(removals)
         struct.refresh()
         pruned = copy.deepcopy(model)

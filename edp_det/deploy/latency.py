@@ -5,7 +5,8 @@ of ResNet-50's layer3/4 are weight-bandwidth-bound, and everywhere a residual bl
 (its residual-width output, the add and ReLU, one call per layer). A budget that removes the weakest groups by norm
 alone therefore reaches a FLOPs target with less speed-up than the FLOPs promise. Dividing every group's score by
 its layer's relative time per FLOP (``prune_and_merge(..., layer_weights=...)``) removes groups where a FLOP cut
-buys the most time first.
+buys the most time first. By default the budget estimates those weights from the layers' shapes
+(:meth:`edp_det.edp.budget.Structure.estimated_time_per_flop`); this module measures them on the hardware instead.
 
     weights = measure_time_per_flop(model, torch.randn(1, 3, 224, 224))   # {block name: relative s/FLOP}
     report = prune_and_merge(model, flops_target=0.6, input_size=(3, 224, 224), layer_weights=weights)

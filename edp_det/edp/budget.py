@@ -13,11 +13,11 @@ Cost of a block after PM (eq. 14, which is the same comparison for params and FL
 
 Group selection for a FLOPs target (the paper's "preset FLOPs ratio" mode): candidates are the live column groups
 of every block and the live row groups of channel-prunable blocks. Groups of different layers are compared by
-    score = ‖g‖₂ / max ‖·‖₂ of the same layer and kind
-i.e. magnitude relative to the group's own layer, so that every layer is cut in proportion to its weakness (close to
-the paper's per-layer proportion, Table IX); FLOPs enter through the stopping rule (bisection on the real cost).
-The score does not favour groups that save many FLOPs: such a preference empties the high-resolution layers to
-1-channel bottlenecks before touching the others (docs/BENCHMARKS.md).
+    score = ‖g‖₂ / max ‖·‖₂ of the same layer and kind  /  the layer's weight (below; by default estimated)
+i.e. magnitude relative to the group's own layer, so that without weights every layer is cut in proportion to its
+weakness (the paper's per-layer proportion, Table IX); FLOPs enter through the stopping rule (bisection on the real
+cost). The score does not favour groups that save many FLOPs: such a preference empties the high-resolution layers
+to 1-channel bottlenecks before touching the others (docs/BENCHMARKS.md).
 Layer weights make the order cost-aware: ``layer_weights`` = ``{layer: relative time per FLOP}``, and the score is
 divided by the layer's weight, so layers slow per FLOP are cut first and the FLOPs cut buys more time.
 :meth:`Structure.estimated_time_per_flop` gives them without measuring (the default of
@@ -26,9 +26,10 @@ positions, and one whose weights are reused at few positions (the 7×7 maps of a
 bound by reading its weights rather than by arithmetic, on CPUs and GPUs alike, so its time per FLOP is modelled as
 ``1 + REUSE_POSITIONS / positions``. :func:`edp_det.deploy.latency.measure_time_per_flop` measures them on the
 deployment hardware instead. A weighted order would empty a layer whose groups are all alike (an untrained network's
-flat norms) down to its strongest group before touching the next; so under any layer weights a layer loses more
-than ``SPREAD`` of its removable groups only after every layer has lost that much (the rest of the order is the
-same ranking again). Two more options (measured in docs/BENCHMARKS.md §3):
+flat norms) down to its strongest group before touching the next; so under the estimated weights a layer loses more
+than ``SPREAD`` of its removable groups (those live at PM, per kind) only after every layer has lost that much (the
+rest of the order is the same ranking again). Measured weights are taken as they are (their strongest preferences
+are where the measured speed comes from; ``max_layer_cut`` caps them). Two more options (docs/BENCHMARKS.md §3):
   * ``rank_layers="tied"``: rank (β column) groups are candidates only in layers whose outputs feed a residual add;
     channel-prunable layers lose output channels only and stay one dense conv after PM (a thin low-rank pair runs
     slower per FLOP than a dense conv on CPUs);
@@ -55,14 +56,16 @@ from edp_det.ops.graph import build_channel_graph, get_submodule, unwrap_model
 from edp_det.ops.surgery import kept_indices
 from edp_det.runtime.errors import EDPError
 
-__all__ = ["Structure", "LayerMasks", "REUSE_POSITIONS", "SPREAD", "structure_from_model", "scope_prefixes", "BudgetError", "Candidates",
+__all__ = ["Structure", "LayerMasks", "REUSE_POSITIONS", "SPREAD", "structure_from_model", "scope_prefixes",
+           "BudgetError", "Candidates",
            "ScorePolicy", "RelativeNorm", "GivenScores", "shortest_prefix", "rank_removable", "KINDS"]
 
 
 #: the estimated layer cost (:meth:`Structure.estimated_time_per_flop`): a convolution's time per FLOP is modelled as
 #: 1 + REUSE_POSITIONS / (output positions at which each weight is applied)
 REUSE_POSITIONS = 64
-#: under layer weights, a layer loses more than this fraction of its removable groups only after every layer has
+#: under the estimated layer weights, a layer loses more than this fraction of its removable groups only after
+#: every layer has
 SPREAD = 0.75
 
 # which layers' rank (β column) groups the budget may remove: "all", or "tied" = only layers whose output channels
@@ -134,6 +137,7 @@ class LayerMasks:
     in_live: torch.Tensor
     col_live: torch.Tensor
     row_live: torch.Tensor
+    calls: int = 1                  # forward calls per image whose positions ``positions`` sums
 
     def row_params(self) -> list[torch.Tensor]:
         ps = []
@@ -408,12 +412,16 @@ class Structure:
 
     def estimated_time_per_flop(self) -> dict[str, float]:
         """Relative time per FLOP of every layer, estimated from its shape: ``1 + REUSE_POSITIONS / positions``
-        (``positions``: the output positions at which each weight of the layer is applied, at the structure's input
-        size and batch 1), normalised so that the mean over the layers weighted by their original FLOPs is 1.
-        The PM budget's default layer weights (see the module docstring)."""
-        if any(l.positions is None for l in self.layers):
+        (``positions``: the output positions at which each weight of the layer is applied in one call — batch 1 with
+        ``input_size``, the batch of ``example_inputs`` otherwise, where a larger batch reuses every weight more;
+        a layer called several times per image, like the RPN head once per FPN level, reads its weights on every
+        call, so its positions are counted per call), normalised so that the mean over the layers weighted by
+        their original FLOPs is 1. The PM budget's default layer weights (see the module docstring). A layer the
+        counted forward never ran (no positions, no FLOPs to cut) weighs 1."""
+        if not any(l.positions for l in self.layers):
             raise BudgetError("spatial sizes unknown: give input_size to estimate the layers' time per FLOP")
-        raw = {l.name: 1.0 + REUSE_POSITIONS / max(int(l.positions), 1) for l in self.layers}
+        raw = {l.name: 1.0 + REUSE_POSITIONS * l.calls / int(l.positions) if l.positions else 1.0
+               for l in self.layers}
         dense = {l.name: float(l.positions * l.block.orig_in_channels * l.block.orig_out_channels * l.kk)
                  for l in self.layers}
         total = sum(dense.values())
@@ -517,7 +525,8 @@ class Structure:
     @torch.no_grad()
     def select_for_target(self, flops_target: float, round_to: int | None = None, kinds=("col", "row"),
                           group_scores: dict | None = None, rank_layers: str = "all",
-                          layer_weights: dict | None = None, max_layer_cut: float | None = None):
+                          layer_weights: dict | None = None, max_layer_cut: float | None = None,
+                          spread: float | None = None):
         """Choose groups to remove so that the scope's FLOPs cut vs the original is ≥ ``flops_target``.
 
         ``kinds``: which groups are candidates (``"col"``: rank, ``"row"``: output channels).
@@ -525,8 +534,8 @@ class Structure:
         column/channel, replacing the default score for that layer and kind (the comparison methods' own
         criteria: L1 of filters, |γ|, singular-value energy); lower is removed first, scores are compared
         across layers as given, and the highest-scored group of each layer and kind is kept. Otherwise the
-        score is :class:`RelativeNorm` (``layer_weights`` divide it, and a layer loses more than ``SPREAD`` of its
-        groups only after every layer has: see the module docstring).
+        score is :class:`RelativeNorm` (``layer_weights`` divide it). ``spread`` = f (``SPREAD`` with the
+        estimated weights): a layer loses more than f of its groups only after every layer has (:meth:`candidates`).
 
         The candidates are ordered by score (:meth:`candidates`) and the shortest prefix that reaches the target
         is found by bisection (:func:`shortest_prefix`) on the analytic cost of the structure PM would build.
@@ -546,7 +555,7 @@ class Structure:
         if group_scores:
             policy = GivenScores(group_scores, fallback=policy)
         base = self.counts()
-        cands = self.candidates(policy, kinds, rank_layers, max_layer_cut, spread=SPREAD if layer_weights else None)
+        cands = self.candidates(policy, kinds, rank_layers, max_layer_cut, spread=spread)
         orig = int(self.original_flops)
 
         def after(k: int) -> int:
@@ -605,11 +614,11 @@ def structure_from_model(model: nn.Module, input_size=None, example_inputs=None,
     for name, b in blocks:
         node = nodes.get(name)
         norm = get_submodule(root, b.norm_name) if b.norm_name else None
-        pos = 0
+        pos, calls = 0, 1
         if report is not None:
             try:
                 m = report.module(name)
-                pos = m.positions
+                pos, calls = m.positions, m.calls
             except KeyError:
                 pos = 0
         prod = None
@@ -620,7 +629,7 @@ def structure_from_model(model: nn.Module, input_size=None, example_inputs=None,
         kh, kw = b.kernel_size
         layers.append(LayerMasks(name, b, norm, kh * kw, pos, b.channel_prunable, prod, cons,
                                  torch.ones(0, dtype=torch.bool), torch.ones(0, dtype=torch.bool),
-                                 torch.ones(0, dtype=torch.bool)))
+                                 torch.ones(0, dtype=torch.bool), calls=max(int(calls), 1)))
     other = original = None
     if report is not None:
         prefixes = scope_prefixes(root)

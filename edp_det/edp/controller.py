@@ -5,7 +5,8 @@ The user gives R (``flops_target``) and the phase length T (``epoch_es`` × iter
 decides *which* groups go and *when*; the training decides nothing else away from them:
 
 * **Which.** The live groups are put in *removal order*: norm relative to the strongest group of the same layer and
-  kind (the PM budget's order, :class:`~edp_det.edp.budget.RelativeNorm`), divided by ``a_kind · w``. ``w`` is the
+  kind (:class:`~edp_det.edp.budget.RelativeNorm`, the PM budget's order without layer weights), divided by
+  ``a_kind · w``. ``w`` is the
   cost weight (``group_weight``): the FLOPs one group of that layer saves when removed
   (:meth:`edp_det.edp.budget.Structure.group_costs`), times the layer's measured time per FLOP for ``latency``, or
   1 for ``uniform`` (the paper's penalty), normalised to a group-count-weighted mean of 1: a group with more cost

@@ -21,8 +21,8 @@ import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from edp_det.edp.budget import (BudgetError, Structure, check_layer_weights, check_max_layer_cut, check_rank_layers,
-                     structure_from_model)
+from edp_det.edp.budget import (SPREAD, BudgetError, Structure, check_layer_weights, check_max_layer_cut,
+                                check_rank_layers, structure_from_model)
 from edp_det.ops import adapter
 from edp_det.ops.flops import count_flops, cut_reaches, flops_cut
 from edp_det.ops.graph import set_submodule, unwrap_model
@@ -127,7 +127,7 @@ def prune_and_merge(model: nn.Module, flops_target: float | None = None, input_s
             (:meth:`~edp_det.edp.budget.Structure.estimated_time_per_flop`); a dict ``{block name: weight}``:
             measured on the deployment hardware (:func:`edp_det.deploy.latency.measure_time_per_flop`; layers not
             named weigh 1); ``None``: no weights, every layer cut in proportion to its weakness (the paper's
-            per-layer ratio). Under weights no layer loses more than three quarters of its groups
+            per-layer ratio). Under the estimated weights no layer loses more than three quarters of its groups
             (:data:`~edp_det.edp.budget.SPREAD`) before every layer has.
         max_layer_cut: optional f in (0, 1]: the FLOPs-target selection removes at most floor(f · live groups) of
             each layer's rank groups and of its channel groups (zero groups are removed regardless); a target
@@ -146,6 +146,7 @@ def prune_and_merge(model: nn.Module, flops_target: float | None = None, input_s
     check_max_layer_cut(max_layer_cut)
     report_before = count_flops(root, input_size=input_size, example_inputs=example_inputs)
     struct = structure_from_model(root, flops_report=report_before)
+    weights_kind = None
     if isinstance(layer_weights, str):
         if layer_weights != "estimate":
             raise ValueError(f"layer_weights must be 'estimate', a dict of layer name -> weight or None, "
@@ -166,7 +167,8 @@ def prune_and_merge(model: nn.Module, flops_target: float | None = None, input_s
         target = float(flops_target) if flops_target is not None else 0.0
         try:
             removals, _ = struct.select_for_target(target, round_to=round_to, rank_layers=rank_layers,
-                                                   layer_weights=layer_weights, max_layer_cut=max_layer_cut)
+                                                   layer_weights=layer_weights, max_layer_cut=max_layer_cut,
+                                                   spread=SPREAD if weights_kind == "estimated time" else None)
         except BudgetError as e:
             raise ValueError(str(e)) from None
         struct.zero_groups(removals)

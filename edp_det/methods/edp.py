@@ -34,8 +34,14 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class LatencyOptions:
-    """``compress.latency``: rank the PM budget's groups by the time they remove on this hardware (``aware``); the
-    measurement also gives the training-time weights of ``compress.group_weight: latency``."""
+    """``compress.latency``: how the PM budget weighs layers: by their time per FLOP estimated from their shapes
+    (``estimate``, the default), measured on this hardware (``aware``, or ``weights`` from an earlier run), or not at
+    all (``estimate: false``, the paper's per-layer ratio); the measurement also gives the training-time weights of
+    ``compress.group_weight: latency``."""
+
+    estimate: bool = option(True, "PM budget (regularization: fixed): without measured weights, cut layers by "
+                                  "their estimated time per FLOP (1 + 64 / output positions); false: no layer "
+                                  "weights, the paper's per-layer ratio")
 
     aware: bool = option(False, "PM budget (regularization: fixed): cut layers that are slow per FLOP first "
                                 "(measured at PM time)", old="latency_aware")
@@ -152,6 +158,10 @@ class EDPMethod(CompressionMethod):
         self.latency_batch = o.latency.batch
         self.latency_mode = o.latency.mode
         self.latency_weights = self._load_latency_weights(o.latency.weights)
+        self.latency_estimate = o.latency.estimate
+        if not o.latency.estimate and (o.latency.aware or o.latency.weights is not None):
+            raise ValueError("compress.latency.estimate=false has no effect with measured layer weights "
+                             "(compress.latency.aware / compress.latency.weights): drop one of them")
         if self.target_driven:
             self._reject_budget_options(o)
         self.compact_zero = o.compact
@@ -176,6 +186,7 @@ class EDPMethod(CompressionMethod):
         checks = [("compress.round_to", o.round_to, None, "the PM budget"),
                   ("compress.max_layer_cut", o.max_layer_cut, None, "the PM budget"),
                   ("compress.latency.aware", o.latency.aware, False, "the PM budget"),
+                  ("compress.latency.estimate", o.latency.estimate, True, "the PM budget"),
                   ("compress.stop_reg_at_target", o.stop_reg_at_target, True, "compress.regularization=fixed")]
         if o.group_weight != "latency":
             checks.append(("compress.latency.weights", o.latency.weights, None,
@@ -355,7 +366,7 @@ class EDPMethod(CompressionMethod):
 
     def prune(self, model, input_size) -> PruneResult:
         target = self.options.flops_target
-        weights = "estimate"                         # the budget's shape-based layer weights (edp_det.edp.budget)
+        weights = "estimate" if self.latency_estimate else None   # shape-based layer weights (edp_det.edp.budget)
         if self.latency_weights is not None and target is not None:
             weights = self.latency_weights           # measured once, reused: the same structure every run
         elif self.latency_aware and target is not None:

@@ -32,11 +32,12 @@ class ModuleFlops:
     in_channels: int
     out_channels: int
     kernel: tuple[int, int]
-    positions: int          # output positions per sample (H'·W'; rows for linear)
+    positions: int          # output positions of the call(s): batch × H'·W' (rows for linear)
     params: int
     flops: int
     rank: int | None = None
     orig_flops: int | None = None   # FLOPs of the conv this block replaced (blocks only)
+    calls: int = 1          # forward calls summed into this record (the RPN head runs once per FPN level)
 
 
 @dataclass
@@ -177,6 +178,7 @@ def count_flops(model: nn.Module, input_size=(3, 224, 224), example_inputs=None)
             m = merged[r.name]
             m.flops += r.flops
             m.positions += r.positions
+            m.calls += r.calls
             if m.orig_flops is not None:
                 m.orig_flops += r.orig_flops
         else:
