@@ -346,7 +346,7 @@ def test_renamed_keys_fail_with_the_new_name(tmp_path):
     cfg = _resolve(TINY, "method=slimming", "compress.slimming_lambda=1")
     assert cfg["compress"]["slimming_lambda"] == 1.0
     assert _resolve(TINY, "compress.latency.mode=average")["compress"]["latency"] == {
-        "aware": False, "batch": 1, "mode": "average", "weights": None}
+        "estimate": True, "aware": False, "batch": 1, "mode": "average", "weights": None}
 
 
 def test_switching_method_drops_the_other_methods_options_and_keeps_inherited_values(caplog):
