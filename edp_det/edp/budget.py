@@ -629,7 +629,7 @@ def structure_from_model(model: nn.Module, input_size=None, example_inputs=None,
         kh, kw = b.kernel_size
         layers.append(LayerMasks(name, b, norm, kh * kw, pos, b.channel_prunable, prod, cons,
                                  torch.ones(0, dtype=torch.bool), torch.ones(0, dtype=torch.bool),
-                                 torch.ones(0, dtype=torch.bool), calls=max(int(calls), 1)))
+                                 torch.ones(0, dtype=torch.bool), calls=int(calls)))
     other = original = None
     if report is not None:
         prefixes = scope_prefixes(root)

@@ -146,13 +146,13 @@ def prune_and_merge(model: nn.Module, flops_target: float | None = None, input_s
     check_max_layer_cut(max_layer_cut)
     report_before = count_flops(root, input_size=input_size, example_inputs=example_inputs)
     struct = structure_from_model(root, flops_report=report_before)
-    weights_kind = None
+    weights_kind, spread = None, None
     if isinstance(layer_weights, str):
         if layer_weights != "estimate":
             raise ValueError(f"layer_weights must be 'estimate', a dict of layer name -> weight or None, "
                              f"got {layer_weights!r}")
         layer_weights = struct.estimated_time_per_flop() if flops_target is not None else None
-        weights_kind = "estimated time"
+        weights_kind, spread = "estimated time", SPREAD
     elif layer_weights is not None:
         layer_weights = check_layer_weights(layer_weights, struct.index)
         weights_kind = "measured time"
@@ -168,7 +168,7 @@ def prune_and_merge(model: nn.Module, flops_target: float | None = None, input_s
         try:
             removals, _ = struct.select_for_target(target, round_to=round_to, rank_layers=rank_layers,
                                                    layer_weights=layer_weights, max_layer_cut=max_layer_cut,
-                                                   spread=SPREAD if weights_kind == "estimated time" else None)
+                                                   spread=spread)
         except BudgetError as e:
             raise ValueError(str(e)) from None
         struct.zero_groups(removals)
