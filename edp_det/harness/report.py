@@ -196,20 +196,28 @@ def format_seed_table(summary: list[dict], markdown: bool = True) -> str:
     return "\n".join(_table("Over seeds", head, body, markdown))
 
 
-def format_paired_table(title: str, diffs: list[tuple[str, object]], markdown: bool = True) -> str:
+def format_paired_table(title: str, diffs: list[tuple[str, object]], markdown: bool = True,
+                        resolve: float = 0.01) -> str:
     """Paired differences (:class:`edp_det.harness.stats.PairedDifference`, mAP_voc07 of a group minus the
-    reference's, same seeds): mean, the 95 % interval, n and the verdict."""
-    from edp_det.harness.stats import verdict
+    reference's, same seeds): mean, the 95 % interval, n, the verdict, the smallest difference these seeds find with
+    80 % power (:func:`~edp_det.harness.stats.detectable_difference`) and the seeds a difference of ``resolve``
+    needs (:func:`~edp_det.harness.stats.seeds_needed`), both at the spread the differences showed."""
+    from edp_det.harness.stats import POWER, verdict
 
     body = []
     for group, d in diffs:
         if d is None:
-            body.append([group, "-", "-", "0", "undetermined"])
+            body.append([group, "-", "-", "0", "undetermined", "-", "-"])
             continue
         interval = "-" if d.half_width is None else f"[{d.low:+.3f}, {d.high:+.3f}]"
-        body.append([group, f"{d.mean:+.3f}", interval, str(d.n), verdict(d)])
-    return "\n".join(_table(title, ["group", "mean Δ mAP_voc07", "95 % interval", "n seeds", "verdict"], body,
-                            markdown))
+        detect = d.detectable()
+        need = d.seeds_for(resolve)
+        body.append([group, f"{d.mean:+.3f}", interval, str(d.n), verdict(d),
+                     "-" if detect is None else f"±{detect:.3f}",
+                     "-" if d.n < 2 else (f"> {100_000}" if need is None else str(need))])
+    head = ["group", "mean Δ mAP_voc07", "95 % interval", "n seeds", "verdict",
+            f"detectable Δ ({POWER:.0%} power)", f"seeds for ±{resolve:.3f}"]
+    return "\n".join(_table(title, head, body, markdown))
 
 
 def verdict_sentence(target_text: str, reference: str, diffs: list[tuple[str, object]]) -> str:

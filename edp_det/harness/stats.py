@@ -4,13 +4,23 @@ Every (method, FLOPs target) of a grid is trained once per seed; runs of the sam
 (and see the same data order), so two methods are compared on their per-seed differences
 (:func:`paired_difference`): mean difference and a two-sided interval from Student's t distribution with n − 1
 degrees of freedom. :func:`verdict` turns such an interval into better / worse / indistinguishable.
+
+An interval that holds 0 does not say the two are equal: :func:`detectable_difference` gives the smallest true
+mean difference that this many seeds, at the spread the differences showed, would find beyond the interval with a
+given probability (power, 80 % by default), and :func:`seeds_needed` how many seeds a given difference needs. Both
+use the power of the two-sided paired t-test from the noncentral t distribution (the figures of G*Power's
+"matched pairs" test), taking the observed standard deviation of the differences as the true one.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
-__all__ = ["Spread", "PairedDifference", "spread", "t_quantile", "paired_difference", "verdict"]
+__all__ = ["Spread", "PairedDifference", "spread", "t_quantile", "paired_difference", "verdict", "power",
+           "detectable_difference", "seeds_needed", "POWER"]
+
+#: the probability with which a difference counts as detectable (:func:`detectable_difference`)
+POWER = 0.8
 
 
 @dataclass(frozen=True)
@@ -43,6 +53,20 @@ class PairedDifference:
     @property
     def high(self) -> float | None:
         return None if self.half_width is None else self.mean + self.half_width
+
+    @property
+    def std(self) -> float | None:
+        """Sample standard deviation of the differences (None below two seeds)."""
+        return None if self.n < 2 else spread(self.differences).std
+
+    def detectable(self, power_: float = POWER) -> float | None:
+        """:func:`detectable_difference` at these seeds' spread and count (None below two seeds)."""
+        return None if self.n < 2 else detectable_difference(self.std, self.n, power_, self.level)
+
+    def seeds_for(self, delta: float, power_: float = POWER) -> int | None:
+        """:func:`seeds_needed` to find ``delta`` at these seeds' spread (None below two seeds or beyond the
+        limit)."""
+        return None if self.n < 2 else seeds_needed(delta, self.std, power_, self.level)
 
 
 def spread(values) -> Spread | None:
@@ -86,3 +110,73 @@ def verdict(diff: PairedDifference | None) -> str:
     if diff.high < 0:
         return "worse"
     return "indistinguishable"
+
+
+def power(delta: float, std: float, n: int, level: float = 0.95) -> float:
+    """Probability that the two-sided paired t-test at ``level`` over ``n`` seeds finds a true mean difference
+    ``delta`` when the differences have standard deviation ``std`` (noncentral t with n − 1 degrees of freedom)."""
+    from scipy.stats import nct
+
+    _check_spread(std, n)
+    if std == 0:
+        return 1.0 if delta != 0 else 1 - level
+    df = n - 1
+    crit = t_quantile(0.5 + level / 2, df)
+    nc = abs(delta) * math.sqrt(n) / std
+    upper, lower = float(nct.sf(crit, df, nc)), float(nct.cdf(-crit, df, nc))
+    if not math.isfinite(upper):
+        upper = 1.0 - float(nct.cdf(crit, df, nc))
+    if not math.isfinite(lower):       # scipy returns NaN for some far tails; this one is below the central t's
+        lower = 0.0
+    if not math.isfinite(upper):
+        raise ValueError(f"power of delta={delta!r}, std={std!r}, n={n!r} could not be computed")
+    return upper + lower
+
+
+def detectable_difference(std: float, n: int, power_: float = POWER, level: float = 0.95) -> float:
+    """The smallest true mean difference that ``n`` seeds find beyond the ``level`` interval with probability
+    ``power_``, for differences of standard deviation ``std`` (:func:`power` solved for ``delta``)."""
+    from scipy.optimize import brentq
+
+    _check_spread(std, n)
+    if not 0 < power_ < 1:
+        raise ValueError(f"power must be in (0, 1), got {power_!r}")
+    if std == 0:
+        return 0.0
+    # the usual approximation (t_crit + t_power)·s/√n brackets the root from below once doubled
+    hi = 2 * (t_quantile(0.5 + level / 2, n - 1) + abs(t_quantile(power_, n - 1))) * std / math.sqrt(n)
+    while power(hi, std, n, level) < power_:
+        hi *= 2
+    return float(brentq(lambda d: power(d, std, n, level) - power_, 0.0, hi, xtol=1e-12 * std))
+
+
+def seeds_needed(delta: float, std: float, power_: float = POWER, level: float = 0.95,
+                 limit: int = 100_000) -> int | None:
+    """The smallest number of seeds (≥ 2) with which a true mean difference ``delta`` is found beyond the
+    ``level`` interval with probability ``power_`` (:func:`power`); None if more than ``limit`` are needed."""
+    if not 0 < power_ < 1:
+        raise ValueError(f"power must be in (0, 1), got {power_!r}")
+    if delta == 0:
+        return None
+    if std == 0:
+        return 2
+
+    def enough(n):
+        return power(delta, std, n, level) >= power_
+    if not enough(limit):
+        return None
+    lo, hi = 1, 2                      # power grows with n: double, then bisect
+    while not enough(hi):
+        lo, hi = hi, hi * 2
+    hi = min(hi, limit)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if enough(mid) else (mid, hi)
+    return hi
+
+
+def _check_spread(std: float, n: int) -> None:
+    if not (isinstance(std, (int, float)) and math.isfinite(std) and std >= 0):
+        raise ValueError(f"the standard deviation must be a finite number ≥ 0, got {std!r}")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 2:
+        raise ValueError(f"power needs at least two seeds, got n={n!r}")
