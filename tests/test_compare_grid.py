@@ -89,6 +89,8 @@ def test_detectable_difference_has_the_stated_power():
             detectable_difference(*bad)
     with pytest.raises(ValueError, match="power"):
         detectable_difference(0.1, 5, power_=1.0)
+    with pytest.raises(ValueError, match="standard deviation"):
+        seeds_needed(0.01, -0.02)
 
 
 def test_paired_table_shows_what_the_seeds_can_detect():

@@ -154,6 +154,7 @@ def seeds_needed(delta: float, std: float, power_: float = POWER, level: float =
                  limit: int = 100_000) -> int | None:
     """The smallest number of seeds (≥ 2) with which a true mean difference ``delta`` is found beyond the
     ``level`` interval with probability ``power_`` (:func:`power`); None if more than ``limit`` are needed."""
+    _check_spread(std, 2)
     if not 0 < power_ < 1:
         raise ValueError(f"power must be in (0, 1), got {power_!r}")
     if delta == 0:
