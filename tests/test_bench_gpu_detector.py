@@ -42,6 +42,7 @@ def _check_rows(rows, batches):
             assert math.isfinite(r[key]) and r[key] > 0, (key, r)
 
 
+@pytest.mark.slow
 def test_quick_run_measures_the_built_models(bench, tmp_path):
     res = _run(bench, tmp_path, ["--quick"])
     assert (res["device"], res["amp"], res["size"], res["depth"]) == ("cpu", False, 128, 18)

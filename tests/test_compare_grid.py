@@ -56,6 +56,9 @@ def test_seeds_needed_matches_the_matched_pairs_power_table():
         assert seeds_needed(-d * 0.01, 0.01) == n                  # sign and scale do not matter
         assert power(d, 1.0, n) >= 0.8 > power(d, 1.0, n - 1)
     assert power(0.0, 0.03, 13) == pytest.approx(0.05, abs=1e-9)
+    # few seeds, where n − 1 degrees of freedom against n matters (independently computed: 6, 5, 4, 3; with df = n
+    # the answers would be 6, 4, 3, 2)
+    assert [seeds_needed(d, 1.0) for d in (1.5, 2.0, 3.0, 5.0)] == [6, 5, 4, 3]
     assert seeds_needed(0.01, 0.0) == 2 and seeds_needed(0.0, 0.02) is None
     assert seeds_needed(1e-6, 1.0) is None                         # beyond the limit
 
@@ -67,6 +70,8 @@ def test_detectable_difference_has_the_stated_power():
     np = pytest.importorskip("numpy")
     from scipy.stats import norm, t
 
+    assert detectable_difference(1.0, 2) == pytest.approx(11.5499, rel=1e-4)
+    assert detectable_difference(1.0, 3) == pytest.approx(3.2640, rel=1e-4)
     s = 0.028
     for n in (2, 3, 13, 60):
         d = detectable_difference(s, n)
@@ -91,6 +96,12 @@ def test_detectable_difference_has_the_stated_power():
         detectable_difference(0.1, 5, power_=1.0)
     with pytest.raises(ValueError, match="standard deviation"):
         seeds_needed(0.01, -0.02)
+    with pytest.raises(ValueError, match="power"):
+        detectable_difference(0.1, 5, power_=0.03)                # below the test's size
+    # differences equal up to float rounding: a spread of 1e-16, where scipy's noncentral t gives NaN
+    tiny = paired_difference({0: 0.7312, 1: 0.70}, {0: 0.7312, 1: 0.7000000000000001})
+    assert 0 < tiny.std < 1e-15
+    assert power(0.01, tiny.std, 100_000) == 1.0 and tiny.seeds_for(0.01) == 2
 
 
 def test_paired_table_shows_what_the_seeds_can_detect():
@@ -101,6 +112,7 @@ def test_paired_table_shows_what_the_seeds_can_detect():
     d = paired_difference(a, b)
     text = format_paired_table("vs x", [("g", d), ("one", paired_difference({0: 0.4}, {0: 0.5})), ("none", None)])
     rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in text.splitlines() if line.startswith("| ")}
+    assert "detectable Δ (80 % power)" in text
     assert rows["g"][5] == f"±{detectable_difference(0.01, 3):.3f}"
     assert rows["g"][6].strip(" |") == str(seeds_needed(0.01, 0.01))
     assert rows["one"][5:] == ["-", "- |"] and rows["none"][5:] == ["-", "- |"]

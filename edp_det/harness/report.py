@@ -202,7 +202,7 @@ def format_paired_table(title: str, diffs: list[tuple[str, object]], markdown: b
     reference's, same seeds): mean, the 95 % interval, n, the verdict, the smallest difference these seeds find with
     80 % power (:func:`~edp_det.harness.stats.detectable_difference`) and the seeds a difference of ``resolve``
     needs (:func:`~edp_det.harness.stats.seeds_needed`), both at the spread the differences showed."""
-    from edp_det.harness.stats import POWER, verdict
+    from edp_det.harness.stats import POWER, SEEDS_LIMIT, verdict
 
     body = []
     for group, d in diffs:
@@ -214,9 +214,9 @@ def format_paired_table(title: str, diffs: list[tuple[str, object]], markdown: b
         need = d.seeds_for(resolve)
         body.append([group, f"{d.mean:+.3f}", interval, str(d.n), verdict(d),
                      "-" if detect is None else f"±{detect:.3f}",
-                     "-" if d.n < 2 else (f"> {100_000}" if need is None else str(need))])
+                     "-" if d.n < 2 else (f"> {SEEDS_LIMIT}" if need is None else str(need))])
     head = ["group", "mean Δ mAP_voc07", "95 % interval", "n seeds", "verdict",
-            f"detectable Δ ({POWER:.0%} power)", f"seeds for ±{resolve:.3f}"]
+            f"detectable Δ ({100 * POWER:.0f} % power)", f"seeds for ±{resolve:.3f}"]
     return "\n".join(_table(title, head, body, markdown))
 
 

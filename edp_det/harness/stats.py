@@ -14,13 +14,16 @@ use the power of the two-sided paired t-test from the noncentral t distribution 
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 __all__ = ["Spread", "PairedDifference", "spread", "t_quantile", "paired_difference", "verdict", "power",
-           "detectable_difference", "seeds_needed", "POWER"]
+           "detectable_difference", "seeds_needed", "POWER", "SEEDS_LIMIT"]
 
 #: the probability with which a difference counts as detectable (:func:`detectable_difference`)
 POWER = 0.8
+#: :func:`seeds_needed` gives up beyond this many seeds
+SEEDS_LIMIT = 100_000
 
 
 @dataclass(frozen=True)
@@ -129,6 +132,10 @@ def power(delta: float, std: float, n: int, level: float = 0.95) -> float:
     if not math.isfinite(lower):       # scipy returns NaN for some far tails; this one is below the central t's
         lower = 0.0
     if not math.isfinite(upper):
+        # scipy's noncentral t gives NaN beyond a noncentrality of about 3e9 (a spread of float rounding, say):
+        # there the power is 1 to double precision
+        if nc > crit:
+            return 1.0
         raise ValueError(f"power of delta={delta!r}, std={std!r}, n={n!r} could not be computed")
     return upper + lower
 
@@ -139,8 +146,7 @@ def detectable_difference(std: float, n: int, power_: float = POWER, level: floa
     from scipy.optimize import brentq
 
     _check_spread(std, n)
-    if not 0 < power_ < 1:
-        raise ValueError(f"power must be in (0, 1), got {power_!r}")
+    _check_power(power_, level)
     if std == 0:
         return 0.0
     # the usual approximation (t_crit + t_power)·s/√n brackets the root from below once doubled
@@ -151,12 +157,11 @@ def detectable_difference(std: float, n: int, power_: float = POWER, level: floa
 
 
 def seeds_needed(delta: float, std: float, power_: float = POWER, level: float = 0.95,
-                 limit: int = 100_000) -> int | None:
+                 limit: int = SEEDS_LIMIT) -> int | None:
     """The smallest number of seeds (≥ 2) with which a true mean difference ``delta`` is found beyond the
     ``level`` interval with probability ``power_`` (:func:`power`); None if more than ``limit`` are needed."""
     _check_spread(std, 2)
-    if not 0 < power_ < 1:
-        raise ValueError(f"power must be in (0, 1), got {power_!r}")
+    _check_power(power_, level)
     if delta == 0:
         return None
     if std == 0:
@@ -179,5 +184,13 @@ def seeds_needed(delta: float, std: float, power_: float = POWER, level: float =
 def _check_spread(std: float, n: int) -> None:
     if not (isinstance(std, (int, float)) and math.isfinite(std) and std >= 0):
         raise ValueError(f"the standard deviation must be a finite number ≥ 0, got {std!r}")
-    if isinstance(n, bool) or not isinstance(n, int) or n < 2:
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral):
+        raise ValueError(f"the number of seeds must be an integer, got n={n!r}")
+    if n < 2:
         raise ValueError(f"power needs at least two seeds, got n={n!r}")
+
+
+def _check_power(power_: float, level: float) -> None:
+    # below 1 − level even a zero difference is "found" that often: no difference is needed for it
+    if not 1 - level < power_ < 1:
+        raise ValueError(f"power must be in ({1 - level:g}, 1) at level {level:g}, got {power_!r}")
