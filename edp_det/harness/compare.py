@@ -38,6 +38,7 @@ from pathlib import Path
 
 from edp_det.ops.adapter import short_body_name
 from edp_det.harness.run_config import resolve_config
+from edp_det.harness.stats import POWER
 from edp_det.runtime.config import config_hash, deep_merge, dump_config, load_config
 from edp_det.runtime.errors import ConfigError
 from edp_det.runtime.logs import format_duration, read_metrics
@@ -846,12 +847,12 @@ def _seed_sections(rows: list[dict], seeds: list) -> list[str]:
              "the seeds of each (method, target); FPS from the side-by-side measurement where made.", "",
              format_seed_table(seed_summary(groups)), "", "## Paired differences", "",
              "mAP_voc07 of each group minus that of the reference, per seed (same seed: same starting detector and "
-             "data order), averaged; 95 % interval: mean ± t(0.975, n−1)·s/√n over the n shared seeds. An interval that "
-             "holds 0 does not make two groups equal: *detectable Δ* is the smallest true difference these seeds "
-             "would find beyond the interval in 80 % of grids, at the spread the differences showed (the paired "
-             "t-test's power, noncentral t), and the last column how many seeds a difference of one point "
-             "(0.010) needs; both take the spread of these seeds as the true one, a rough guide below about ten "
-             "seeds.", ""]
+             "data order), averaged; 95 % interval: mean ± t(0.975, n−1)·s/√n over the n shared seeds. An "
+             "interval that holds 0 does not make two groups equal: *detectable Δ* is the smallest true "
+             f"difference these seeds would find beyond the interval in {100 * POWER:.0f} % of grids, at the "
+             "spread the differences showed (the paired t-test's power, noncentral t), and the last column how "
+             "many seeds a difference of one point (0.010) needs; both take the spread of these seeds as the "
+             "true one, a rough guide below about ten seeds.", ""]
     sentences = []
     for comp in paired_comparisons(rows):
         title = f"vs {comp['reference']} at {comp['target']:.0%} FLOPs target"

@@ -149,7 +149,7 @@ def detectable_difference(std: float, n: int, power_: float = POWER, level: floa
     _check_power(power_, level)
     if std == 0:
         return 0.0
-    # the usual approximation (t_crit + t_power)·s/√n brackets the root from below once doubled
+    # twice the usual approximation (t_crit + t_power)·s/√n lies above the root; doubled again until it does
     hi = 2 * (t_quantile(0.5 + level / 2, n - 1) + abs(t_quantile(power_, n - 1))) * std / math.sqrt(n)
     while power(hi, std, n, level) < power_:
         hi *= 2
@@ -160,7 +160,7 @@ def seeds_needed(delta: float, std: float, power_: float = POWER, level: float =
                  limit: int = SEEDS_LIMIT) -> int | None:
     """The smallest number of seeds (≥ 2) with which a true mean difference ``delta`` is found beyond the
     ``level`` interval with probability ``power_`` (:func:`power`); None if more than ``limit`` are needed."""
-    _check_spread(std, 2)
+    _check_std(std)
     _check_power(power_, level)
     if delta == 0:
         return None
@@ -181,9 +181,13 @@ def seeds_needed(delta: float, std: float, power_: float = POWER, level: float =
     return hi
 
 
-def _check_spread(std: float, n: int) -> None:
+def _check_std(std: float) -> None:
     if not (isinstance(std, (int, float)) and math.isfinite(std) and std >= 0):
         raise ValueError(f"the standard deviation must be a finite number ≥ 0, got {std!r}")
+
+
+def _check_spread(std: float, n: int) -> None:
+    _check_std(std)
     if isinstance(n, bool) or not isinstance(n, numbers.Integral):
         raise ValueError(f"the number of seeds must be an integer, got n={n!r}")
     if n < 2:
