@@ -363,8 +363,8 @@ def describe_model(model: nn.Module, arch: dict | None = None) -> dict:
     """``{"name", "kwargs"}`` that rebuilds the skeleton of ``model`` with :func:`build_model`.
 
     Read from the model itself for torchvision ResNets and ResNet-FPN Faster R-CNNs (:func:`infer_arch`), so a
-    detector built directly with torchvision (``fasterrcnn_resnet50_fpn(weights=None, num_classes=3,
-    min_size=128)``) needs no ``arch``. ``arch`` (``{"name", "kwargs"}``, or the keyword dict alone) is
+    detector built directly with torchvision (``fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None,
+    num_classes=3, min_size=128)``) needs no ``arch``. ``arch`` (``{"name", "kwargs"}``, or the keyword dict alone) is
     completed from the model; a field that contradicts the model raises ValueError naming it. Without ``arch``
     the ``model.edp_arch`` stamp of :func:`build_model` is used, corrected where the model was changed after it was
     built. Other model types need ``arch`` (or the stamp).

@@ -4,6 +4,7 @@ within tolerance under SGD and AdamW, at different learning rates and from a tra
 which groups go first; bad values fail clearly."""
 from __future__ import annotations
 
+import json
 import logging
 import math
 
@@ -407,6 +408,37 @@ def test_a_resumed_frozen_controller_holds_the_same_zero_groups_from_its_first_s
         cols, rows = method.controller.held[e.name]
         beta = e.block.beta_2d()
         assert not bool(beta[:, cols].any()) and not bool(beta[rows, :].any())
+
+
+def test_measured_group_weights_are_kept_for_a_resume_and_saved_for_reuse(tmp_path, monkeypatch):
+    """``group_weight: latency`` measures each layer's time per FLOP once: the method state carries it (a resumed
+    run weighs the groups by the same measurement instead of a new, different one), ``pm_report.json`` holds it as
+    ``layer_weights`` (PM tops the cut up with it) and that file is accepted as ``compress.latency.weights``."""
+    import edp_det.methods.edp as edp_method
+
+    cfg = {"epoch_es": 1, "flops_target": TARGET, **TARGET_MODE, "group_weight": "latency", "latency": {"batch": 1}}
+    method, model, opt, _, (x, y) = _controlled("adamw", 1e-3, extra=cfg)
+    measured = method.state_dict()["layer_time"]
+    assert set(measured) == {e.name for e in method.reg.entries}
+    assert all(math.isfinite(v) and v > 0 for v in measured.values())
+
+    def no_measuring(*args, **kwargs):
+        raise AssertionError("a resumed run measured the layers again")
+
+    monkeypatch.setattr(edp_method, "measure_time_per_flop", no_measuring)
+    resumed = build_method("edp", cfg, total_epochs=2)
+    resumed.load_state_dict(method.state_dict())
+    resumed.input_size, resumed.iters_per_epoch = SIZE, STEPS
+    resumed.attach(model, opt)
+    _train_step(model, opt, x, y)
+    resumed.after_step(model, 1e-3, epoch=0)
+    assert resumed.state_dict()["layer_time"] == measured
+    report = resumed.prune(model, SIZE).report
+    assert report["layer_weights"] == measured
+    saved = tmp_path / "pm_report.json"
+    saved.write_text(json.dumps(report))
+    again = build_method("edp", {**cfg, "latency": {"weights": str(saved)}}, total_epochs=2)
+    assert again.latency_weights == measured
 
 
 def test_the_prune_epoch_is_the_engine_epoch_that_reached_the_target():

@@ -10,8 +10,9 @@ import torch
 import edp_det
 from _core_helpers import SAVED_DET_SIZE, saved_detector_files
 from edp_det.harness.cli import cli_main
-from edp_det.deploy.export import (BACKBONE_OUTPUTS, example_inputs, export_model, export_onnx, export_torchscript,
-                            run_pytorch, verify_torchscript)
+from _core_helpers import SAVED_DET_ARCH
+from edp_det.deploy.export import (example_inputs, export_model, export_onnx, export_torchscript, run_pytorch,
+                                   verify_onnx, verify_torchscript)
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = SAVED_DET_SIZE
@@ -72,7 +73,7 @@ def test_onnx_fallback_to_backbone_dynamic_parity(model, tmp_path, monkeypatch):
     res = export_onnx(model, tmp_path / "bb.onnx", SIZE, part="detector", dynamic=True)
     assert res.requested_part == "detector" and res.part == "backbone" and res.fell_back
     assert "simulated unsupported operator" in res.fallback_reason and "NOTE" in res.summary()
-    assert res.output_names == list(BACKBONE_OUTPUTS)
+    assert res.output_names == ["feat0", "feat1", "feat2", "feat3", "pool"]     # four stages feed the FPN
     with pytest.raises(ex.ExportError, match="simulated"):
         export_onnx(model, tmp_path / "none.onnx", SIZE, part="detector", fallback=False)
     assert not (tmp_path / "none.onnx").exists() and not list(tmp_path.glob(".*.tmp"))
@@ -101,6 +102,21 @@ def test_torchscript_backbone_parity(model, tmp_path):
     assert res.part == "backbone"
     check = verify_torchscript(res, model)
     assert check["ok"] and check["num_outputs"] == 5
+    assert res.output_names == ["0", "1", "2", "3", "pool"]
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_backbone_export_names_the_levels_the_fpn_has(tmp_path, fmt):
+    """An FPN over three stages (the demo's and the raccoon configs' ``returned_layers: [2, 3, 4]``) has four
+    outputs: the export names exactly those and matches PyTorch on them."""
+    torch.manual_seed(0)
+    m = edp_det.build_model("fasterrcnn", **{**SAVED_DET_ARCH, "returned_layers": [2, 3, 4]}).eval()
+    res = export_model(m, tmp_path / f"bb3.{fmt}", fmt, SIZE, "backbone")
+    assert res.part == "backbone" and not res.errors, res.errors
+    want = ["feat0", "feat1", "feat2", "pool"] if fmt == "onnx" else ["0", "1", "2", "pool"]
+    assert res.output_names == want
+    check = (verify_onnx if fmt == "onnx" else verify_torchscript)(res, m)
+    assert check["ok"] and check["num_outputs"] == 4, check
 
 
 def test_bad_arguments(model, tmp_path):

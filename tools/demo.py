@@ -44,6 +44,7 @@ def main(args: argparse.Namespace) -> list[dict]:
     from edp_det.harness.compare import (check_grid, collect_runs, comparison_config, grid_record,
                                          measure_side_by_side, report_rows, run_comparison)
     from edp_det.harness.report import format_comparison_table
+    from edp_det.runtime.checkpoint import atomic_write_text
     from edp_det.runtime.logs import setup_logging
 
     out = Path(args.output_dir)
@@ -76,9 +77,9 @@ def main(args: argparse.Namespace) -> list[dict]:
         for row in report_rows(timed, bench_opt):
             row["run"] += " (inference form)"
             rows.append(row)
-    (out / "demo_report.md").write_text(format_comparison_table(rows, markdown=True) + "\n", encoding="utf-8")
-    (out / "demo_bench.json").write_text(json.dumps({"as_trained": bench, "inference_form": bench_opt}, indent=2,
-                                                    default=float), encoding="utf-8")
+    atomic_write_text(format_comparison_table(rows, markdown=True) + "\n", out / "demo_report.md")
+    atomic_write_text(json.dumps({"as_trained": bench, "inference_form": bench_opt}, indent=2, default=float),
+                      out / "demo_bench.json")
     print(f"\nEDP demo (synthetic shapes, Faster R-CNN R18-FPN trained, then compressed, {device}):")
     print(format_comparison_table(rows))
     b, c, e = (runs[n].metrics["mAP_voc07"] for n in ("baseline", "control", "edp"))

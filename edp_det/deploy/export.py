@@ -6,8 +6,9 @@ What is exported (``part``):
   as for ``model([img])``), outputs ``boxes [N, 4]`` (xyxy, pixels of the input image), ``labels [N]`` (int64),
   ``scores [N]`` for the ``N`` detections kept (N is data-dependent).
 * ``"backbone"`` — ``model.backbone`` (ResNet body + FPN): input ``[B, C, H, W]`` (already normalised, at the
-  network size), outputs the FPN feature maps ``"0", "1", "2", "3", "pool"`` (strides 4..64; named
-  ``feat0 .. feat3, pool`` in ONNX, a dict in TorchScript).
+  network size), outputs one feature map per FPN level in the backbone's order (torchvision's levels ``"0"``,
+  ``"1"``, ... and ``"pool"``: as many as ``returned_layers`` plus the pooled one; named ``feat0``, ``feat1``, ...,
+  ``pool`` in ONNX, a dict with the level names in TorchScript).
 
 ONNX: ``torch.onnx.export`` with the TorchScript-based exporter (``dynamo=False``, opset 17 by default), which
 handles torchvision's detection models (RoIAlign, NMS, data-dependent shapes); the torch.export-based exporter
@@ -36,13 +37,12 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["ExportError", "ExportResult", "export_model", "export_onnx", "export_torchscript", "verify_onnx",
            "verify_torchscript", "verify_detections",
-           "example_inputs", "run_pytorch", "FORMATS", "PARTS", "DEFAULT_OPSET"]
+           "example_inputs", "backbone_levels", "onnx_level_names", "run_pytorch", "FORMATS", "PARTS", "DEFAULT_OPSET"]
 
 FORMATS = ("onnx", "torchscript")
 PARTS = ("detector", "backbone")
 DEFAULT_OPSET = 17
 DETECTOR_OUTPUTS = ("boxes", "labels", "scores")
-BACKBONE_OUTPUTS = ("feat0", "feat1", "feat2", "feat3", "pool")   # FPN levels "0".."3", "pool"
 
 
 class ExportError(RuntimeError):
@@ -153,6 +153,19 @@ class _BackboneOutputs(nn.Module):
 
 
 @torch.no_grad()
+def backbone_levels(backbone: nn.Module, x: torch.Tensor) -> list[str]:
+    """The names of the feature maps ``backbone`` returns for ``x``, in order (e.g. ``["0", "1", "2", "pool"]``
+    for an FPN over three stages)."""
+    return [str(k) for k in backbone(x).keys()]
+
+
+def onnx_level_names(levels) -> list[str]:
+    """ONNX output names of the backbone's levels: ``feat<k>`` for torchvision's numbered levels, the name
+    itself otherwise (``pool``)."""
+    return [f"feat{k}" if k.isdigit() else k for k in levels]
+
+
+@torch.no_grad()
 def run_pytorch(model: nn.Module, x: torch.Tensor, part: str = "detector") -> list[torch.Tensor]:
     """The PyTorch reference outputs in the exported order (``boxes, labels, scores`` or the FPN levels)."""
     if part == "detector":
@@ -190,7 +203,7 @@ def _onnx_attempt(model, part, x, path, opset, dynamic, dynamo: bool):
         axes = {"image": {1: "height", 2: "width"}} if dynamic else None
     else:
         module = _BackboneOutputs(model.backbone)
-        input_names, output_names = ["images"], list(BACKBONE_OUTPUTS)
+        input_names, output_names = ["images"], onnx_level_names(backbone_levels(model.backbone, x))
         axes = ({"images": {0: "batch", 2: "height", 3: "width"},
                  **{o: {0: "batch", 2: f"h_{o}", 3: f"w_{o}"} for o in output_names}} if dynamic else None)
     kwargs = dict(input_names=input_names, output_names=output_names, opset_version=opset,
@@ -294,7 +307,8 @@ def export_torchscript(model: nn.Module, path, input_size=(3, 800, 800), part: s
                 _replace(tmp, path)
                 res = ExportResult(str(path), "torchscript", p, part, method, input_size,
                                    ["images: list of [C, H, W]"] if p == "detector" else ["images"],
-                                   ["(losses, detections)"] if p == "detector" else ["0", "1", "2", "3", "pool"],
+                                   ["(losses, detections)"] if p == "detector"
+                                   else backbone_levels(model.backbone, example_inputs(model, input_size, p)),
                                    method == "torch.jit.script", None, errors)
                 if p != part:
                     res.fallback_reason = errors[0] if errors else "unknown"
@@ -361,9 +375,9 @@ def _exported_runner(result: ExportResult, device):
 
 
 def _output_names(result: ExportResult) -> list[str]:
-    if result.format == "onnx":
-        return list(result.output_names)
-    return list(DETECTOR_OUTPUTS) if result.part == "detector" else list(BACKBONE_OUTPUTS)
+    if result.format == "torchscript" and result.part == "detector":
+        return list(DETECTOR_OUTPUTS)
+    return list(result.output_names)
 
 
 def _verify_one(result: ExportResult, model: nn.Module, x, rtol, atol) -> dict:

@@ -23,6 +23,8 @@ def iter_blocks(model: nn.Module):
 
 
 def is_decomposed(model: nn.Module) -> bool:
+    """Whether ``model`` holds any :class:`~edp_det.ops.block.CompressedAwareConv2d` (i.e. :func:`decompose` ran
+    and PM has not replaced every block yet)."""
     return any(True for _ in iter_blocks(model))
 
 

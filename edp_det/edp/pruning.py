@@ -68,6 +68,8 @@ class PMReport:
     old_param_names: dict = field(default_factory=dict, repr=False)   # id(param before PM) -> its name then
 
     def to_dict(self) -> dict:
+        """JSON-ready form (``pm_report.json``): per-layer kernel, ``before``/``after`` (c_in, rank, c_out),
+        merged, FLOPs, and the totals and cuts."""
         return {
             "layers": [{"name": l.name, "kernel": list(l.kernel), "before": list(l.before), "after": list(l.after),
                         "merged": l.merged, "flops_before": l.flops_before, "flops_after": l.flops_after}
@@ -82,6 +84,8 @@ class PMReport:
         }
 
     def format_table(self) -> str:
+        """One line per layer (c_in / rank / c_out before -> after, merged, MFLOPs) and a summary line
+        (``layers.txt``)."""
         lines = [f"{'layer':<44} {'k':>3} {'c_in':>10} {'rank':>10} {'c_out':>11} {'merged':>6} {'MFLOPs':>16}"]
         for l in self.layers:
             lines.append(f"{l.name:<44} {l.kernel[0]:>3} {l.before[0]:>4}->{l.after[0]:<4} "
@@ -105,7 +109,7 @@ def prune_and_merge(model: nn.Module, flops_target: float | None = None, input_s
     Args:
         model: a decomposed model (after training with :class:`EDPRegularizer`); DDP-wrapped is fine, but the
             DDP wrapper must be rebuilt afterwards (the parameters change), as must the optimizer
-            (see :func:`transfer_optimizer_state`).
+            (:func:`carry_optimizer` rebuilds it with its state carried over).
         flops_target: None, or R in (0, 1): the fraction of the scope's FLOPs *of the original, undecomposed
             network* to remove. If the zero groups already remove ≥ R, nothing more is removed; otherwise the
             smallest remaining groups are zeroed first (see :mod:`edp_det.edp.budget` for how groups of different

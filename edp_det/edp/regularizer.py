@@ -76,7 +76,8 @@ class EDPRegularizer:
         model: a decomposed model (DDP-wrapped is fine).
         lambda_rank: λ1 ≥ 0, on column groups of every block.
         lambda_channel: λ2 ≥ 0, on row groups of channel-prunable blocks only.
-        optimizer: optional; if given, momentum buffers of groups zeroed by the prox are zeroed as well.
+        optimizer: optional; if given, the optimizer state of groups zeroed by the prox (SGD momentum, Adam
+            moments) is zeroed as well.
     """
 
     def __init__(self, model: nn.Module, lambda_rank: float = 1e-3, lambda_channel: float = 1e-3,

@@ -39,6 +39,7 @@ from pathlib import Path
 from edp_det.ops.adapter import short_body_name
 from edp_det.harness.run_config import resolve_config
 from edp_det.harness.stats import POWER
+from edp_det.runtime.checkpoint import atomic_write_text
 from edp_det.runtime.config import config_hash, deep_merge, dump_config, load_config
 from edp_det.runtime.errors import ConfigError
 from edp_det.runtime.logs import format_duration, read_metrics
@@ -630,7 +631,7 @@ def measure_side_by_side(runs: dict[str, RunRecord], cfg: dict, cache: Path | No
                                model_paths={n: str(p) for n, p in files.items()}, optimize=optimize)
     res["files"] = stamp
     if cache is not None:
-        cache.write_text(json.dumps(res, indent=2, default=float), encoding="utf-8")
+        atomic_write_text(json.dumps(res, indent=2, default=float), cache)
     return res
 
 
@@ -983,7 +984,7 @@ def build_report(output_dir, cfg: dict | None = None, expected=None, bench: dict
                      f"{'-' if got is None else f'{got:.1%}'} | {str(extra).replace('|', '&#124;')} |")
     lines.append("")
     path = out / "report.md"
-    path.write_text("\n".join(lines), encoding="utf-8")
-    (out / "report_rows.json").write_text(json.dumps(rows, indent=2, default=float), encoding="utf-8")
+    atomic_write_text("\n".join(lines), path)
+    atomic_write_text(json.dumps(rows, indent=2, default=float), out / "report_rows.json")
     logger.info("report: %s", path)
     return path

@@ -48,8 +48,9 @@ class LatencyOptions:
     batch: int = option(1, "batch size of the latency measurement (the serving batch)", ge=1, old="latency_batch")
     mode: str = option("marginal", "marginal: time a cut removes, per residual block; average: dense conv time "
                                    "per FLOP", choices=LATENCY_MODES, old="latency_mode")
-    weights: str | None = option(None, "JSON {layer: weight} or an earlier run's pm_report.json: reuse these "
-                                       "weights instead of measuring", old="latency_weights")
+    weights: str | None = option(None, "JSON {layer: weight} or the pm_report.json of an earlier run that measured "
+                                       "them (latency.aware, group_weight: latency): reuse these weights instead of "
+                                       "measuring", old="latency_weights")
 
 
 @dataclass
@@ -76,16 +77,18 @@ class _EDPCommonOptions(ScopedOptions):
                               choices=RANK_LAYERS)
     max_layer_cut: float | None = option(None, "PM budget (regularization: fixed): at most this fraction of a "
                                                "layer's live groups (per kind); null: all but one", gt=0, le=1)
-    regularization: str = option("target", "target: with a flops_target, the groups trained to exactly zero are "
-                                           "driven to it by Epoch_ES, then held at zero (λ1:λ2 only set the ratio "
-                                           "of the two kinds); fixed: the paper's constant λ1/λ2",
+    regularization: str = option("target", "target: with a flops_target, groups are trained to exactly zero "
+                                           "until they cut it (after a quarter of the phase up to Epoch_ES), held "
+                                           "there, and PM follows that epoch (λ1:λ2 only set the ratio of the two "
+                                           "kinds); fixed: the paper's constant λ1/λ2, PM after Epoch_ES",
                                  choices=("fixed", "target"))
     group_weight: str = option("uniform", "penalty weight of a group during training: uniform (the paper) | flops "
                                           "(FLOPs its removal saves) | latency (time it saves, measured as "
                                           "compress.latency says; experimental)", choices=GROUP_WEIGHTS)
     stop_reg_at_target: bool = option(True, "regularization fixed: stop the prox once the zero groups alone reach "
                                             "flops_target")
-    compact: bool = option(False, "after each regularised epoch before Epoch_ES, remove groups already exactly zero")
+    compact: bool = option(False, "after each regularised epoch before the one PM follows, remove groups already "
+                                  "exactly zero")
     latency: LatencyOptions = section(LatencyOptions, "latency-aware PM budget")
 
 
@@ -367,7 +370,9 @@ class EDPMethod(CompressionMethod):
     def prune(self, model, input_size) -> PruneResult:
         target = self.options.flops_target
         weights = "estimate" if self.latency_estimate else None   # shape-based layer weights (edp_det.edp.budget)
-        if self.latency_weights is not None and target is not None:
+        if self._layer_time is not None and target is not None:
+            weights = self._layer_time               # group_weight=latency: the time training weighed groups by
+        elif self.latency_weights is not None and target is not None:
             weights = self.latency_weights           # measured once, reused: the same structure every run
         elif self.latency_aware and target is not None:
             # every rank must choose the same groups: rank 0's measurement is used everywhere
@@ -422,6 +427,9 @@ class EDPMethod(CompressionMethod):
         ctrl = self.controller.state_dict() if self.controller is not None else self._controller_state
         if ctrl:
             out["controller"] = ctrl
+        if self._layer_time is not None:
+            # group_weight=latency: a resumed run weighs the groups by the same measurement
+            out["layer_time"] = dict(self._layer_time)
         return out
 
     def load_state_dict(self, state: dict) -> None:
@@ -432,6 +440,9 @@ class EDPMethod(CompressionMethod):
         self._controller_state = state.get("controller")
         reached = state.get("target_epoch")
         self.target_epoch = None if reached is None else int(reached)
+        layer_time = state.get("layer_time")
+        if layer_time is not None and self.group_weight == "latency":
+            self._layer_time = check_layer_weights(dict(layer_time), layer_time.keys())
 
 
 class EDPRankMethod(EDPMethod):

@@ -42,6 +42,10 @@ class ModuleFlops:
 
 @dataclass
 class FlopsReport:
+    """What :func:`count_flops` measured: ``params`` and ``flops`` (2 per multiply-add, conv and linear layers) of
+    the whole model, per-module records (``modules``) and, for detectors, per-part ``{"params", "flops"}``
+    (``parts``), at ``input_size``."""
+
     params: int
     flops: int
     modules: list[ModuleFlops] = field(default_factory=list)
