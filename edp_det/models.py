@@ -428,8 +428,10 @@ def read_state_dict(path, what: str, obj=None) -> dict:
 def load_backbone_weights(model: nn.Module, path: str | Path) -> list[str]:
     """Load a torchvision ImageNet ResNet checkpoint (local file) into the detector's ResNet body.
 
-    The classifier ``fc`` is dropped. Returns the body keys that were not in the file. Shape mismatches raise a
-    ValueError naming the key.
+    The classifier ``fc`` is dropped, and so are the stages the body does not hold (``returned_layers`` without
+    ``4``). Returns the body keys that were not in the file (buffers such as ``num_batches_tracked`` only). A file of
+    another ResNet depth (a shape, a block the body lacks or a body weight the file lacks) raises a ValueError naming
+    the key.
     """
     sd = read_state_dict(path, "model.weights_backbone")
     sd = {k: v for k, v in sd.items() if not k.startswith("fc.")}
@@ -442,7 +444,14 @@ def load_backbone_weights(model: nn.Module, path: str | Path) -> list[str]:
     unexpected = [k for k in sd if k not in own]
     if len(unexpected) == len(sd):
         raise ValueError(f"{path}: model.weights_backbone holds no ResNet body keys (e.g. {next(iter(sd), None)!r})")
+    stages = {k.split(".", 1)[0] for k in own}
+    extra = [k for k in unexpected if k.split(".", 1)[0] in stages and not k.endswith("num_batches_tracked")]
     missing = [k for k in own if k not in sd]
+    lacking = [k for k in missing if not k.endswith("num_batches_tracked")]
+    if extra or lacking:
+        what = f"has {extra[0]!r}, which the body does not" if extra else f"lacks the body's {lacking[0]!r}"
+        raise ValueError(f"{path}: model.weights_backbone {what} ({len(extra)} extra, {len(lacking)} missing "
+                         f"keys): a ResNet of another depth than model.depth={_resnet_depth(body, 'detector body')}?")
     body.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
     logger.info("loaded backbone weights from %s (%d missing keys)", path, len(missing))
     return missing

@@ -129,3 +129,47 @@ def test_benchmark_cli_bad_input_exit_2(tmp_path, capsys):
         assert e.value.code == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and msg in err and path.name in err
+
+
+def _bench_exit_2(tool, argv, capsys, *needles):
+    with pytest.raises(SystemExit) as e:
+        cli_main(tool.main, tool.get_args_parser().parse_args(argv), "benchmark")
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    for n in needles:
+        assert n in err, err
+
+
+def test_benchmark_output_json_never_replaces_a_run_or_input_and_needs_overwrite(files, tmp_path, capsys):
+    """--output-json: a training run's metrics.json and the --model file are refused even with --overwrite; any
+    other existing file needs --overwrite, which then replaces it."""
+    tool = _load_tool()
+    run = tmp_path / "run"
+    run.mkdir()
+    for name, text in (("config.yaml", "method: edp\n"), ("metrics_log.jsonl", "{}\n"), ("metrics.json", '{"a": 1}')):
+        (run / name).write_text(text)
+    fast = ["--model", str(files[1]), "--iters", "1", "--rounds", "1", "--warmup", "0", "--no-memory"]
+    for flags in ([], ["--overwrite"]):
+        _bench_exit_2(tool, fast + ["--output-json", str(run / "metrics.json"), *flags], capsys,
+                      str(run / "metrics.json"), "training run")
+        _bench_exit_2(tool, fast + ["--output-json", str(files[1]), *flags], capsys, "--model file itself")
+    assert (run / "metrics.json").read_text() == '{"a": 1}'
+    out = tmp_path / "bench.json"
+    out.write_text("old")
+    _bench_exit_2(tool, fast + ["--output-json", str(out)], capsys, str(out), "--overwrite")
+    assert out.read_text() == "old"
+    tool.main(tool.get_args_parser().parse_args(fast + ["--output-json", str(out), "--overwrite"]))
+    assert json.loads(out.read_text())["models"]["model"]["fps"] > 0
+
+
+def test_benchmark_cli_refuses_a_classifier_and_a_torchscript_archive(tmp_path, capsys):
+    import warnings
+
+    tool = _load_tool()
+    cls = edp_det.save_compressed(edp_det.build_model("resnet18", num_classes=3), tmp_path / "cls.pt")
+    ts = tmp_path / "m.torchscript.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # torch.jit deprecation
+        torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(ts))
+    _bench_exit_2(tool, ["--model", str(cls)], capsys, str(cls), "'resnet18' model, not a detector")
+    _bench_exit_2(tool, ["--model", str(ts)], capsys, str(ts), "TorchScript archive")

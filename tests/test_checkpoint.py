@@ -352,3 +352,21 @@ def test_map_location(tmp_path):
     p = atomic_save({"w": torch.ones(2)}, tmp_path / "m.pt")
     out = load_checkpoint(p, map_location=torch.device("cpu"))
     assert out["w"].device.type == "cpu"
+
+
+def test_a_torchscript_archive_is_named_as_such(tmp_path):
+    """A ``torch.jit.save`` file (what ``tools/export.py --format torchscript`` writes) given where a checkpoint or
+    model file is expected: one line saying what it is, no torch warning; a plain ``torch.save`` zip is not one."""
+    import warnings
+
+    ts = tmp_path / "m.ts.pt"
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(ts))
+    assert ckpt.is_torchscript_archive(ts) and not ckpt.is_torchscript_archive(tmp_path / "missing.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(CheckpointError, match="a TorchScript archive .*torch.jit.load") as e:
+            load_checkpoint(ts)
+    assert len(str(e.value).splitlines()) == 1
+    plain = tmp_path / "plain.pt"
+    torch.save({"w": torch.ones(2)}, plain)
+    assert not ckpt.is_torchscript_archive(plain) and torch.equal(load_checkpoint(plain)["w"], torch.ones(2))

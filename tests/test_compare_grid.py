@@ -154,6 +154,10 @@ def test_trained_start_adds_baseline_and_control():
     assert all(r.start_from == f"baseline/seed{r.seed}" for r in plan if r.group != "baseline")
     with pytest.raises(ValueError, match="--seeds"):
         parse_seeds("0,,1")
+    with pytest.raises(ValueError, match="--seeds '0,-1': seeds are integers ≥ 0"):
+        parse_seeds("0,-1")
+    with pytest.raises(ValueError, match="--flops-targets: a target is repeated"):
+        plan_grid(["edp"], [0.4, 0.4], [0], "trained")
 
 
 def test_grid_made_with_another_config_is_refused(tmp_path):

@@ -379,12 +379,52 @@ def test_comparison_runs_other_methods_from_one_edp_config():
     "train.batch_size=0", "train.num_workers=-1", "train.epochs=0", "train.log_interval=0", "train.eval_interval=-1",
     "train.max_iters_per_epoch=0", "train.checkpoint_keep=0", "train.threads=0", "eval.batch_size=0",
     "compress.bn_recalib_batches=-1", "compress.latency.batch=0", "compress.epoch_es=0", "compress.flops_target=1.5",
-    "benchmark.iters=0", "model.min_size=0", "train.lr_schedule=linear"])
+    "benchmark.iters=0", "model.min_size=0", "train.lr_schedule=linear", "seed=-1", "data.augment.seed=-2",
+    "train.lr=.inf", "train.lr=1e400", "compress.lambda_rank=.inf", "data.augment.scale_jitter=[0.5,.inf]"])
 def test_counts_and_choices_are_range_checked_at_load(override):
     key = override.split("=")[0]
     with pytest.raises(ConfigError) as ei:
         _resolve(TINY, override)
     assert f"'{key}'" in str(ei.value) and "command line" in str(ei.value)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["device=tpu"], r"device='tpu' is not a device"),
+    (["benchmark.device=tpu0", "benchmark.enabled=true"], r"benchmark\.device='tpu0' is not a device"),
+    (["model.flops_input_size=[64]"], r"model\.flops_input_size=\[64\] must be \[H, W\]"),
+    (["model.flops_input_size=[64,64,64]"], r"must be \[H, W\]"),
+    (["train.lr_steps=[5,2]"], r"train\.lr_steps=\[5, 2\] must be increasing"),
+    (["train.lr_steps=[0]"], r"train\.lr_steps=\[0\] must be increasing epochs ≥ 1"),
+    (["model.weights=a.pt", "model.weights_backbone=b.pth"],
+     r"model\.weights and model\.weights_backbone are both set"),
+])
+def test_values_used_late_are_checked_at_resolution(overrides, message):
+    """Values that only the data loader, the final benchmark or the FLOPs count would have used fail before
+    anything is built (a run would otherwise train and then lose its result)."""
+    with pytest.raises(ConfigError, match=message) as ei:
+        _resolve(TINY, *overrides)
+    assert len(str(ei.value).splitlines()) == 1
+
+
+def test_the_output_folder_is_never_inside_the_dataset(tmp_path):
+    data = tmp_path / "voc"
+    for out in (data, data / "runs" / "x"):
+        with pytest.raises(ConfigError, match="inside data.root"):
+            _resolve(TINY, data_root=data, output_dir=out)
+    assert _resolve(TINY, data_root=data, output_dir=tmp_path / "runs")["output_dir"] == str(tmp_path / "runs")
+
+
+def test_cuda_devices_need_cuda():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ConfigError, match="device='cuda': CUDA is not available"):
+        _resolve(TINY, "device=cuda")
+    with pytest.raises(ConfigError, match="benchmark.device='cuda:1': CUDA is not available"):
+        _resolve(TINY, "benchmark.device=cuda:1", "benchmark.enabled=true")
+    # a benchmark that does not run needs no device
+    assert _resolve(TINY, "benchmark.device=cuda", "benchmark.enabled=false")["benchmark"]["device"] == "cuda"
 
 
 def test_epoch_es_beyond_the_schedule_is_rejected_at_resolution():

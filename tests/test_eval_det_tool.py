@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -150,9 +151,11 @@ def test_cli_subprocess_exit_code(voc_root, tmp_path):
 
 
 class FakeDetector(torch.nn.Module):
-    """Returns the ground truth of the image it recognises by size (continuous xyxy), labels for classes cat, dog."""
+    """Returns the ground truth of the image it recognises by size (continuous xyxy), labels for classes cat, dog.
+    Has the parts that make a model a detector (``edp_det.ops.adapter.is_detector``), unused."""
 
     classes = ["cat", "dog"]
+    transform = backbone = rpn = roi_heads = None
 
     def __init__(self):
         super().__init__()
@@ -238,9 +241,10 @@ def test_model_mode_real_serialization(synthetic_voc, tmp_path, capsys):
     assert set(m) >= {"mAP_voc07", "mAP_area", "ap_per_class", "coco_ap", "coco_ap50", "iou_thresh", "split",
                       "num_images"}
     # a model with a different number of classes is refused with exit code 2
-    _expect_exit2(capsys, _args(model=path, data_root=synthetic_voc, classes="circle,square"), "predicts 3 classes")
-    _expect_exit2(capsys, _args(model=path, data_root=synthetic_voc, classes="circle,square,triangle,star"),
-                  "predicts 3 classes", "star")
+    _expect_exit2(capsys, _args(model=path, data_root=synthetic_voc, classes="circle,square",
+                                output_dir=tmp_path / "e"), "predicts 3 classes")
+    _expect_exit2(capsys, _args(model=path, data_root=synthetic_voc, classes="circle,square,triangle,star",
+                                output_dir=tmp_path / "e"), "predicts 3 classes", "star")
 
 
 class _ResizedDataset(torch.utils.data.Dataset):
@@ -276,3 +280,102 @@ def test_predict_detections_scales_and_converts(tmp_path):
     save_detections_json(dets, tmp_path / "sub" / "d.json")
     assert json.loads((tmp_path / "sub" / "d.json").read_text()) == dets
     assert [p.name for p in (tmp_path / "sub").iterdir()] == ["d.json"]  # no temp file left behind
+
+
+# ------------------------------------------------------------------------------------ refusals before any work
+@pytest.fixture(scope="module")
+def real_files(tmp_path_factory):
+    """A small real detector that records its classes (cat, dog), a classifier and a TorchScript archive."""
+    import edp_det
+    from edp_det.models import build_model
+
+    root = tmp_path_factory.mktemp("eval_models")
+    torch.manual_seed(0)
+    det = build_model("fasterrcnn", num_classes=3, depth=18, norm="bn", min_size=64, max_size=64,
+                      rpn_pre_nms_top_n_test=50, rpn_post_nms_top_n_test=20, box_detections_per_img=10)
+    files = {"det": edp_det.save_compressed(det, root / "det" / "model_final.pt", meta={"classes": ["cat", "dog"]}),
+             "cls": edp_det.save_compressed(build_model("resnet18", num_classes=3), root / "cls" / "model_final.pt")}
+    files["ts"] = root / "exported.torchscript.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # torch.jit deprecation
+        torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(files["ts"]))
+    return files
+
+
+def test_earlier_results_are_refused_unless_overwrite(real_files, voc_root, tmp_path, capsys):
+    """A second evaluation into the same folder is refused (one line naming the file and --overwrite) and leaves
+    the earlier results as they were; --overwrite replaces them. A user's own detections.json in --output-dir is
+    never replaced by --model mode without --overwrite."""
+    dets = tmp_path / "dets.json"
+    dets.write_text(json.dumps([D("img1", "cat", [5, 5, 30, 30], 0.9)]))
+    out = tmp_path / "ev"
+    eval_det.main(_args(detections=dets, data_root=voc_root, output_dir=out))
+    first = (out / "metrics.json").read_text()
+    _expect_exit2(capsys, _args(detections=dets, data_root=voc_root, output_dir=out, iou_thresh=0.7),
+                  f"--output-dir {out}", "metrics.json", "--overwrite")
+    assert (out / "metrics.json").read_text() == first
+    eval_det.main(_args(detections=dets, data_root=voc_root))   # the default folder, eval_test/ beside the input
+    _expect_exit2(capsys, _args(detections=dets, data_root=voc_root), "default output folder", "metrics.json",
+                  "--overwrite")
+    m = eval_det.main(eval_det.get_args_parser().parse_args(
+        ["--detections", str(dets), "--data-root", str(voc_root), "--output-dir", str(out), "--iou-thresh", "0.7",
+         "--overwrite"]))
+    assert m["iou_thresh"] == 0.7 and json.loads((out / "metrics.json").read_text())["iou_thresh"] == 0.7
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "detections.json").write_text("[]")
+    _expect_exit2(capsys, _args(model=real_files["det"], data_root=voc_root, output_dir=mine), "detections.json",
+                  "--overwrite")
+    assert sorted(p.name for p in mine.iterdir()) == ["detections.json"]
+    assert (mine / "detections.json").read_text() == "[]"
+
+
+def test_classes_must_agree_with_the_model_file(real_files, voc_root, tmp_path, capsys):
+    """--classes that permute the classes the model records are refused, naming both lists; in their order they
+    evaluate."""
+    err = _expect_exit2(capsys, _args(model=real_files["det"], data_root=voc_root, classes="dog,cat",
+                                      output_dir=tmp_path / "a"), "--classes dog,cat", "cat,dog")
+    assert err.count("\n") == 1
+    assert not (tmp_path / "a").exists()
+    m = eval_det.main(_args(model=real_files["det"], data_root=voc_root, classes="cat,dog",
+                            output_dir=tmp_path / "b", device="cpu"))
+    assert list(m["ap_per_class"]) == ["cat", "dog"]
+
+
+def test_a_model_without_recorded_classes_takes_classes_as_given(voc_root, tmp_path, monkeypatch):
+    import edp_det
+
+    def unnamed(path):
+        model = FakeDetector()
+        model.classes = None   # a model file that records no class names
+        return model
+
+    path = tmp_path / "m.pt"
+    path.write_bytes(b"placeholder")
+    monkeypatch.setattr(edp_det, "load_compressed", unnamed, raising=False)
+    m = eval_det.main(_args(model=path, data_root=voc_root, classes="dog,cat", output_dir=tmp_path / "e"))
+    assert list(m["ap_per_class"]) == ["dog", "cat"]
+
+
+@pytest.mark.parametrize("kind, needles", [
+    ("cls", ["--model is a 'resnet18' model, not a detector"]),
+    ("ts", ["TorchScript archive", "not an edp-det model file"]),
+])
+def test_model_that_is_not_a_detector_exit_2(real_files, voc_root, tmp_path, capsys, kind, needles):
+    _expect_exit2(capsys, _args(model=real_files[kind], data_root=voc_root, output_dir=tmp_path / "e"),
+                  str(real_files[kind]), *needles)
+    assert not (tmp_path / "e").exists()
+
+
+@pytest.mark.parametrize("value", ["0", "0.0", "1", "-0.5", "nan"])
+def test_iou_thresh_must_be_between_0_and_1_exclusive(voc_root, tmp_path, capsys, value):
+    from edp_det.evaluation.voc_eval import evaluate_voc
+    from edp_det.runtime.errors import DataError
+
+    p = tmp_path / "dets.json"
+    p.write_text("[]")
+    _expect_exit2(capsys, _args(detections=p, data_root=voc_root, iou_thresh=value), "--iou-thresh",
+                  "> 0 and < 1")
+    with pytest.raises(DataError, match="> 0 and < 1"):
+        evaluate_voc([], {"img": []}, ["cat"], iou_thresh=float(value))

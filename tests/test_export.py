@@ -239,3 +239,88 @@ def test_export_cli_verify_on_voc_data_root(compressed_path, tmp_path, capsys):
          "--verify", "--data-root", str(tmp_path / "voc"), "--verify-count", "2"]))
     text = capsys.readouterr().out
     assert "verify: OK on 2 image(s) with" in text and "labels identical" in text, text
+
+
+# ------------------------------------------------------------------------------ refusals before any export
+def _export_exit(tool, argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli_main(tool.main, tool.get_args_parser().parse_args(argv), "export")
+    err = capsys.readouterr().err
+    assert err.startswith("export: error:") and err.count("\n") == 1 and "Traceback" not in err, err
+    return e.value.code, err
+
+
+def test_export_cli_protects_its_input_and_existing_files(compressed_path, tmp_path, capsys):
+    """--output that is the --model file is refused even with --overwrite, an existing file without --overwrite, a
+    folder always (nothing written, no temp file left); --overwrite replaces a file; a TorchScript archive given as
+    --model is named as such."""
+    tool = _load_tool()
+    before = compressed_path.read_bytes()
+    alias = compressed_path.parent / "." / compressed_path.name
+    for flags in ([], ["--overwrite"]):
+        code, err = _export_exit(tool, ["--model", str(compressed_path), "--format", "torchscript", "--output",
+                                        str(alias), *flags], capsys)
+        assert code == 2 and "--output" in err and "--model file itself" in err
+    assert compressed_path.read_bytes() == before
+    old = tmp_path / "bb.pt"
+    old.write_bytes(b"old")
+    argv = ["--model", str(compressed_path), "--format", "torchscript", "--part", "backbone", "--output", str(old)]
+    code, err = _export_exit(tool, argv, capsys)
+    assert code == 2 and str(old) in err and "--overwrite" in err and old.read_bytes() == b"old"
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    code, err = _export_exit(tool, argv[:-1] + [str(folder)], capsys)
+    assert code == 2 and str(folder) in err and "directory" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bb.pt", "folder"] and not list(folder.iterdir())
+    res = tool.main(tool.get_args_parser().parse_args(argv + ["--overwrite"]))
+    assert res.part == "backbone" and old.read_bytes() != b"old"
+    code, err = _export_exit(tool, ["--model", str(old), "--format", "onnx", "--output", str(tmp_path / "x.onnx")],
+                             capsys)
+    assert code == 2 and str(old) in err and "TorchScript archive" in err and "not an edp-det model file" in err
+
+
+def test_export_library_refuses_a_folder(model, tmp_path):
+    with pytest.raises(ValueError, match="directory"):
+        export_onnx(model, tmp_path, SIZE, part="backbone")
+    with pytest.raises(ValueError, match="directory"):
+        export_torchscript(model, tmp_path, SIZE, part="backbone")
+    assert not list(tmp_path.parent.glob(f".{tmp_path.name}*"))
+
+
+@pytest.mark.parametrize("argv, needles", [
+    (["--format", "torchscript", "--opset", "17"], ["--opset", "ONNX options", "--format torchscript"]),
+    (["--format", "torchscript", "--static"], ["--static", "ONNX options"]),
+    (["--format", "onnx", "--opset", "99"], ["--opset 99", "opsets 11 to"]),
+    (["--format", "onnx", "--opset", "10"], ["--opset 10", ">= 11"]),
+    (["--format", "onnx", "--verify-count", "2"], ["--verify-count", "only used with --verify"]),
+    (["--format", "onnx", "--data-root", "voc"], ["--data-root", "only used with --verify"]),
+    (["--format", "onnx", "--verify-images", "a.png"], ["--verify-images", "only used with --verify"]),
+    (["--format", "onnx", "--verify", "--split", "val"], ["--split", "only used with --data-root"]),
+])
+def test_export_cli_refuses_options_that_do_nothing(compressed_path, tmp_path, capsys, argv, needles):
+    tool = _load_tool()
+    code, err = _export_exit(tool, ["--model", str(compressed_path), "--output", str(tmp_path / "o"), *argv], capsys)
+    assert code == 2
+    for n in needles:
+        assert n in err, err
+    assert not list(tmp_path.iterdir())
+
+
+def test_export_ctrl_c_leaves_no_partial_file(compressed_path, tmp_path, capsys, monkeypatch, restore_logging):
+    """Ctrl-C while the file is being written (the tool run as a script): exit 130, one line that does not speak of
+    checkpoints, and neither the output nor a temporary file is left."""
+    import runpy
+    import sys
+
+    def interrupted_save(module, f, *args, **kwargs):
+        Path(f).write_bytes(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch.jit, "save", interrupted_save)
+    monkeypatch.setattr(sys, "argv", ["export.py", "--model", str(compressed_path), "--format", "torchscript",
+                                      "--part", "backbone", "--output", str(tmp_path / "bb.pt"), "--device", "cpu"])
+    with pytest.raises(SystemExit) as e:
+        runpy.run_path(str(REPO / "tools" / "export.py"), run_name="__main__")
+    assert e.value.code == 130
+    assert capsys.readouterr().err == "export: interrupted; no partially written file was left\n"
+    assert not list(tmp_path.iterdir())

@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from edp_det.runtime.checkpoint import load_checkpoint
+from edp_det.runtime.errors import ConfigError
 from edp_det.harness.run_config import resolve_config
 from edp_det.runtime.logs import ProgressMeter, format_duration
 from edp_det.runtime.rundir import RunDirError, check_run_dir, start_run_dir, truncate_metrics_log
@@ -66,6 +67,12 @@ def test_failed_start_up_leaves_the_folder_alone(finished, tmp_path):
     r = _tool("--config", TINY, "--data-root", tmp_path / "missing", "--output-dir", run, "--overwrite", *FAST)
     assert r.returncode == 2 and "missing" in r.stderr
     assert _snapshot(run) == before
+    # ... and so does a value that only the data loader or the final benchmark would have used
+    for bad in ("seed=-1", "benchmark.device=tpu"):
+        r = _tool("--config", TINY, "--data-root", tmp_path / "missing", "--output-dir", run, "--overwrite", *FAST,
+                  bad, "benchmark.enabled=true")
+        assert r.returncode == 2 and bad.split("=")[0] in r.stderr and "Traceback" not in r.stderr, r.stderr
+        assert _snapshot(run) == before
 
 
 def test_overwrite_clears_the_earlier_run(finished, synthetic_voc, tmp_path):
@@ -106,7 +113,7 @@ def test_resume_after_a_kill(finished, synthetic_voc, tmp_path):
         f.write('{"epoch": 3, "iter"')                           # a line cut by the kill
     tmp = run / ".checkpoint_epoch0003.pt.4242.deadbeef.tmp"
     tmp.write_bytes(b"\0" * 1024)
-    metrics = _trainer(synthetic_voc, run, resume="auto").run()
+    metrics = _trainer(synthetic_voc, run, "train.log_interval=1", resume="auto").run()   # how it logs may change
     assert not tmp.exists()
     recs = _records(run)
     steps = [(r["epoch"], r["iter"]) for r in recs if "iter" in r]
@@ -115,6 +122,27 @@ def test_resume_after_a_kill(finished, synthetic_voc, tmp_path):
     assert [r["epoch"] for r in recs if r.get("phase") == "resume"] == [3]
     before_kill = load_checkpoint(run / "checkpoint_epoch0002.pt")["train_time_s"]
     assert before_kill > 0 and metrics["train_time_s"] > before_kill
+
+
+def test_resume_refuses_other_settings_and_a_finished_run(finished, synthetic_voc, tmp_path):
+    """A resumed run continues the saved one: a command that changes what it trains (seed, lr, method, target) is
+    refused naming the keys, and a finished run has nothing to resume; neither touches the folder."""
+    with pytest.raises(RunDirError, match="is finished"):
+        _trainer(synthetic_voc, finished, resume="auto").run()
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    for name in ("checkpoint_epoch0003.pt", "model_final.pt", "metrics.json"):
+        (run / name).unlink()
+    (run / "last_checkpoint").write_text("checkpoint_epoch0002.pt\n")
+    before = _snapshot(run)
+    with pytest.raises(ConfigError, match=r"compress\.flops_target: 0\.4 in the checkpoint, 0\.6 now; seed: 0 in the "
+                                          r"checkpoint, 3 now; train\.lr: .* now \(and 1 more\)"):
+        _trainer(synthetic_voc, run, "seed=3", "train.lr=0.5", "compress.flops_target=0.6", "train.momentum=0.5",
+                 resume="auto").run()
+    assert _snapshot(run) == before
+    r = _tool("--config", TINY, "--data-root", synthetic_voc, "--output-dir", run, "--resume", *FAST, "method=baseline")
+    assert r.returncode == 2 and "method: 'edp' in the checkpoint, 'baseline' now" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and _snapshot(run) == before
 
 
 def test_truncate_metrics_log(tmp_path):

@@ -174,6 +174,24 @@ def test_ctrl_c_while_torch_writes_a_checkpoint(tmp_path, capsys, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
 
 
+def test_ctrl_c_message_says_what_the_tool_leaves(capsys):
+    """Tools that write checkpoints say they are intact; tools whose results are only written atomically (export,
+    benchmark, eval_det) say that no partial file was left, and never speak of checkpoints."""
+    from edp_det.harness.cli import INTERRUPTED_ATOMIC
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    assert _run(interrupted, capsys=capsys) == (130, "tool: interrupted; checkpoints written so far are intact\n")
+    with pytest.raises(SystemExit) as e:
+        cli_main(interrupted, None, "export", interrupted=INTERRUPTED_ATOMIC)
+    assert e.value.code == 130
+    assert capsys.readouterr().err == "export: interrupted; no partially written file was left\n"
+    for t in ("export", "benchmark", "eval_det"):
+        text = (REPO / "tools" / f"{t}.py").read_text()
+        assert f'parse_args(), "{t}", interrupted=INTERRUPTED_ATOMIC)' in text, t
+
+
 def test_default_device_follows_cuda_availability(monkeypatch):
     import torch
 

@@ -146,3 +146,33 @@ def test_errors_are_clear(cls_run, synthetic_voc, tmp_path):
     with pytest.raises(CheckpointError, match="ResNet classifier"):
         load_classifier_backbone(build_model("fasterrcnn", **DET_KW), tmp_path / "det.pt")
     assert load_checkpoint(final)["arch"]["name"] == "resnet18"
+
+
+@pytest.mark.parametrize("norm,returned", [("frozen", [1, 2, 3, 4]), ("bn", [2, 3, 4])])
+def test_torchvision_backbone_weights_load_into_the_body_of_their_depth_only(tmp_path, norm, returned):
+    """``model.weights_backbone``: a torchvision ResNet-18 state dict fills a depth-18 body exactly (the stages the
+    body holds, frozen or trainable norms); a ResNet-34 file (extra blocks of the same shapes) or a file that lacks
+    a body weight is refused naming a key and the depth, not loaded in part."""
+    import torchvision
+
+    from edp_det.models import load_backbone_weights
+
+    files = {}
+    for depth in (18, 34):
+        torch.manual_seed(depth)
+        files[depth] = tmp_path / f"resnet{depth}.pth"
+        torch.save(getattr(torchvision.models, f"resnet{depth}")(weights=None).state_dict(), files[depth])
+    kw = {**DET_KW, "depth": 18, "norm": norm, "returned_layers": returned,
+          "anchor_sizes": [8, 16, 32, 64, 128][-len(returned) - 1:]}
+    det = build_model("fasterrcnn", **kw)
+    missing = load_backbone_weights(det, files[18])
+    assert all(k.endswith("num_batches_tracked") for k in missing)
+    ref = torch.load(files[18], weights_only=True)
+    body = det.backbone.body.state_dict()
+    assert body and all(torch.equal(v, ref[k]) for k, v in body.items() if k in ref)
+    with pytest.raises(ValueError, match=r"has 'layer1\.2\..*model\.depth=18"):
+        load_backbone_weights(build_model("fasterrcnn", **kw), files[34])
+    partial = {k: v for k, v in ref.items() if not k.startswith("layer2.1.conv2")}
+    torch.save(partial, tmp_path / "partial.pth")
+    with pytest.raises(ValueError, match=r"lacks the body's 'layer2\.1\.conv2\.weight'"):
+        load_backbone_weights(build_model("fasterrcnn", **kw), tmp_path / "partial.pth")

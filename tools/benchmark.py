@@ -9,7 +9,10 @@ examples:
 
 Runs on CUDA when available, else on the CPU (--device chooses). Models are measured alternately (round-robin)
 so that machine noise hits each equally. --input-size is the size of the image as the network sees it (default:
-the model's min_size square, which the detector's transform leaves unresized). Bad input (missing file, not an edp-det model file) prints one error line and exits with status 2.
+the model's min_size square, which the detector's transform leaves unresized). --output-json refuses an existing
+file unless --overwrite is given, and always refuses a model file or a training run's own files (its
+metrics.json). Bad input (missing file, not an edp-det model file, not a detector) prints one error line and exits
+with status 2.
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ import argparse
 import logging
 import os
 
-from edp_det.harness.cli import cli_main, tool_parser
+from edp_det.harness.cli import INTERRUPTED_ATOMIC, cli_main, tool_parser
 
 logger = logging.getLogger("benchmark")
 
@@ -37,9 +40,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU); default: torch's")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--optimize", action="store_true",
-                   help="time the inference form of both models (edp_det.deploy.inference.optimize_for_inference on the "
-                        "backbone body: norm layers folded, low-rank pairs merged where measured faster)")
+                   help="time the inference form of both models (edp_det.deploy.inference.optimize_for_inference on "
+                        "the backbone body: norm layers folded, low-rank pairs merged where measured faster)")
     p.add_argument("--output-json", default=None, help="also write the full result as JSON here")
+    p.add_argument("--overwrite", action="store_true", help="replace the --output-json file if it exists")
     return p
 
 
@@ -47,9 +51,8 @@ def main(args: argparse.Namespace) -> dict:
     """Run the benchmark; prints the table and returns the result dict."""
     import torch
 
-    from edp_det import load_compressed
     from edp_det.deploy.benchmark import compare_side_by_side, default_input_size, format_comparison
-    from edp_det.harness.cli import resolve_device, write_json
+    from edp_det.harness.cli import check_output_file, load_detector, resolve_device, write_json
     from edp_det.runtime.errors import ConfigError
 
     for flag, v, lo in (("--iters", args.iters, 1), ("--rounds", args.rounds, 1), ("--warmup", args.warmup, 0)):
@@ -69,11 +72,10 @@ def main(args: argparse.Namespace) -> dict:
     for name, path in paths.items():
         if not os.path.isfile(path):
             raise ConfigError(f"--{name}: file not found: {path}")
-    models = {name: load_compressed(path) for name, path in paths.items()}
-    for name, m in models.items():
-        if not all(hasattr(m, a) for a in ("backbone", "rpn", "roi_heads", "transform")):
-            raise ConfigError(f"{paths[name]}: --{name} is a {models[name].edp_arch['name']!r} model, not a "
-                              "detector")
+    if args.output_json:
+        check_output_file(args.output_json, "--output-json", overwrite=args.overwrite,
+                          inputs=[(f"--{name}", path) for name, path in paths.items()])
+    models = {name: load_detector(path, f"--{name}") for name, path in paths.items()}
     if args.input_size is not None:
         input_size = (3, *args.input_size)
     else:
@@ -93,4 +95,4 @@ def main(args: argparse.Namespace) -> dict:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    cli_main(main, get_args_parser().parse_args(), "benchmark")
+    cli_main(main, get_args_parser().parse_args(), "benchmark", interrupted=INTERRUPTED_ATOMIC)

@@ -14,9 +14,12 @@ modes:
                      VOC 1-based inclusive boxes
 
 The output folder defaults to eval_<split>/ next to the input file; evaluation never writes into a training run's
-own files (a --output-dir holding a training run is refused). metrics.json holds mAP_voc07, mAP_area,
-ap_per_class, coco_ap, coco_ap50, iou_thresh, split, num_images (undefined values are null). Bad input (missing
-file, malformed JSON, unknown category, image id not in the split) prints one error line and exits with status 2.
+own files (a --output-dir holding a training run is refused), and a folder that already holds the results it would
+write (metrics.json, and detections.json with --model) is refused unless --overwrite is given. --classes must
+agree with the class names the model file records (their label order), when it records them. metrics.json holds
+mAP_voc07, mAP_area, ap_per_class, coco_ap, coco_ap50, iou_thresh, split, num_images (undefined values are null).
+Bad input (missing file, a model that is not a detector, malformed JSON, unknown category, image id not in the
+split) prints one error line and exits with status 2.
 """
 from __future__ import annotations
 
@@ -26,12 +29,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from edp_det.harness.cli import cli_main, tool_parser
+from edp_det.harness.cli import INTERRUPTED_ATOMIC, cli_main, tool_parser
 
 logger = logging.getLogger("eval_det")
-
-# files a training run (tools/train_det.py, tools/compare.py) writes into its output folder
-_TRAINING_RUN_FILES = ("config.yaml", "metrics_log.jsonl", "model_final.pt", "last_checkpoint")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -44,9 +44,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default=None,
                    help="where metrics.json (and detections.json in --model mode) go; default: eval_<split>/ in the "
                         "input file's folder")
-    p.add_argument("--iou-thresh", type=float, default=0.5, help="VOC match threshold (IoU strictly greater)")
-    p.add_argument("--device", default=None, help="torch device for --model mode (default: cuda if available, else cpu)")
-    p.add_argument("--classes", default=None, help="comma-separated class names (label order); default: dataset's")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the results of an earlier evaluation (metrics.json, detections.json) in the output "
+                        "folder")
+    p.add_argument("--iou-thresh", type=float, default=0.5,
+                   help="VOC match threshold, > 0 and < 1 (a hit has IoU strictly greater)")
+    p.add_argument("--device", default=None,
+                   help="torch device for --model mode (default: cuda if available, else cpu)")
+    p.add_argument("--classes", default=None,
+                   help="comma-separated class names (label order); default: the model's, else the dataset's")
     p.add_argument("--batch-size", type=int, default=1, help="images per forward pass in --model mode")
     p.add_argument("--num-workers", type=int, default=0, help="data loader workers in --model mode")
     p.add_argument("--no-coco", action="store_true", help="skip the COCO-style AP (coco_ap/coco_ap50 = null)")
@@ -54,20 +60,44 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
+def result_files(args: argparse.Namespace) -> list[str]:
+    """The files the evaluation writes into its output folder."""
+    return ["metrics.json"] + (["detections.json"] if args.model is not None else [])
+
+
 def output_dir(args: argparse.Namespace) -> Path:
-    """``--output-dir``, or ``eval_<split>/`` next to the input file; a folder holding a training run is refused."""
+    """``--output-dir``, or ``eval_<split>/`` next to the input file. Refused: a folder holding a training run, and
+    one holding the results of an earlier evaluation (:func:`result_files`) unless ``--overwrite``."""
+    from edp_det.harness.cli import training_run_files
     from edp_det.runtime.errors import ConfigError
 
     src = args.model if args.model is not None else args.detections
     if args.output_dir is None:
-        return Path(os.path.abspath(src)).parent / f"eval_{args.split}"
-    out = Path(args.output_dir)
-    held = [f for f in _TRAINING_RUN_FILES if (out / f).exists()]
+        out = Path(os.path.abspath(src)).parent / f"eval_{args.split}"
+        where = f"{out} (the default output folder)"
+    else:
+        out = Path(args.output_dir)
+        where = f"--output-dir {out}"
+    held = training_run_files(out)
     if held:
-        raise ConfigError(f"--output-dir {out}: holds a training run ({', '.join(held)}); evaluation does not write "
+        raise ConfigError(f"{where}: holds a training run ({', '.join(held[:5])}); evaluation does not write "
                           f"into it: omit --output-dir (results go to eval_{args.split}/ next to the input) or give "
                           "another folder")
+    earlier = [f for f in result_files(args) if (out / f).exists()]
+    if earlier and not args.overwrite:
+        raise ConfigError(f"{where}: already holds {', '.join(earlier)} of an earlier evaluation; pass --overwrite "
+                          f"to replace {'it' if len(earlier) == 1 else 'them'}, or give another --output-dir")
     return out
+
+
+def _check_model_classes(model, classes, path) -> None:
+    """``--classes`` must list the classes the model file records, in its label order."""
+    from edp_det.runtime.errors import ConfigError
+
+    recorded = getattr(model, "classes", None)
+    if classes is not None and recorded and [str(c) for c in recorded] != list(classes):
+        raise ConfigError(f"--classes {','.join(classes)}: contradicts the classes {path} was trained with, in label "
+                          f"order: {','.join(str(c) for c in recorded)}; omit --classes or give them in that order")
 
 
 def _check_num_classes(model, classes, path) -> None:
@@ -87,7 +117,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     from edp_det.data.voc import VOCDataset
     from edp_det.evaluation import evaluate_detections, evaluate_detector, load_detections_json
     from edp_det.evaluation.predict import save_detections_json
-    from edp_det.harness.cli import json_safe, resolve_device, write_json
+    from edp_det.harness.cli import json_safe, load_detector, resolve_device, write_json
     from edp_det.runtime.errors import ConfigError, DataError
 
     classes = None
@@ -95,8 +125,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         classes = [c.strip() for c in args.classes.split(",") if c.strip()]
         if not classes:
             raise ConfigError(f"--classes: no class names in {args.classes!r}")
-    if not (0.0 <= args.iou_thresh < 1.0):
-        raise ConfigError(f"--iou-thresh: must be in [0, 1), got {args.iou_thresh}")
+    if not (0.0 < args.iou_thresh < 1.0):
+        raise ConfigError(f"--iou-thresh: must be > 0 and < 1, got {args.iou_thresh}")
     src = args.model if args.model is not None else args.detections
     if not os.path.isfile(src):
         raise DataError(f"{src}: file not found ({'--model' if args.model is not None else '--detections'})")
@@ -104,10 +134,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
     model = None
     if args.model is not None:
-        from edp_det import load_compressed
-
         device = resolve_device(args.device)
-        model = load_compressed(args.model)
+        model = load_detector(args.model, "--model")
+        _check_model_classes(model, classes, args.model)
         if classes is None and getattr(model, "classes", None):
             classes = [str(c) for c in model.classes]  # label order the model was trained with, if it records it
         if classes is not None:
@@ -124,6 +153,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                                 iou_thresh=args.iou_thresh, coco=not args.no_coco, num_workers=args.num_workers,
                                 progress=args.progress)
         det_path = out_dir / "detections.json"
+        (out_dir / "metrics.json").unlink(missing_ok=True)   # --overwrite: never the old metrics beside new detections
         save_detections_json(res.detections, det_path)
         logger.info("wrote %s (%d detections)", det_path, len(res.detections))
         num_images = len(dataset)
@@ -156,4 +186,4 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    cli_main(main, get_args_parser().parse_args(), "eval_det")
+    cli_main(main, get_args_parser().parse_args(), "eval_det", interrupted=INTERRUPTED_ATOMIC)

@@ -14,8 +14,14 @@ specialises the graph to --input-size and makes ONNX Runtime reject every other 
 --verify-count images of --split in the VOC folder --data-root) and states the largest box and score differences;
 it needs detections on at least one image: where PyTorch detects nothing the check is void and fails. Without
 images a random one is used, which a trained detector usually finds nothing in. The model runs on CUDA when
-available, else on the CPU (--device chooses). Bad input prints one error line and exits with status 2; a model
-that cannot be exported, or a failed or void --verify, exits with 1.
+available, else on the CPU (--device chooses).
+
+--output names a file (default: next to --model); a folder, the --model file itself or a file of a training run
+is refused, and so is an existing file unless --overwrite is given. The file is written in full or not at all,
+also on Ctrl-C. Options that would do nothing are errors: ONNX-only ones (--opset, --static, --dynamic) with
+--format torchscript, --verify-images / --data-root without --verify, --split / --verify-count without
+--data-root. Bad input prints one error line and exits with status 2; a model that cannot be exported, or a failed
+or void --verify, exits with 1.
 """
 from __future__ import annotations
 
@@ -24,7 +30,7 @@ import logging
 import os
 from pathlib import Path
 
-from edp_det.harness.cli import cli_main, tool_parser
+from edp_det.harness.cli import INTERRUPTED_ATOMIC, cli_main, tool_parser
 
 logger = logging.getLogger("export")
 
@@ -36,12 +42,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="compressed model file (edp_det.save_compressed format)")
     p.add_argument("--format", required=True, choices=["onnx", "torchscript"])
     p.add_argument("--output", default=None,
-                   help="output file (default: next to --model, <stem>[.backbone].onnx / .torchscript.pt)")
+                   help="output file, not a folder (default: next to --model, <stem>[.backbone].onnx / "
+                        ".torchscript.pt)")
+    p.add_argument("--overwrite", action="store_true", help="replace the output file if it exists")
     p.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"), default=None,
                    help="example image size (default: min_size x min_size of the model's transform)")
     p.add_argument("--part", choices=["detector", "backbone"], default="detector",
                    help="whole detector with pre/post-processing, or backbone + FPN only")
-    p.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 11)")
+    p.add_argument("--opset", type=int, default=None,
+                   help="ONNX opset (default: 17; from 11 to the highest the installed torch exports)")
     p.add_argument("--static", action="store_true",
                    help="ONNX: specialise the graph to --input-size (other image sizes are then rejected)")
     p.add_argument("--dynamic", action="store_true",
@@ -53,8 +62,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "the model detects nothing on them")
     p.add_argument("--verify-images", nargs="+", default=None, metavar="PATH", help="images for --verify")
     p.add_argument("--data-root", default=None, help="VOC folder whose --split images --verify uses")
-    p.add_argument("--split", default="test", help="split of --data-root for --verify (default: test)")
-    p.add_argument("--verify-count", type=int, default=4, help="how many --data-root images --verify uses (4)")
+    p.add_argument("--split", default=None, help="split of --data-root for --verify (default: test)")
+    p.add_argument("--verify-count", type=int, default=None,
+                   help="how many --data-root images --verify uses (default: 4)")
     p.add_argument("--device", default=None,
                    help="device the model is traced and verified on (default: cuda if available, else cpu)")
     return p
@@ -62,35 +72,30 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace):
     """Export; prints the summary and returns the ExportResult."""
-    from edp_det import load_compressed
     from edp_det.deploy.benchmark import default_input_size
-    from edp_det.harness.cli import resolve_device
+    from edp_det.deploy.export import DEFAULT_OPSET, export_onnx, export_torchscript
+    from edp_det.harness.cli import check_output_file, load_detector, resolve_device
     from edp_det.runtime.errors import ConfigError
-    from edp_det.deploy.export import export_onnx, export_torchscript
 
+    _check_flags(args)
     if not os.path.isfile(args.model):
         raise ConfigError(f"--model: file not found: {args.model}")
     if args.input_size is not None and min(args.input_size) < 1:
         raise ConfigError(f"--input-size: must be positive, got {args.input_size}")
-    if args.opset < 11:
-        raise ConfigError(f"--opset: must be >= 11 for detection models, got {args.opset}")
-    device = resolve_device(args.device)
-    model = load_compressed(args.model).to(device)
-    if not all(hasattr(model, a) for a in ("backbone", "rpn", "roi_heads", "transform")):
-        raise ConfigError(f"{args.model}: a {model.edp_arch['name']!r} model, not a detector")
-    input_size = (3, *args.input_size) if args.input_size is not None else default_input_size(model)
     if args.output is not None:
-        out = Path(args.output)
+        out = check_output_file(args.output, "--output", overwrite=args.overwrite, inputs=[("--model", args.model)])
     else:
         src = Path(args.model)
         stem = src.stem + (".backbone" if args.part == "backbone" else "")
-        out = src.with_name(stem + _SUFFIX[args.format])
-    if args.static and args.dynamic:
-        raise ConfigError("--static and --dynamic exclude each other")
+        out = check_output_file(src.with_name(stem + _SUFFIX[args.format]), "output (next to --model)",
+                                overwrite=args.overwrite)
+    device = resolve_device(args.device)
+    model = load_detector(args.model, "--model").to(device)
+    input_size = (3, *args.input_size) if args.input_size is not None else default_input_size(model)
     images = _verify_images(args) if args.verify else None   # bad image paths fail before the export
     if args.format == "onnx":
-        res = export_onnx(model, out, input_size, args.part, opset=args.opset, dynamic=not args.static,
-                          fallback=not args.no_fallback)
+        res = export_onnx(model, out, input_size, args.part, opset=DEFAULT_OPSET if args.opset is None else args.opset,
+                          dynamic=not args.static, fallback=not args.no_fallback)
     else:
         res = export_torchscript(model, out, input_size, args.part, fallback=not args.no_fallback)
     print(res.summary())
@@ -99,20 +104,50 @@ def main(args: argparse.Namespace):
     return res
 
 
+def _given(args, *names) -> list[str]:
+    """The flags among ``names`` (argparse destinations) that were given (not None / not False)."""
+    return ["--" + n.replace("_", "-") for n in names if getattr(args, n) not in (None, False)]
+
+
+def _check_flags(args) -> None:
+    """Flags that would do nothing in this combination, and values the exporter cannot take, before any work."""
+    from edp_det.deploy.export import onnx_opset_range
+    from edp_det.runtime.errors import ConfigError
+
+    if args.format != "onnx" and _given(args, "opset", "static", "dynamic"):
+        raise ConfigError(f"{', '.join(_given(args, 'opset', 'static', 'dynamic'))}: ONNX options, not used with "
+                          f"--format {args.format}")
+    if args.static and args.dynamic:
+        raise ConfigError("--static and --dynamic exclude each other")
+    if args.opset is not None:
+        lo, hi, note = onnx_opset_range()
+        if args.opset < lo:
+            raise ConfigError(f"--opset {args.opset}: must be >= {lo} for detection models")
+        if hi is not None and args.opset > hi:
+            raise ConfigError(f"--opset {args.opset}: the installed torch exports opsets {lo} to {hi}"
+                              f"{f' ({note})' if note else ''}")
+    if not args.verify and _given(args, "verify_images", "data_root", "split", "verify_count"):
+        raise ConfigError(f"{', '.join(_given(args, 'verify_images', 'data_root', 'split', 'verify_count'))}: "
+                          "only used with --verify")
+    if args.verify_images and args.data_root:
+        raise ConfigError("--verify-images and --data-root exclude each other: give images or a VOC folder")
+    if args.data_root is None and _given(args, "split", "verify_count"):
+        raise ConfigError(f"{', '.join(_given(args, 'split', 'verify_count'))}: only used with --data-root")
+    if args.verify_count is not None and args.verify_count < 1:
+        raise ConfigError(f"--verify-count: must be >= 1, got {args.verify_count}")
+
+
 def _verify_images(args) -> list | None:
     """The images --verify compares on ([C, H, W] tensors in [0, 1]); None: a random image."""
     from torchvision.transforms.functional import to_tensor
 
     from edp_det.data.voc import VOCDataset, load_image
-    from edp_det.runtime.errors import ConfigError
 
     if args.verify_images:
         return [to_tensor(load_image(p)) for p in args.verify_images]
     if args.data_root:
-        if args.verify_count < 1:
-            raise ConfigError(f"--verify-count: must be >= 1, got {args.verify_count}")
-        ds = VOCDataset(args.data_root, args.split, check_images=False, evaluation=True)
-        return [ds[i][0] for i in range(min(args.verify_count, len(ds)))]
+        ds = VOCDataset(args.data_root, args.split or "test", check_images=False, evaluation=True)
+        return [ds[i][0] for i in range(min(args.verify_count or 4, len(ds)))]
     return None
 
 
@@ -151,4 +186,4 @@ def _verify(res, model, images) -> None:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    cli_main(main, get_args_parser().parse_args(), "export")
+    cli_main(main, get_args_parser().parse_args(), "export", interrupted=INTERRUPTED_ATOMIC)

@@ -33,15 +33,19 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from edp_det.runtime.errors import caused_by_interrupt
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["ExportError", "ExportResult", "export_model", "export_onnx", "export_torchscript", "verify_onnx",
            "verify_torchscript", "verify_detections",
-           "example_inputs", "backbone_levels", "onnx_level_names", "run_pytorch", "FORMATS", "PARTS", "DEFAULT_OPSET"]
+           "example_inputs", "backbone_levels", "onnx_level_names", "run_pytorch",
+           "onnx_opset_range", "FORMATS", "PARTS", "DEFAULT_OPSET", "MIN_OPSET"]
 
 FORMATS = ("onnx", "torchscript")
 PARTS = ("detector", "backbone")
 DEFAULT_OPSET = 17
+MIN_OPSET = 11   # RoIAlign / NMS of torchvision's detection models
 DETECTOR_OUTPUTS = ("boxes", "labels", "scores")
 
 
@@ -96,6 +100,31 @@ class ExportResult:
 def _first_line(e: BaseException) -> str:
     msg = str(e).strip().splitlines()
     return f"{type(e).__name__}: {msg[0] if msg else ''}".strip()
+
+
+def onnx_opset_range() -> tuple[int, int | None, str]:
+    """``(lowest, highest, note)``: the ONNX opsets :func:`export_onnx` can write with the installed torch.
+
+    The highest is that of the TorchScript-based exporter, or of the torch.export-based one where ``onnxscript``
+    is installed (None when this torch does not say); ``note`` names what a higher opset would need ("" if
+    nothing)."""
+    import importlib.util
+
+    try:
+        from torch.onnx import _constants as c
+        ts_max, any_max = int(c.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET), int(c.ONNX_MAX_OPSET)
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return MIN_OPSET, None, ""
+    if any_max > ts_max and importlib.util.find_spec("onnxscript") is None:
+        return MIN_OPSET, ts_max, f"up to {any_max} with the onnxscript package"
+    return MIN_OPSET, max(ts_max, any_max), ""
+
+
+def _check_path(path) -> Path:
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"output path {path} is a directory; give a file name")
+    return path
 
 
 def _check_args(model, fmt, part, input_size):
@@ -192,7 +221,12 @@ def _tmp_path(path: Path) -> Path:
 
 
 def _replace(tmp: Path, path: Path) -> None:
-    os.replace(tmp, path)
+    """Move the finished temp file onto ``path``; the temp file never outlives a failure."""
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 # ---------------------------------------------------------------------------------------------------- ONNX
@@ -225,10 +259,13 @@ def export_onnx(model: nn.Module, path, input_size=(3, 800, 800), part: str = "d
 
     Args:
         model: a torchvision Faster R-CNN (e.g. from :func:`edp_det.load_compressed`), on any device.
-        path: output ``.onnx`` file (parent folders are created).
+        path: output ``.onnx`` file (parent folders are created; an existing folder is refused). It is written
+            to a temporary file next to it first and replaced at the end: a failed or interrupted export leaves
+            no partial file.
         input_size: ``(C, H, W)`` of the example image (use the network size, e.g. ``(3, min_size, min_size)``).
         part: ``"detector"`` or ``"backbone"``.
-        opset: ONNX opset (>= 11 for detection models).
+        opset: ONNX opset, from 11 (detection models) to the highest the installed exporter writes
+            (:func:`onnx_opset_range`).
         dynamic: make H, W (and the backbone's batch) dynamic axes (default). ``False`` specialises the graph
             to ``input_size``: ONNX Runtime then rejects images of any other size.
         fallback: if the detector cannot be exported, export the backbone + FPN instead.
@@ -237,9 +274,11 @@ def export_onnx(model: nn.Module, path, input_size=(3, 800, 800), part: str = "d
         ValueError on bad arguments; ExportError (a RuntimeError) if nothing could be exported.
     """
     input_size = _check_args(model, "onnx", part, input_size)
-    if isinstance(opset, bool) or not isinstance(opset, int) or opset < 11:
-        raise ValueError(f"opset must be an int >= 11, got {opset!r}")
-    path = Path(path)
+    lo, hi, note = onnx_opset_range()
+    if isinstance(opset, bool) or not isinstance(opset, int) or opset < lo or (hi is not None and opset > hi):
+        raise ValueError(f"opset must be an int from {lo} to {hi if hi is not None else 'the highest torch supports'}"
+                         f"{f' ({note})' if note else ''}, got {opset!r}")
+    path = _check_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     parts = [part] + (["backbone"] if part == "detector" and fallback else [])
     errors: list[str] = []
@@ -257,8 +296,10 @@ def export_onnx(model: nn.Module, path, input_size=(3, 800, 800), part: str = "d
                         import onnx
 
                         onnx.checker.check_model(str(tmp))
-                except Exception as e:  # noqa: BLE001 - exporter failures come in many types
-                    tmp.unlink(missing_ok=True)
+                except BaseException as e:  # noqa: BLE001 - exporter failures come in many types
+                    tmp.unlink(missing_ok=True)   # also on Ctrl-C: no partial file is left
+                    if not isinstance(e, Exception) or caused_by_interrupt(e):
+                        raise
                     errors.append(f"{p} via {method}: {_first_line(e)}")
                     logger.info("ONNX export of the %s via %s failed: %s", p, method, _first_line(e))
                     continue
@@ -282,7 +323,7 @@ def export_torchscript(model: nn.Module, path, input_size=(3, 800, 800), part: s
     backbone is scripted, or traced at ``input_size`` if scripting fails. Load with ``torch.jit.load``.
     """
     input_size = _check_args(model, "torchscript", part, input_size)
-    path = Path(path)
+    path = _check_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     parts = [part] + (["backbone"] if part == "detector" and fallback else [])
     errors: list[str] = []
@@ -299,8 +340,10 @@ def export_torchscript(model: nn.Module, path, input_size=(3, 800, 800), part: s
                         warnings.simplefilter("ignore")   # torch.jit is deprecated (FutureWarning) in torch 2.x
                         sm = torch.jit.script(module) if x is None else torch.jit.trace(module, x, strict=False)
                         torch.jit.save(sm, str(tmp))
-                except Exception as e:  # noqa: BLE001
+                except BaseException as e:  # noqa: BLE001
                     tmp.unlink(missing_ok=True)
+                    if not isinstance(e, Exception) or caused_by_interrupt(e):
+                        raise
                     errors.append(f"{p} via {method}: {_first_line(e)}")
                     logger.info("TorchScript export of the %s via %s failed: %s", p, method, _first_line(e))
                     continue

@@ -278,7 +278,7 @@ def evaluate_voc(
         annotations: ``image_id -> [{"category": str, "bbox": [xmin, ymin, xmax, ymax], "difficult": bool}, ...]``
             for every image of the split (images without objects included, with an empty list).
         classes: class names to evaluate (order of the report).
-        iou_thresh: a detection is a hit when IoU > iou_thresh (strictly).
+        iou_thresh: a detection is a hit when IoU > iou_thresh (strictly); 0 < iou_thresh < 1.
         pixel_plus_one: VOC pixel convention (width = xmax - xmin + 1).
 
     Raises:
@@ -287,8 +287,8 @@ def evaluate_voc(
     classes = list(classes)
     if len(set(classes)) != len(classes):
         raise DataError(f"evaluate_voc: duplicate class names in classes={classes!r}")
-    if not (0.0 <= float(iou_thresh) < 1.0):
-        raise DataError(f"evaluate_voc: iou_thresh must be in [0, 1), got {iou_thresh!r}")
+    if not (0.0 < float(iou_thresh) < 1.0):
+        raise DataError(f"evaluate_voc: iou_thresh must be > 0 and < 1, got {iou_thresh!r}")
     cls_index = {c: i for i, c in enumerate(classes)}
     image_ids = list(annotations.keys())
     img_index = {img: i for i, img in enumerate(image_ids)}

@@ -17,8 +17,14 @@ from pathlib import Path
 
 from edp_det.runtime.errors import ConfigError, EDPError, caused_by_interrupt
 
-__all__ = ["add_run_args", "resolve_run_config", "resume_argument", "cli_main", "check_output_dir", "default_device",
-           "resolve_device", "tool_parser", "json_safe", "write_json"]
+__all__ = ["add_run_args", "resolve_run_config", "resume_argument", "cli_main", "check_output_dir",
+           "check_output_file", "training_run_files", "load_detector", "default_device", "resolve_device",
+           "tool_parser", "json_safe", "write_json", "INTERRUPTED_CHECKPOINTS", "INTERRUPTED_ATOMIC"]
+
+#: what :func:`cli_main` says after Ctrl-C: for tools that write checkpoints, and for tools whose only output is
+#: written atomically (a temp file replaced at the end) so that an interrupt leaves no partial file
+INTERRUPTED_CHECKPOINTS = "checkpoints written so far are intact"
+INTERRUPTED_ATOMIC = "no partially written file was left"
 
 
 def add_run_args(parser, data_help: str = "dataset root (overrides data.root)"):
@@ -31,7 +37,8 @@ def add_run_args(parser, data_help: str = "dataset root (overrides data.root)"):
     resume.add_argument("--resume-from", default=None, metavar="PATH",
                         help="resume from this checkpoint file (or the latest in this directory)")
     parser.add_argument("--overwrite", action="store_true",
-                        help="clear the run already in --output-dir (its checkpoints, logs and results) before starting")
+                        help="clear the run already in --output-dir (its checkpoints, logs and results) before "
+                             "starting")
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved config with each key's help and exit (builds nothing)")
     parser.add_argument("--log-level", default="INFO")
@@ -69,6 +76,71 @@ def check_output_dir(path, flag: str = "--output-dir") -> Path:
     return p
 
 
+def training_run_files(folder) -> list[str]:
+    """The files in ``folder`` that mark it as a training run's output folder (``config.yaml``,
+    ``metrics_log.jsonl``, checkpoints, ``model_final.pt``, ...; see :mod:`edp_det.runtime.rundir`); a
+    ``metrics.json`` alone is not one (an evaluation folder holds one too). Empty when there is no run."""
+    from edp_det.runtime.rundir import existing_run_files
+
+    return [f for f in existing_run_files(folder) if f != "metrics.json"]
+
+
+def _same_file(a, b) -> bool:
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)   # hard links
+    except OSError:
+        return False
+
+
+def check_output_file(path, flag: str, *, overwrite: bool = False, inputs=()) -> Path:
+    """``path`` as a Path, for a result file a tool is about to write; writes nothing. ConfigError (one line naming
+    ``flag`` and the path) when it
+
+    * is one of the tool's input files (``inputs``: ``(flag, path)`` pairs; the same resolved file), always;
+    * is an existing directory;
+    * is a file of the training run in its folder (``metrics.json``, ``model_final.pt``, ... next to the run's
+      ``config.yaml`` / ``metrics_log.jsonl`` / checkpoints), always;
+    * exists and ``overwrite`` is false (the tool's ``--overwrite``).
+    """
+    from edp_det.runtime.rundir import RUN_FILES
+
+    p = Path(path)
+    for in_flag, src in inputs:
+        if src is not None and _same_file(p, src):
+            raise ConfigError(f"{flag} {path}: is the {in_flag} file itself; write the result to another file")
+    if p.is_dir():
+        raise ConfigError(f"{flag} {path}: is a directory; give a file name")
+    run = training_run_files(p.parent)
+    if run and (p.name in RUN_FILES or p.name == "log.txt" or p.name in run):
+        raise ConfigError(f"{flag} {path}: is a file of the training run in {p.parent} ({', '.join(run[:3])}); "
+                          "write the result to another file")
+    if p.exists() and not overwrite:
+        raise ConfigError(f"{flag} {path}: exists; pass --overwrite to replace it, or choose another file")
+    return p
+
+
+def load_detector(path, flag: str = "--model"):
+    """The detector saved in ``path`` (:func:`edp_det.load_compressed`); ConfigError (one line) when the file is
+    missing, is a TorchScript archive (e.g. written by ``tools/export.py``) or holds a model that is not a detector
+    (a ``tools/train_cls.py`` classifier); a foreign or corrupt file fails as ``load_compressed`` says."""
+    import edp_det
+    from edp_det.runtime.checkpoint import is_torchscript_archive
+    from edp_det.ops.adapter import is_detector
+
+    if not os.path.isfile(path):
+        raise ConfigError(f"{flag}: file not found: {path}")
+    if is_torchscript_archive(path):
+        raise ConfigError(f"{path}: {flag} is a TorchScript archive (torch.jit.save), not an edp-det model file; "
+                          "give the model file it was exported from (edp_det.save_compressed, e.g. model_final.pt)")
+    model = edp_det.load_compressed(path)
+    if not is_detector(model):
+        name = (getattr(model, "edp_arch", None) or {}).get("name", type(model).__name__)
+        raise ConfigError(f"{path}: {flag} is a {name!r} model, not a detector")
+    return model
+
+
 def default_device() -> str:
     """``"cuda"`` when a GPU is available, else ``"cpu"`` (the training engine's default)."""
     import torch
@@ -97,7 +169,7 @@ def _one_line(exc: BaseException) -> str:
     return str(exc).strip() or type(exc).__name__
 
 
-def cli_main(fn, args, prog: str):
+def cli_main(fn, args, prog: str, interrupted: str = INTERRUPTED_CHECKPOINTS):
     """The error boundary of every tool: run ``fn(args)`` and return its result, mapping failures to one line on
     stderr and an exit status.
 
@@ -106,7 +178,9 @@ def cli_main(fn, args, prog: str):
     * a failed run (:class:`edp_det.train.engine.TrainingError`, :class:`edp_det.deploy.export.ExportError`):
       ``<prog>: failed: ...``, exit 1;
     * Ctrl-C, also while torch writes a checkpoint (checkpoint writes are atomic: the previous one stays intact):
-      one line, exit 130.
+      ``<prog>: interrupted; <interrupted>``, exit 130. ``interrupted`` says what the tool leaves behind:
+      :data:`INTERRUPTED_CHECKPOINTS` (the default) for tools that write checkpoints, :data:`INTERRUPTED_ATOMIC`
+      for tools whose results are only written atomically.
 
     Every ``args.output_dir`` / ``args.out`` that exists as a file is refused before ``fn`` runs.
     """
@@ -116,11 +190,11 @@ def cli_main(fn, args, prog: str):
                 check_output_dir(getattr(args, dest), flag)
         return fn(args)
     except KeyboardInterrupt:
-        print(f"{prog}: interrupted; checkpoints written so far are intact", file=sys.stderr)
+        print(f"{prog}: interrupted; {interrupted}", file=sys.stderr)
         raise SystemExit(130) from None
     except Exception as e:  # noqa: BLE001 - classified below, anything else propagates unchanged
         if caused_by_interrupt(e):
-            print(f"{prog}: interrupted; checkpoints written so far are intact", file=sys.stderr)
+            print(f"{prog}: interrupted; {interrupted}", file=sys.stderr)
             raise SystemExit(130) from None
         if _run_failure(e):
             logging.getLogger(prog).error("%s", e)

@@ -83,6 +83,8 @@ def plan_runs(methods, targets, name_by_method: bool = False) -> list[tuple[str,
     bad = [t for t in targets if not 0 < t < 1]
     if bad:
         raise ValueError(f"--flops-targets: every target must be in (0, 1), got {bad}")
+    if len(set(targets)) != len(targets):
+        raise ValueError(f"--flops-targets: a target is repeated in {targets}")
     if any(m != BASELINE for m in methods) and not targets:
         raise ValueError("--flops-targets: give at least one target")
     if name_by_method and len(targets) > 1:
@@ -113,7 +115,7 @@ class PlannedRun:
 
 
 def parse_seeds(text: str) -> list[int]:
-    """``"0,1,2"`` → ``[0, 1, 2]``; ValueError naming ``--seeds`` when empty, not integers or repeated."""
+    """``"0,1,2"`` → ``[0, 1, 2]``; ValueError naming ``--seeds`` when empty, not integers ≥ 0 or repeated."""
     parts = [t.strip() for t in str(text).split(",")]
     if not text or not all(parts):
         raise ValueError(f"--seeds {text!r}: give comma-separated integers, e.g. 0,1,2")
@@ -124,6 +126,8 @@ def parse_seeds(text: str) -> list[int]:
             from None
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"--seeds {text!r}: a seed is repeated")
+    if any(s < 0 for s in seeds):
+        raise ValueError(f"--seeds {text!r}: seeds are integers ≥ 0")
     return seeds
 
 
@@ -202,13 +206,16 @@ def comparison_config(config, method: str, target: float | None, data_root=None,
 def planned_config(config, run: PlannedRun, output_dir, data_root=None, overrides=(), threads: int | None = None
                    ) -> dict:
     """The resolved config of ``run`` in the grid at ``output_dir``: its seed, its starting weights
-    (``model.weights`` = the ``model_final.pt`` of ``run.start_from``) and schedule, ``train.threads``."""
+    (``model.weights`` = the ``model_final.pt`` of ``run.start_from``, instead of any backbone weights the config
+    names) and schedule, ``train.threads``."""
     out = Path(output_dir)
     extra: dict = {}
     if run.seed is not None:
         extra["seed"] = run.seed
     if run.start_from is not None:
-        extra["model"] = {"weights": str(out / run.start_from / "model_final.pt")}
+        # the whole trained detector: the config's sources of initial backbone weights do not apply
+        extra["model"] = {"weights": str(out / run.start_from / "model_final.pt"), "weights_backbone": None,
+                          "backbone_checkpoint": None}
     if run.schedule is not None:
         extra["compress"] = {"schedule": {"enabled": bool(run.schedule)}}
     cfg = comparison_config(config, run.method, run.target, data_root, overrides, extra)

@@ -33,6 +33,7 @@ __all__ = [
     "atomic_save",
     "atomic_write_text",
     "load_checkpoint",
+    "is_torchscript_archive",
     "to_plain",
     "CheckpointManager",
     "resolve_resume",
@@ -223,11 +224,24 @@ def _describe_failure(path: Path, exc: BaseException) -> str:
     return f"not a loadable torch checkpoint ({type(exc).__name__}: {first})"
 
 
+def is_torchscript_archive(path) -> bool:
+    """Whether ``path`` is a TorchScript archive (``torch.jit.save``: a zip holding ``constants.pkl`` and the
+    scripted ``code/``), which :func:`load_checkpoint` refuses."""
+    try:
+        if not zipfile.is_zipfile(path):
+            return False
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+    except (OSError, zipfile.BadZipFile):
+        return False
+    return any(n.endswith("/constants.pkl") or n == "constants.pkl" or "/code/__torch__/" in n for n in names)
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
     """``torch.load(path, map_location=..., weights_only=True)`` with one-line :class:`CheckpointError` s.
 
-    Missing file, directory, empty file, not a torch file, truncated archive, or a file needing pickled
-    classes → ``CheckpointError("checkpoint <path>: <what is wrong>")``. Nothing is ever unpickled.
+    Missing file, directory, empty file, a TorchScript archive, not a torch file, truncated archive, or a file
+    needing pickled classes → ``CheckpointError("checkpoint <path>: <what is wrong>")``. Nothing is ever unpickled.
     """
     path = Path(path)
     if not path.exists():
@@ -240,6 +254,9 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
         raise CheckpointError(f"checkpoint {path}: cannot stat ({exc})") from None
     if size == 0:
         raise CheckpointError(f"checkpoint {path}: empty file (0 bytes)")
+    if is_torchscript_archive(path):
+        raise CheckpointError(f"checkpoint {path}: a TorchScript archive (torch.jit.save, e.g. from tools/export.py), "
+                              f"not a checkpoint or edp-det model file; load it with torch.jit.load")
     try:
         with warnings.catch_warnings():  # foreign raw pickles trigger a protocol warning before the error
             warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)

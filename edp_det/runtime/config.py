@@ -50,6 +50,8 @@ __all__ = [
     "apply_overrides",
     "dump_config",
     "config_hash",
+    "config_differences",
+    "RESUME_FREE_KEYS",
     "deep_merge",
     "flatten",
     "get_by_dotted",
@@ -386,3 +388,24 @@ def config_hash(cfg: Mapping, length: int = 10) -> str:
     """Short hash of the config content, stable across runs, processes and key order."""
     blob = json.dumps(_plain(cfg), sort_keys=True, separators=(",", ":"), default=str, allow_nan=True)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:length]
+
+
+#: keys a resumed run may set differently from the run it continues: where the run writes, reads the data from or
+#: runs, how it logs and measures; nothing that changes what is trained (a prefix ending in "." covers a section)
+RESUME_FREE_KEYS = ("output_dir", "device", "data.root", "data.image_cache", "train.num_workers", "train.threads",
+                    "train.log_interval", "train.tensorboard", "train.checkpoint_keep", "eval.", "benchmark.")
+
+
+def config_differences(saved: Mapping, new: Mapping, free: Iterable[str] = RESUME_FREE_KEYS) -> list[tuple]:
+    """``(key, saved value, new value)`` of every key set differently in the two resolved configs, except the
+    ``free`` keys (a prefix ending in ``"."`` stands for its section). Keys only one side has (a config written by
+    another version of the package) are not compared."""
+    free = tuple(free)
+    a, b = flatten(_plain(saved)), flatten(_plain(new))
+    out = []
+    for key in sorted(set(a) & set(b)):
+        if any(key == f or (f.endswith(".") and key.startswith(f)) for f in free):
+            continue
+        if a[key] != b[key]:
+            out.append((key, a[key], b[key]))
+    return out

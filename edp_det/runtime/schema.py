@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import math
 import types
 import typing
 from collections.abc import Mapping
@@ -251,6 +252,9 @@ def check_value(value, leaf: Leaf, dotted: str, source: str):
                           f"expected {type_name(leaf.type)} (default {leaf.default!r})")
     if out is None:
         return out
+    numbers = out if isinstance(out, list) else [out]
+    if any(isinstance(v, float) and not math.isfinite(v) for v in numbers):
+        raise ConfigError(f"{source}: config key {dotted!r} = {out!r}: must be a finite number")
     if leaf.choices is not None and out not in leaf.choices:
         raise ConfigError(f"{source}: config key {dotted!r} = {out!r} is not one of: "
                           f"{', '.join(str(c) for c in leaf.choices)}")
@@ -412,7 +416,7 @@ class AugmentConfig:
                                                   "null: off")
     min_visibility: float = option(0.3, "boxes keeping less than this fraction of their area are dropped",
                                    ge=0, le=1)
-    seed: int | None = option(None, "albumentations' own RNG seed (reproducible augmentation)")
+    seed: int | None = option(None, "albumentations' own RNG seed (reproducible augmentation)", ge=0)
 
 
 @dataclass
@@ -503,7 +507,7 @@ class ClassificationEval:
 class _RunConfig:
     task: str = option("detection", "what the run trains", choices=TASKS)
     method: str = option("edp", "compression method (its options: the compress section)")
-    seed: int = option(0, "seed of every RNG (per epoch and process)")
+    seed: int = option(0, "seed of every RNG (per epoch and process)", ge=0)
     output_dir: str | None = option(None, "output directory; null: --output-dir or runs/<config name>")
     device: str | None = option(None, "training device; null: cuda if available, else cpu")
     train: TrainConfig = section(TrainConfig, "schedule and optimizer")

@@ -26,13 +26,13 @@ from torch import nn
 
 from edp_det.edp.calibration import batchnorm_layers, recalibrate_batchnorm
 from edp_det.runtime.checkpoint import CheckpointManager, atomic_write_text, load_checkpoint, resolve_resume
-from edp_det.runtime.config import dump_config
+from edp_det.runtime.config import config_differences, dump_config
 from edp_det.runtime.distributed import barrier, broadcast_object, init_distributed, seed_everything
-from edp_det.runtime.errors import EDPError
+from edp_det.runtime.errors import ConfigError, EDPError
 from edp_det.ops.graph import unwrap_model
 from edp_det.runtime.logs import (MetricsLogger, ProgressMeter, console_logging_above, format_duration, format_metrics,
                                   open_tensorboard, progress)
-from edp_det.runtime.rundir import check_run_dir, start_run_dir, truncate_metrics_log
+from edp_det.runtime.rundir import RunDirError, check_run_dir, start_run_dir, truncate_metrics_log
 from edp_det.methods import build_method
 from edp_det.models import describe_model
 from edp_det.edp.pruning import PMReport, transfer_optimizer_state
@@ -120,6 +120,20 @@ class Trainer:
                 "method": self.method.state_dict(), "epoch": epoch, "global_step": self.step, "config": self.cfg,
                 "classes": list(getattr(self.task, "classes", []) or []), "train_time_s": self._train_time()}
 
+    def _check_resumable(self, ckpt: dict, path) -> None:
+        """A resumed run continues the saved one: the same settings (but where it writes, reads and runs, how it logs
+        and measures: :data:`edp_det.runtime.config.RESUME_FREE_KEYS`), and epochs left to train."""
+        diffs = config_differences(ckpt.get("config") or {}, self.cfg)
+        if diffs:
+            shown = "; ".join(f"{k}: {old!r} in the checkpoint, {new!r} now" for k, old, new in diffs[:3])
+            more = f" (and {len(diffs) - 3} more)" if len(diffs) > 3 else ""
+            raise ConfigError(f"--resume {path}: this command changes what the run trains: {shown}{more}; resume with "
+                              f"the run's settings (its config.yaml), or start a new run in another --output-dir "
+                              f"(model.weights=<its model_final.pt> starts from its weights)")
+        if int(ckpt["epoch"]) + 1 >= int(self.tcfg["epochs"]) and (self.out / "metrics.json").is_file():
+            raise RunDirError(f"--resume {path}: the run in {self.out} is finished (epoch {int(ckpt['epoch']) + 1} of "
+                              f"{self.tcfg['epochs']}, metrics.json written): nothing to resume")
+
     def _train_time(self) -> float:
         return self.train_time_before + (time.time() - self.t_start)
 
@@ -156,6 +170,7 @@ class Trainer:
             ckpt = load_checkpoint(resume_path)
             if not isinstance(ckpt, dict) or "spec" not in ckpt or "model" not in ckpt:
                 raise ValueError(f"{resume_path}: not a training checkpoint of edp-det (fields 'spec'/'model' missing)")
+            self._check_resumable(ckpt, resume_path)
             method.load_state_dict(ckpt.get("method", {}))
             apply_spec(model, ckpt["spec"])
             model.load_state_dict(ckpt["model"])
