@@ -160,6 +160,17 @@ def test_trained_start_adds_baseline_and_control():
         plan_grid(["edp"], [0.4, 0.4], [0], "trained")
 
 
+def test_a_grid_never_writes_into_its_dataset(tmp_path, monkeypatch, synthetic_voc):
+    """The check is made on each run's own folder: a grid inside the data root is refused before it starts, a grid
+    elsewhere is not, wherever the command runs from."""
+    plan, _ = plan_grid(["baseline"], [], [0], "scratch")
+    with pytest.raises(ConfigError, match="inside data.root"):
+        planned_config(TINY, plan[0], synthetic_voc / "grid", data_root=synthetic_voc)
+    monkeypatch.chdir(synthetic_voc)
+    cfg = planned_config(TINY, plan[0], tmp_path / "grid", data_root=synthetic_voc)
+    assert cfg["output_dir"] == str(tmp_path / "grid" / "baseline" / "seed0")
+
+
 def test_grid_made_with_another_config_is_refused(tmp_path):
     from edp_det.harness.compare import comparison_config
 

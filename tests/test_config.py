@@ -414,17 +414,26 @@ def test_the_output_folder_is_never_inside_the_dataset(tmp_path):
     assert _resolve(TINY, data_root=data, output_dir=tmp_path / "runs")["output_dir"] == str(tmp_path / "runs")
 
 
-def test_cuda_devices_need_cuda():
+def test_cuda_devices_need_cuda_when_the_run_starts(tmp_path):
+    """A CUDA device name resolves anywhere (``--print-config``, a grid's report on another machine); the run
+    refuses it at its start, before the data, the model or its folder are touched, also for the final benchmark."""
     import torch
+
+    from edp_det.train.detection import DetectionTask
+    from edp_det.train.engine import Trainer
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    with pytest.raises(ConfigError, match="device='cuda': CUDA is not available"):
-        _resolve(TINY, "device=cuda")
-    with pytest.raises(ConfigError, match="benchmark.device='cuda:1': CUDA is not available"):
-        _resolve(TINY, "benchmark.device=cuda:1", "benchmark.enabled=true")
+    out = tmp_path / "run"
+    for overrides, key in ((["device=cuda"], "device"),
+                           (["benchmark.device=cuda:1", "benchmark.enabled=true"], "benchmark.device")):
+        cfg = _resolve(TINY, *overrides, data_root=tmp_path / "missing", output_dir=out)
+        with pytest.raises(ConfigError, match=f"^{key}='cuda(:1)?': CUDA is not available"):
+            Trainer(cfg, DetectionTask(cfg), out).setup()
+        assert not out.exists()
     # a benchmark that does not run needs no device
-    assert _resolve(TINY, "benchmark.device=cuda", "benchmark.enabled=false")["benchmark"]["device"] == "cuda"
+    cfg = _resolve(TINY, "benchmark.device=cuda", "benchmark.enabled=false")
+    assert cfg["benchmark"]["device"] == "cuda"
 
 
 def test_epoch_es_beyond_the_schedule_is_rejected_at_resolution():

@@ -145,6 +145,23 @@ def test_resume_refuses_other_settings_and_a_finished_run(finished, synthetic_vo
     assert "Traceback" not in r.stderr and _snapshot(run) == before
 
 
+def test_resume_refuses_other_classes_and_another_process_count(synthetic_voc, tmp_path):
+    """Data with the same config but other class names (or order), or another number of processes (another global
+    batch), would continue another training: refused naming both sides."""
+    from types import SimpleNamespace
+
+    trainer = _trainer(synthetic_voc, tmp_path / "run")
+    trainer.task = SimpleNamespace(classes=["circle", "square", "triangle"])
+    trainer.dist = SimpleNamespace(world_size=1)
+    ckpt = {"config": trainer.cfg, "epoch": 0, "classes": ["circle", "square", "triangle"], "world_size": 1}
+    trainer._check_resumable(ckpt, "ck.pt")
+    trainer._check_resumable({**ckpt, "world_size": None, "classes": None}, "ck.pt")   # older checkpoints
+    with pytest.raises(ConfigError, match="classes circle,triangle,square .* now gives circle,square,triangle"):
+        trainer._check_resumable({**ckpt, "classes": ["circle", "triangle", "square"]}, "ck.pt")
+    with pytest.raises(ConfigError, match="trained on 4 process\\(es\\), this one has 1"):
+        trainer._check_resumable({**ckpt, "world_size": 4}, "ck.pt")
+
+
 def test_truncate_metrics_log(tmp_path):
     p = tmp_path / "m.jsonl"
     p.write_text('{"epoch": 1}\n{"phase": "x"}\n{"epoch": 2, "iter": 1}\n[1]\n{"epoch": 3}\n{"epo')

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edp_det.ops.adapter import short_body_name
-from edp_det.harness.run_config import resolve_config
+from edp_det.harness.run_config import check_output_dir_outside_data, resolve_config
 from edp_det.harness.stats import POWER
 from edp_det.runtime.checkpoint import atomic_write_text
 from edp_det.runtime.config import config_hash, deep_merge, dump_config, load_config
@@ -222,12 +222,14 @@ def planned_config(config, run: PlannedRun, output_dir, data_root=None, override
     if threads is not None:
         cfg["train"]["threads"] = int(threads)
     cfg["output_dir"] = str(out / run.name)
+    check_output_dir_outside_data(cfg)
     return cfg
 
 
 #: keys of a finished run's config that must match the planned one for the run to be reused
 _REUSE_KEYS = (("method",), ("seed",), ("train", "epochs"), ("train", "lr"), ("compress", "epoch_es"),
-               ("compress", "flops_target"), ("model", "weights"), ("model", "depth"))
+               ("compress", "flops_target"), ("model", "weights"), ("model", "weights_backbone"),
+               ("model", "backbone_checkpoint"), ("model", "depth"))
 
 
 def check_reusable(run_dir: Path, cfg: dict) -> None:

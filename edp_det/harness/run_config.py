@@ -17,12 +17,11 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from edp_det.methods import build_method, config_schema, method_summaries
-from edp_det.runtime.config import load_config
+from edp_det.runtime.config import check_device, load_config
 from edp_det.runtime.errors import ConfigError
 from edp_det.runtime.schema import TASKS, format_config, markdown_reference
 
-__all__ = ["resolve_config", "apply_compress_schedule", "check_run_fields", "check_device", "format_resolved_config",
-           "config_reference"]
+__all__ = ["resolve_config", "apply_compress_schedule", "check_run_fields", "check_output_dir_outside_data", "format_resolved_config", "config_reference"]
 
 
 def resolve_config(config: str | os.PathLike | None, overrides: Iterable[str] = (), *, task: str,
@@ -46,46 +45,34 @@ def resolve_config(config: str | os.PathLike | None, overrides: Iterable[str] = 
     if cfg["task"] != task:
         raise ConfigError(f"{config}: task={cfg['task']!r} but this tool trains task={task!r}")
     stem = Path(config).stem if config is not None else "run"
-    cfg["output_dir"] = str(output_dir or cfg["output_dir"] or Path("runs") / stem)
+    chosen = output_dir or cfg["output_dir"]
+    cfg["output_dir"] = str(chosen or Path("runs") / stem)
     if cfg["data"]["root"]:
         cfg["data"]["root"] = str(Path(cfg["data"]["root"]).expanduser())
     apply_compress_schedule(cfg)
+    if chosen:
+        check_output_dir_outside_data(cfg)
     check_run_fields(cfg)
     build_method(cfg["method"], cfg["compress"], cfg["train"]["epochs"])   # cross-key checks of the method
     return cfg
 
 
-def check_device(value, key: str) -> None:
-    """``value`` (a config's device string, or None) names a device torch knows and this machine has; ConfigError
-    naming ``key`` otherwise."""
-    if value is None:
-        return
-    import torch
-
-    try:
-        dev = torch.device(value)
-    except (RuntimeError, TypeError) as e:
-        raise ConfigError(f"{key}={value!r} is not a device (e.g. cpu, cuda, cuda:1): {str(e).splitlines()[0]}") \
-            from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"{key}={value!r}: CUDA is not available on this machine")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise ConfigError(f"{key}={value!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-
-
-def check_run_fields(cfg: Mapping) -> None:
-    """Checks between keys, and of values the schema's types cannot express, made before anything is built (a value
-    found wrong at the end of training would lose the run): an output folder outside the dataset, devices,
-    ``model.flops_input_size``, the step schedule, one source of initial weights."""
+def check_output_dir_outside_data(cfg: Mapping) -> None:
+    """ConfigError when ``cfg["output_dir"]`` is ``data.root`` or inside it: a run never writes into its dataset."""
     root, out = (cfg.get("data") or {}).get("root"), cfg.get("output_dir")
     if root and out:
         r, o = Path(root).resolve(), Path(out).resolve()
         if o == r or r in o.parents:
             raise ConfigError(f"output directory {out} is inside data.root={root}: a run never writes into its "
                               f"dataset; choose another --output-dir")
+
+
+def check_run_fields(cfg: Mapping) -> None:
+    """Checks between keys, and of values the schema's types cannot express, made before anything is built (a value
+    found wrong at the end of training would lose the run): device names, ``model.flops_input_size``, the step
+    schedule, one source of initial weights."""
     check_device(cfg.get("device"), "device")
-    if cfg.get("benchmark", {}).get("enabled"):
-        check_device(cfg["benchmark"].get("device"), "benchmark.device")
+    check_device((cfg.get("benchmark") or {}).get("device"), "benchmark.device")
     steps = list(cfg["train"].get("lr_steps") or [])
     if any(e < 1 for e in steps) or steps != sorted(set(steps)):
         raise ConfigError(f"train.lr_steps={steps} must be increasing epochs ≥ 1")

@@ -51,6 +51,7 @@ __all__ = [
     "dump_config",
     "config_hash",
     "config_differences",
+    "check_device",
     "RESUME_FREE_KEYS",
     "deep_merge",
     "flatten",
@@ -391,9 +392,14 @@ def config_hash(cfg: Mapping, length: int = 10) -> str:
 
 
 #: keys a resumed run may set differently from the run it continues: where the run writes, reads the data from or
-#: runs, how it logs and measures; nothing that changes what is trained (a prefix ending in "." covers a section)
-RESUME_FREE_KEYS = ("output_dir", "device", "data.root", "data.image_cache", "train.num_workers", "train.threads",
-                    "train.log_interval", "train.tensorboard", "train.checkpoint_keep", "eval.", "benchmark.")
+#: runs, how it logs, evaluates (test split, test-time detector settings) and measures; nothing that changes what
+#: is trained (a prefix ending in "." covers a section)
+RESUME_FREE_KEYS = ("output_dir", "device", "data.root", "data.image_cache", "data.check_images", "data.test_split",
+                    "data.val_split",
+                    "data.skip_bad_eval_images", "train.num_workers", "train.threads", "train.log_interval",
+                    "train.tensorboard", "train.checkpoint_keep", "train.eval_interval", "model.box_score_thresh",
+                    "model.box_detections_per_img", "model.rpn_pre_nms_top_n_test",
+                    "model.rpn_post_nms_top_n_test", "eval.", "benchmark.")
 
 
 def config_differences(saved: Mapping, new: Mapping, free: Iterable[str] = RESUME_FREE_KEYS) -> list[tuple]:
@@ -409,3 +415,23 @@ def config_differences(saved: Mapping, new: Mapping, free: Iterable[str] = RESUM
         if a[key] != b[key]:
             out.append((key, a[key], b[key]))
     return out
+
+
+def check_device(value, key: str, available: bool = False) -> None:
+    """``value`` (a config's device string, or None) names a device torch knows (and, with ``available``, one this
+    machine has); ConfigError naming ``key`` otherwise."""
+    if value is None:
+        return
+    import torch
+
+    try:
+        dev = torch.device(value)
+    except (RuntimeError, TypeError) as e:
+        raise ConfigError(f"{key}={value!r} is not a device (e.g. cpu, cuda, cuda:1): {str(e).splitlines()[0]}") \
+            from None
+    if not available:
+        return
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"{key}={value!r}: CUDA is not available on this machine")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError(f"{key}={value!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")

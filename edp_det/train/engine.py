@@ -26,7 +26,7 @@ from torch import nn
 
 from edp_det.edp.calibration import batchnorm_layers, recalibrate_batchnorm
 from edp_det.runtime.checkpoint import CheckpointManager, atomic_write_text, load_checkpoint, resolve_resume
-from edp_det.runtime.config import config_differences, dump_config
+from edp_det.runtime.config import check_device, config_differences, dump_config
 from edp_det.runtime.distributed import barrier, broadcast_object, init_distributed, seed_everything
 from edp_det.runtime.errors import ConfigError, EDPError
 from edp_det.ops.graph import unwrap_model
@@ -100,8 +100,7 @@ class Trainer:
         if dist.distributed:
             return dist.device
         if want:
-            if str(want).startswith("cuda") and not torch.cuda.is_available():
-                raise ValueError(f"device={want!r} requested but CUDA is not available")
+            check_device(want, "device", available=True)
             return torch.device(want)
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -118,6 +117,7 @@ class Trainer:
                 "optimizer": self.optimizer.state_dict(),
                 "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
                 "method": self.method.state_dict(), "epoch": epoch, "global_step": self.step, "config": self.cfg,
+                "world_size": self.dist.world_size,
                 "classes": list(getattr(self.task, "classes", []) or []), "train_time_s": self._train_time()}
 
     def _check_resumable(self, ckpt: dict, path) -> None:
@@ -128,8 +128,16 @@ class Trainer:
             shown = "; ".join(f"{k}: {old!r} in the checkpoint, {new!r} now" for k, old, new in diffs[:3])
             more = f" (and {len(diffs) - 3} more)" if len(diffs) > 3 else ""
             raise ConfigError(f"--resume {path}: this command changes what the run trains: {shown}{more}; resume with "
-                              f"the run's settings (its config.yaml), or start a new run in another --output-dir "
-                              f"(model.weights=<its model_final.pt> starts from its weights)")
+                              f"the run's settings (its config.yaml), or start a new run in another --output-dir")
+        saved, now = list(ckpt.get("classes") or []), list(getattr(self.task, "classes", []) or [])
+        if saved and now and saved != now:
+            raise ConfigError(f"--resume {path}: the run was trained on the classes {','.join(saved)} (label order), "
+                              f"the data now gives {','.join(now)}: resume on the run's data, or set data.classes")
+        world = ckpt.get("world_size")
+        if world is not None and int(world) != self.dist.world_size:
+            raise ConfigError(f"--resume {path}: the run trained on {world} process(es), this one has "
+                              f"{self.dist.world_size}: the global batch (and so each step) would differ; resume with "
+                              f"{world} process(es)")
         if int(ckpt["epoch"]) + 1 >= int(self.tcfg["epochs"]) and (self.out / "metrics.json").is_file():
             raise RunDirError(f"--resume {path}: the run in {self.out} is finished (epoch {int(ckpt['epoch']) + 1} of "
                               f"{self.tcfg['epochs']}, metrics.json written): nothing to resume")
@@ -150,6 +158,8 @@ class Trainer:
         cfg, tcfg = self.cfg, self.tcfg
         self.dist = dist = init_distributed()
         self.device = device = self._device(dist)
+        if self.cfg.get("benchmark", {}).get("enabled"):   # before training, not when the final benchmark starts
+            check_device(self.cfg["benchmark"].get("device"), "benchmark.device", available=True)
         if device.type == "cpu" and tcfg["threads"]:
             torch.set_num_threads(int(tcfg["threads"]))
         self.main = main = dist.is_main
