@@ -128,7 +128,7 @@ def _tool():
 
 @pytest.mark.parametrize("argv, needle", [
     (["--seeds", ""], "--seeds"), (["--seeds", "0,a"], "--seeds"), (["--seeds", "1,1"], "--seeds"),
-    (["--jobs", "0"], "--jobs"),
+    (["--jobs", "0"], "--jobs"), (["--seeds", "0,-1"], "--seeds"), (["--report-only"], "--report-only"),
     (["--start", "trained", "compress.schedule.epochs=2", "compress.schedule.epoch_es=3"],
      "compress.schedule.epoch_es"),
 ])
@@ -143,6 +143,8 @@ def test_bad_grid_input_is_one_line_exit_2(tmp_path, capsys, argv, needle, resto
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and needle in err[0]
+    if needle.startswith("--"):                              # the tool's own arguments are checked before it logs
+        assert not (tmp_path / "g").exists()
 
 
 def test_trained_start_adds_baseline_and_control():

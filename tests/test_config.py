@@ -395,6 +395,8 @@ def test_counts_and_choices_are_range_checked_at_load(override):
     (["model.flops_input_size=[64,64,64]"], r"must be \[H, W\]"),
     (["train.lr_steps=[5,2]"], r"train\.lr_steps=\[5, 2\] must be increasing"),
     (["train.lr_steps=[0]"], r"train\.lr_steps=\[0\] must be increasing epochs ≥ 1"),
+    (["model.min_size=200", "model.max_size=96"], r"model\.min_size=200 is larger than model\.max_size=96"),
+    (["model.anchor_sizes=[0,0,0,0,0]"], r"model\.anchor_sizes=\[0, 0, 0, 0, 0\]: every anchor size"),
     (["model.weights=a.pt", "model.weights_backbone=b.pth"],
      r"model\.weights and model\.weights_backbone are both set"),
 ])
@@ -434,6 +436,33 @@ def test_cuda_devices_need_cuda_when_the_run_starts(tmp_path):
     # a benchmark that does not run needs no device
     cfg = _resolve(TINY, "benchmark.device=cuda", "benchmark.enabled=false")
     assert cfg["benchmark"]["device"] == "cuda"
+
+
+@pytest.mark.parametrize("overrides,key,why", [
+    (["method=baseline", "compress.flops_target=0.5"], "compress.flops_target", "method=baseline compresses nothing"),
+    (["compress.schedule.lr=0.001"], "compress.schedule.lr", "compress.schedule.enabled is false"),
+    (["compress.schedule.enabled=true", "train.epochs=9"], "train.epochs", "set compress.schedule.epochs"),
+    (["compress.schedule.enabled=true", "compress.epoch_es=1"], "compress.epoch_es", "set compress.schedule.epoch_es"),
+    (["train.optimizer=adamw", "train.momentum=0.5"], "train.momentum", "no momentum option"),
+    (["train.lr_schedule=cosine", "train.lr_steps=[1]"], "train.lr_steps", "train.lr_schedule=cosine"),
+    (["benchmark.enabled=false", "benchmark.iters=5"], "benchmark.iters", "benchmark.enabled is false"),
+    (["compress.latency.batch=4"], "compress.latency.batch", "only with compress.group_weight=latency"),
+])
+def test_a_command_line_key_the_run_does_not_use_is_an_error(overrides, key, why):
+    """On a tool's command line (``strict``) an override without effect is refused naming the key and the reason;
+    the same keys are accepted where they take effect, and a harness sharing overrides across methods is lenient."""
+    with pytest.raises(ConfigError, match=f"command line: {key} has no effect in this run .*{why}") as ei:
+        _resolve(TINY, *overrides, strict=True)
+    assert len(str(ei.value).splitlines()) == 1
+    assert _resolve(TINY, *overrides)[key.split(".")[0]] is not None        # not strict: accepted
+
+
+def test_command_line_keys_that_take_effect_are_accepted():
+    for overrides in (["compress.schedule.enabled=true", "compress.schedule.lr=0.001", "compress.schedule.epochs=3"],
+                      ["train.optimizer=sgd", "train.momentum=0.5"], ["train.lr_steps=[1]", "benchmark.iters=5"],
+                      ["compress.group_weight=latency", "compress.latency.batch=4"],
+                      ["compress.regularization=fixed", "compress.latency.aware=true"], ["method=baseline", "seed=3"]):
+        _resolve(TINY, *overrides, strict=True)
 
 
 def test_epoch_es_beyond_the_schedule_is_rejected_at_resolution():

@@ -140,6 +140,30 @@ def test_cli_bad_data_root_exit_2(tmp_path):
     assert r.returncode == 2 and "nope" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_a_test_split_with_nothing_to_evaluate_and_shared_images(synthetic_voc, tmp_path, caplog):
+    """A test split without a scored object fails at set-up (not as an undefined mAP after training); images in both
+    splits are reported with a WARNING."""
+    import logging
+    import re
+
+    from edp_det.runtime.errors import DataError
+
+    root = tmp_path / "voc"
+    shutil.copytree(synthetic_voc, root)
+    main = root / "ImageSets" / "Main"
+    bg = main.joinpath("test.txt").read_text().split()[0]
+    xml = root / "Annotations" / f"{bg}.xml"
+    xml.write_text(re.sub(r"<object>.*?</object>", "", xml.read_text(), flags=re.S))
+    main.joinpath("background.txt").write_text(bg + "\n")
+    task = DetectionTask(_cfg(root, tmp_path / "o", "data.test_split=background"))
+    with pytest.raises(DataError, match=r"split 'background'.*no object that is not difficult.*data\.test_split"):
+        task.setup(type("D", (), {"world_size": 1, "rank": 0, "distributed": False})())
+    caplog.set_level(logging.WARNING, logger="edp_det.train.detection")
+    task = DetectionTask(_cfg(root, tmp_path / "o", "data.test_split=train"))
+    task.setup(type("D", (), {"world_size": 1, "rank": 0, "distributed": False})())
+    assert any("in both data.train_split='trainval' and data.test_split='train'" in r.message for r in caplog.records)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -70,6 +70,8 @@ def main(args):
     methods, targets = args.methods.split(","), _floats(args.flops_targets)
     plan, _ = plan_grid(methods, targets, seeds, args.start)
     out = Path(args.output_dir or Path("runs") / f"compare_{Path(args.config).stem}")
+    if args.report_only and not out.is_dir():
+        raise ValueError(f"--report-only: {out} is not a folder of a grid (--output-dir names the grid to report on)")
     setup_logging(out, level=args.log_level)
     if args.report_only:
         cfg = comparison_config(args.config, "baseline", None, args.data_root, args.overrides)

@@ -57,7 +57,7 @@ def resolve_run_config(args, task: str) -> tuple[dict, Path]:
     from edp_det.harness.run_config import format_resolved_config, resolve_config
 
     cfg = resolve_config(args.config, args.overrides, task=task, output_dir=args.output_dir,
-                         data_root=args.data_root)
+                         data_root=args.data_root, strict=True)
     if getattr(args, "print_config", False):
         sys.stdout.write(format_resolved_config(cfg))
         raise SystemExit(0)

@@ -21,19 +21,23 @@ from edp_det.runtime.config import check_device, load_config
 from edp_det.runtime.errors import ConfigError
 from edp_det.runtime.schema import TASKS, format_config, markdown_reference
 
-__all__ = ["resolve_config", "apply_compress_schedule", "check_run_fields", "check_output_dir_outside_data", "format_resolved_config", "config_reference"]
+__all__ = ["resolve_config", "apply_compress_schedule", "check_run_fields", "check_output_dir_outside_data",
+           "unused_overrides",
+           "format_resolved_config", "config_reference"]
 
 
 def resolve_config(config: str | os.PathLike | None, overrides: Iterable[str] = (), *, task: str,
                    output_dir: str | os.PathLike | None = None, data_root: str | os.PathLike | None = None,
-                   extra: Mapping | None = None, extra_source: str = "run plan") -> dict:
+                   extra: Mapping | None = None, extra_source: str = "run plan", strict: bool = False) -> dict:
     """The resolved config of one run of ``task``.
 
     Layers: schema defaults ← ``config`` and its ``_base_`` chain ← ``overrides`` (``data.root`` from ``data_root``
     last among them) ← ``extra`` (a partial config set by a harness, e.g. ``{"method": "slimming"}``; reported as
     ``extra_source``). ``output_dir``: the ``--output-dir`` value; otherwise the config's ``output_dir``, otherwise
     ``runs/<config file stem>``. Raises ConfigError / ValueError (one line naming file, key and value) before
-    anything is built.
+    anything is built. ``strict`` (the tools' command line): an override the run would not use is an error too
+    (:func:`unused_overrides`; a harness that passes one set of overrides to runs of several methods is not
+    strict).
     """
     if config is not None and not os.path.isfile(config):
         raise ConfigError(f"--config {config}: file not found")
@@ -54,7 +58,52 @@ def resolve_config(config: str | os.PathLike | None, overrides: Iterable[str] = 
         check_output_dir_outside_data(cfg)
     check_run_fields(cfg)
     build_method(cfg["method"], cfg["compress"], cfg["train"]["epochs"])   # cross-key checks of the method
+    if strict:
+        unused = unused_overrides(cfg, overrides)
+        if unused:
+            key, why = unused[0]
+            raise ConfigError(f"command line: {key} has no effect in this run ({why}); drop it"
+                              + (f" (and {len(unused) - 1} more such key(s))" if len(unused) > 1 else ""))
     return cfg
+
+
+#: what the compression schedule replaces when it is on: the key it takes the place of → the schedule's key
+_SCHEDULE_REPLACES = {"train.epochs": "epochs", "train.lr": "lr", "train.warmup_iters": "warmup_iters",
+                      "train.lr_steps": "lr_steps", "compress.epoch_es": "epoch_es"}
+
+
+def unused_overrides(cfg: Mapping, overrides: Iterable[str]) -> list[tuple[str, str]]:
+    """``(key, why)`` of the ``key=value`` overrides that the resolved ``cfg`` leaves without effect: compression
+    options of the baseline, a schedule that is off (or the keys it replaces while on), SGD momentum under AdamW, the
+    step schedule's keys under cosine, benchmark options without a benchmark, and the latency options that
+    target-driven EDP does not read."""
+    from edp_det.runtime.config import parse_overrides
+
+    keys = [k for k, _ in parse_overrides([o for o in overrides if not str(o).startswith("data.root=")])]
+    c, t = cfg.get("compress") or {}, cfg["train"]
+    schedule_on = bool((c.get("schedule") or {}).get("enabled"))
+    target_driven = c.get("regularization") == "target" and c.get("flops_target") is not None
+    benchmark_on = bool((cfg.get("benchmark") or {}).get("enabled"))
+    out = []
+    for k in keys:
+        why = None
+        if cfg["method"] == "baseline" and k.startswith("compress.") and not k.startswith("compress.schedule."):
+            why = "method=baseline compresses nothing"
+        elif k.startswith("compress.schedule.") and k != "compress.schedule.enabled" and not schedule_on:
+            why = "compress.schedule.enabled is false"
+        elif schedule_on and k in _SCHEDULE_REPLACES:
+            why = f"compress.schedule.enabled=true replaces it: set compress.schedule.{_SCHEDULE_REPLACES[k]}"
+        elif k == "train.momentum" and t.get("optimizer") == "adamw":
+            why = "train.optimizer=adamw has no momentum option"
+        elif k in ("train.lr_steps", "train.lr_gamma") and t.get("lr_schedule") == "cosine":
+            why = "train.lr_schedule=cosine"
+        elif k.startswith("benchmark.") and k != "benchmark.enabled" and not benchmark_on:
+            why = "benchmark.enabled is false"
+        elif k.startswith("compress.latency.") and target_driven and c.get("group_weight") != "latency":
+            why = "compress.regularization=target reads the latency options only with compress.group_weight=latency"
+        if why:
+            out.append((k, why))
+    return out
 
 
 def check_output_dir_outside_data(cfg: Mapping) -> None:
@@ -77,6 +126,11 @@ def check_run_fields(cfg: Mapping) -> None:
     if any(e < 1 for e in steps) or steps != sorted(set(steps)):
         raise ConfigError(f"train.lr_steps={steps} must be increasing epochs ≥ 1")
     m = cfg.get("model", {})
+    if m.get("min_size") is not None and m.get("max_size") is not None and m["min_size"] > m["max_size"]:
+        raise ConfigError(f"model.min_size={m['min_size']} is larger than model.max_size={m['max_size']}: the "
+                          f"detector would resize to another size than the one FLOPs and the PM budget are counted at")
+    if any(a < 1 for a in m.get("anchor_sizes") or []):
+        raise ConfigError(f"model.anchor_sizes={m['anchor_sizes']}: every anchor size must be ≥ 1 pixel")
     size = m.get("flops_input_size")
     if size is not None and (len(size) != 2 or any(v < 1 for v in size)):
         raise ConfigError(f"model.flops_input_size={size} must be [H, W] with H, W ≥ 1")

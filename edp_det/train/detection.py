@@ -14,6 +14,7 @@ from torch import nn
 
 from edp_det.data.transforms import build_transforms
 from edp_det.data.voc import VOCDataset, collate_fn
+from edp_det.runtime.errors import DataError
 from edp_det.ops.adapter import BODY
 from edp_det.ops.flops import count_flops, flops_cut
 from edp_det.ops.graph import unwrap_model
@@ -64,7 +65,22 @@ class DetectionTask:
         self.test_set = VOCDataset(d["root"], d["test_split"], classes=self.classes, use_difficult=True,
                                    on_error=d["on_error"], transforms=None, evaluation=True,
                                    skip_bad_eval_images=d["skip_bad_eval_images"], image_cache=d["image_cache"])
+        self._check_splits()
 
+    def _check_splits(self) -> None:
+        """The test split must hold something to evaluate (else every AP is undefined, found only after training);
+        images in both splits are reported (a test score on training images measures memory, not detection)."""
+        d = self.cfg["data"]
+        scored = sum(1 for rec in self.test_set.records for o in rec.objects if not o["difficult"])
+        if not scored:
+            raise DataError(f"{self.test_set.root} split {d['test_split']!r}: object: no object that is not difficult "
+                            f"in the {len(self.test_set)} image(s) of the test split: nothing to evaluate (every AP "
+                            f"would be undefined); data.test_split names the evaluation split")
+        shared = sorted(set(self.train_set.image_ids) & set(self.test_set.image_ids))
+        if shared and d["train_split"] != d["test_split"]:
+            logger.warning("%d image(s) are in both data.train_split=%r and data.test_split=%r (e.g. %s): the test "
+                           "mAP counts images the model trained on", len(shared), d["train_split"], d["test_split"],
+                           ", ".join(shared[:5]))
     def split_sizes(self) -> dict[str, int]:
         """Images per split this run reads (for the start banner)."""
         d = self.cfg["data"]
