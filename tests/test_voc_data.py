@@ -476,3 +476,24 @@ def test_transform_config_errors():
     out = full(image=np.full((64, 64, 3), 100, np.uint8), bboxes=np.array([[20, 20, 40, 40]], np.float32),
                labels=[1], difficult=[False])
     assert out["image"].shape == (64, 64, 3) and len(out["bboxes"]) == 1
+
+
+def test_a_rare_class_name_is_reported_as_a_probable_typo(tmp_path, caplog):
+    """Classes collected from the annotations: a name only one object carries, among classes with many, is warned
+    about with its file (it would silently become a class of its own); a split without one gives no warning."""
+    from edp_det.data.synthetic import make_synthetic_voc
+
+    root = tmp_path / "voc"
+    make_synthetic_voc(root, num_train=40, num_test=2, image_size=64, seed=0)
+    caplog.set_level(logging.WARNING, logger="edp_det.data.voc")
+    VOCDataset(root, "trainval", image_cache=False)
+    assert not [r for r in caplog.records if "misspelt" in r.message]
+    ids = (root / "ImageSets" / "Main" / "trainval.txt").read_text().split()
+    xml = root / "Annotations" / f"{ids[3]}.xml"
+    tree = ET.parse(xml)
+    tree.find("object/name").text = "cirlce"
+    tree.write(xml)
+    ds = VOCDataset(root, "trainval", image_cache=False)
+    assert "cirlce" in ds.classes
+    warned = [r.message for r in caplog.records if "misspelt" in r.message]
+    assert len(warned) == 1 and "'cirlce' has 1 object(s)" in warned[0] and f"{ids[3]}.xml" in warned[0]

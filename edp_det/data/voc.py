@@ -573,6 +573,30 @@ def collect_classes(root: str | Path, split: str) -> list[str]:
 # --------------------------------------------------------------------------------------------------
 # dataset
 # --------------------------------------------------------------------------------------------------
+#: a class collected from the annotations with at most this many objects, where the median class has at least
+#: RARE_CLASS_MEDIAN, is reported as a probable typo
+RARE_CLASS_OBJECTS = 2
+RARE_CLASS_MEDIAN = 20
+
+
+def _warn_rare_classes(where: str, records: list[VOCRecord]) -> None:
+    """WARNING for classes that only a few objects of a split carry while the others have many (e.g. ``racoon`` in
+    one XML among hundreds of ``raccoon``): collected from the annotations, such a name becomes a class of its own."""
+    files: dict[str, list[str]] = {}
+    for rec in records:
+        for o in rec.objects:
+            files.setdefault(o["name"], []).append(rec.annotation_path.name)
+    counts = sorted(len(v) for v in files.values())
+    median = counts[len(counts) // 2]
+    if len(counts) < 2 or median < RARE_CLASS_MEDIAN:
+        return
+    for name, where_seen in sorted(files.items()):
+        if len(where_seen) <= RARE_CLASS_OBJECTS:
+            logger.warning("%s: object/name: class %r has %d object(s) (%s), the median class %d: a misspelt name? "
+                           "(data.classes lists the classes and makes any other name an error)", where, name,
+                           len(where_seen), ", ".join(sorted(set(where_seen))[:3]), median)
+
+
 class VOCDataset(torch.utils.data.Dataset):
     """A validated VOC split for torchvision detectors.
 
@@ -650,6 +674,7 @@ class VOCDataset(torch.utils.data.Dataset):
             classes = sorted({o["name"] for rec in records for o in rec.objects})
             if not classes:
                 raise DataError(f"{where}: object/name: no objects in the split, cannot infer classes")
+            _warn_rare_classes(where, records)
         if not evaluation and not self.use_difficult:
             n_obj = sum(len(rec.objects) for rec in records)
             if n_obj and not any(not o["difficult"] for rec in records for o in rec.objects):
