@@ -190,6 +190,9 @@ def test_ctrl_c_message_says_what_the_tool_leaves(capsys):
     for t in ("export", "benchmark", "eval_det"):
         text = (REPO / "tools" / f"{t}.py").read_text()
         assert f'parse_args(), "{t}", interrupted=INTERRUPTED_ATOMIC)' in text, t
+    for t in ("make_synthetic_voc", "make_synthetic_imagefolder"):     # they write many files, not checkpoints
+        text = (REPO / "tools" / f"{t}.py").read_text()
+        assert f'parse_args(), "{t}", interrupted=INTERRUPTED_DATASET)' in text, t
 
 
 def test_default_device_follows_cuda_availability(monkeypatch):

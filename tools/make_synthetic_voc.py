@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 
-from edp_det.harness.cli import cli_main, tool_parser
+from edp_det.harness.cli import INTERRUPTED_DATASET, cli_main, tool_parser
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -41,4 +41,4 @@ def main(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
-    cli_main(main, get_args_parser().parse_args(), "make_synthetic_voc")
+    cli_main(main, get_args_parser().parse_args(), "make_synthetic_voc", interrupted=INTERRUPTED_DATASET)

@@ -19,12 +19,14 @@ from edp_det.runtime.errors import ConfigError, EDPError, caused_by_interrupt
 
 __all__ = ["add_run_args", "resolve_run_config", "resume_argument", "cli_main", "check_output_dir",
            "check_output_file", "training_run_files", "load_detector", "default_device", "resolve_device",
-           "tool_parser", "json_safe", "write_json", "INTERRUPTED_CHECKPOINTS", "INTERRUPTED_ATOMIC"]
+           "tool_parser", "json_safe", "write_json", "INTERRUPTED_CHECKPOINTS", "INTERRUPTED_ATOMIC",
+           "INTERRUPTED_DATASET"]
 
 #: what :func:`cli_main` says after Ctrl-C: for tools that write checkpoints, and for tools whose only output is
 #: written atomically (a temp file replaced at the end) so that an interrupt leaves no partial file
 INTERRUPTED_CHECKPOINTS = "checkpoints written so far are intact"
 INTERRUPTED_ATOMIC = "no partially written file was left"
+INTERRUPTED_DATASET = "the dataset folder may be incomplete: generate it again (same arguments, same files)"
 
 
 def add_run_args(parser, data_help: str = "dataset root (overrides data.root)"):
@@ -180,7 +182,7 @@ def cli_main(fn, args, prog: str, interrupted: str = INTERRUPTED_CHECKPOINTS):
     * Ctrl-C, also while torch writes a checkpoint (checkpoint writes are atomic: the previous one stays intact):
       ``<prog>: interrupted; <interrupted>``, exit 130. ``interrupted`` says what the tool leaves behind:
       :data:`INTERRUPTED_CHECKPOINTS` (the default) for tools that write checkpoints, :data:`INTERRUPTED_ATOMIC`
-      for tools whose results are only written atomically.
+      for tools whose results are only written atomically, :data:`INTERRUPTED_DATASET` for the dataset generators.
 
     Every ``args.output_dir`` / ``args.out`` that exists as a file is refused before ``fn`` runs.
     """
