@@ -203,9 +203,9 @@ def test_default_device_follows_cuda_availability(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert default_device() == "cpu" and resolve_device(None) == torch.device("cpu")
-    with pytest.raises(ConfigError, match="--device cuda: CUDA is not available"):
+    with pytest.raises(ConfigError, match="--device='cuda': CUDA is not available"):
         resolve_device("cuda")
-    with pytest.raises(ConfigError, match="not a torch device"):
+    with pytest.raises(ConfigError, match="--device='gpu0' is not a device"):
         resolve_device("gpu0")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert default_device() == "cuda"

@@ -125,17 +125,14 @@ def check_output_file(path, flag: str, *, overwrite: bool = False, inputs=()) ->
 
 def load_detector(path, flag: str = "--model"):
     """The detector saved in ``path`` (:func:`edp_det.load_compressed`); ConfigError (one line) when the file is
-    missing, is a TorchScript archive (e.g. written by ``tools/export.py``) or holds a model that is not a detector
-    (a ``tools/train_cls.py`` classifier); a foreign or corrupt file fails as ``load_compressed`` says."""
+    missing or holds a model that is not a detector (a ``tools/train_cls.py`` classifier); a TorchScript archive, a
+    foreign or a corrupt file fails as ``load_compressed`` (:func:`edp_det.runtime.checkpoint.load_checkpoint`)
+    says."""
     import edp_det
-    from edp_det.runtime.checkpoint import is_torchscript_archive
     from edp_det.ops.adapter import is_detector
 
     if not os.path.isfile(path):
         raise ConfigError(f"{flag}: file not found: {path}")
-    if is_torchscript_archive(path):
-        raise ConfigError(f"{path}: {flag} is a TorchScript archive (torch.jit.save), not an edp-det model file; "
-                          "give the model file it was exported from (edp_det.save_compressed, e.g. model_final.pt)")
     model = edp_det.load_compressed(path)
     if not is_detector(model):
         name = (getattr(model, "edp_arch", None) or {}).get("name", type(model).__name__)
@@ -151,18 +148,16 @@ def default_device() -> str:
 
 
 def resolve_device(name: str | None, flag: str = "--device"):
-    """The torch device a tool runs on: ``name`` validated, or :func:`default_device` when None."""
+    """The torch device a tool runs on: ``name`` validated (:func:`edp_det.runtime.config.check_device`: a device
+    this machine has), or :func:`default_device` when None."""
     import torch
+
+    from edp_det.runtime.config import check_device
 
     if name is None:
         return torch.device(default_device())
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"{flag}: not a torch device: {name!r} (use cpu, cuda or cuda:N)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"{flag} {name}: CUDA is not available on this machine")
-    return device
+    check_device(name, flag, available=True)
+    return torch.device(name)
 
 
 def _one_line(exc: BaseException) -> str:

@@ -22,8 +22,7 @@ from edp_det.runtime.errors import ConfigError
 from edp_det.runtime.schema import TASKS, format_config, markdown_reference
 
 __all__ = ["resolve_config", "apply_compress_schedule", "check_run_fields", "check_output_dir_outside_data",
-           "unused_overrides",
-           "format_resolved_config", "config_reference"]
+           "unused_overrides", "format_resolved_config", "config_reference"]
 
 
 def resolve_config(config: str | os.PathLike | None, overrides: Iterable[str] = (), *, task: str,

@@ -256,7 +256,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
         raise CheckpointError(f"checkpoint {path}: empty file (0 bytes)")
     if is_torchscript_archive(path):
         raise CheckpointError(f"checkpoint {path}: a TorchScript archive (torch.jit.save, e.g. from tools/export.py), "
-                              f"not a checkpoint or edp-det model file; load it with torch.jit.load")
+                              f"not an edp-det model file or checkpoint; give the file it was exported from, or "
+                              f"load it with torch.jit.load")
     try:
         with warnings.catch_warnings():  # foreign raw pickles trigger a protocol warning before the error
             warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)

@@ -395,10 +395,9 @@ def config_hash(cfg: Mapping, length: int = 10) -> str:
 #: runs, how it logs, evaluates (test split, test-time detector settings) and measures; nothing that changes what
 #: is trained (a prefix ending in "." covers a section)
 RESUME_FREE_KEYS = ("output_dir", "device", "data.root", "data.image_cache", "data.check_images", "data.test_split",
-                    "data.val_split",
-                    "data.skip_bad_eval_images", "train.num_workers", "train.threads", "train.log_interval",
-                    "train.tensorboard", "train.checkpoint_keep", "train.eval_interval", "model.box_score_thresh",
-                    "model.box_detections_per_img", "model.rpn_pre_nms_top_n_test",
+                    "data.val_split", "data.skip_bad_eval_images", "train.num_workers", "train.threads",
+                    "train.log_interval", "train.tensorboard", "train.checkpoint_keep", "train.eval_interval",
+                    "model.box_score_thresh", "model.box_detections_per_img", "model.rpn_pre_nms_top_n_test",
                     "model.rpn_post_nms_top_n_test", "eval.", "benchmark.")
 
 
